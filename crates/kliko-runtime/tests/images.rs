@@ -1,0 +1,176 @@
+//! Image inspection and reading files out of images, against the real daemon.
+
+mod common;
+
+use common::*;
+use kliko_runtime::RuntimeError;
+use kliko_testkit::{ImageBuilder, TestImage};
+
+fn is_sha256_id(id: &str) -> bool {
+    id.strip_prefix("sha256:")
+        .is_some_and(|hex| hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+fn entrypoint_image() -> TestImage {
+    ImageBuilder::new("rt-entrypoint")
+        .kliko_yml(KLIKO_YML)
+        .kliko_script("echo run")
+        .entrypoint(vec!["/bin/echo".into(), "from-entrypoint".into()])
+        .user("1234")
+        .label("org.example.kind", "test")
+        .build()
+        .expect("build image")
+}
+
+#[tokio::test]
+async fn connect_negotiates_and_answers() {
+    let docker = docker().await;
+    assert!(!docker.endpoint().is_empty());
+    // Negotiated down to the daemon's version, so a plain call works.
+    docker.bollard().ping().await.expect("ping");
+}
+
+#[tokio::test]
+async fn missing_image_is_image_not_found_with_a_hint() {
+    let docker = docker().await;
+    let reference = "kliko-test-no-such-image:never";
+    let err = docker.inspect_image(reference).await.unwrap_err();
+    assert!(
+        matches!(&err, RuntimeError::ImageNotFound { reference: r } if r == reference),
+        "{err:?}"
+    );
+    let msg = err.to_string();
+    assert!(
+        msg.contains("docker build -t kliko-test-no-such-image:never ."),
+        "{msg}"
+    );
+    assert!(msg.contains("docker pull"), "{msg}");
+
+    let err = docker.read_file(reference, "/kliko.yml").await.unwrap_err();
+    assert!(matches!(err, RuntimeError::ImageNotFound { .. }), "{err:?}");
+}
+
+#[tokio::test]
+async fn inspect_resolves_tag_and_ids_to_the_same_image() {
+    let docker = docker().await;
+    let image = entrypoint_image();
+    let by_tag = docker.inspect_image(&image.tag).await.unwrap();
+    assert!(is_sha256_id(&by_tag.id), "{}", by_tag.id);
+    assert_eq!(by_tag.id, image.id);
+    let by_id = docker.inspect_image(&image.id).await.unwrap();
+    let short = &image.id["sha256:".len().."sha256:".len() + 12];
+    let by_short = docker.inspect_image(short).await.unwrap();
+    assert_eq!(by_id, by_tag);
+    assert_eq!(by_short, by_tag);
+
+    assert!(by_tag.repo_tags.contains(&image.tag));
+    assert_eq!(
+        by_tag.entrypoint,
+        Some(vec!["/bin/echo".to_string(), "from-entrypoint".to_string()])
+    );
+    assert_eq!(by_tag.user.as_deref(), Some("1234"));
+    assert_eq!(
+        by_tag.labels.get("org.example.kind").map(String::as_str),
+        Some("test")
+    );
+    assert!(by_tag.created.is_some());
+
+    let all = docker.list_images().await.unwrap();
+    assert!(all
+        .iter()
+        .any(|i| i.id == image.id && i.repo_tags.contains(&image.tag)));
+}
+
+#[tokio::test]
+async fn read_file_works_without_a_shell() {
+    let docker = docker().await;
+    let image = ImageBuilder::new("rt-noshell")
+        .no_shell()
+        .kliko_yml(KLIKO_YML)
+        .kliko_c(HELLO_C)
+        .build()
+        .expect("build image");
+    let bytes = docker.read_file(&image.id, "/kliko.yml").await.unwrap();
+    assert_eq!(bytes, KLIKO_YML.as_bytes());
+    assert!(managed_from_image(&docker, &image.id).await.is_empty());
+}
+
+#[tokio::test]
+async fn read_file_ignores_the_entrypoint() {
+    let docker = docker().await;
+    let image = entrypoint_image();
+    let bytes = docker.read_file(&image.id, "/kliko.yml").await.unwrap();
+    assert_eq!(bytes, KLIKO_YML.as_bytes());
+    // A tag is accepted as well as an id; a relative path is taken from `/`.
+    let bytes = docker.read_file(&image.tag, "kliko.yml").await.unwrap();
+    assert_eq!(bytes, KLIKO_YML.as_bytes());
+    assert!(managed_from_image(&docker, &image.id).await.is_empty());
+}
+
+#[tokio::test]
+async fn read_file_missing_and_non_regular_paths() {
+    let docker = docker().await;
+    let image = ImageBuilder::new("rt-missing")
+        .kliko_script("true")
+        .symlink("/dangling.yml", "/nowhere/at/all")
+        .symlink("/loop-a", "/loop-b")
+        .symlink("/loop-b", "/loop-a")
+        .build()
+        .expect("build image");
+
+    let err = docker.read_file(&image.id, "/kliko.yml").await.unwrap_err();
+    assert!(
+        matches!(&err, RuntimeError::FileNotInImage { image: i, path } if *i == image.id && path == "/kliko.yml"),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("`/kliko.yml`"), "{err}");
+
+    let err = docker
+        .read_file(&image.id, "/dangling.yml")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, RuntimeError::FileNotInImage { .. }),
+        "{err:?}"
+    );
+
+    let err = docker.read_file(&image.id, "/bin").await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            RuntimeError::NotARegularFile {
+                kind: "directory",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let err = docker.read_file(&image.id, "/").await.unwrap_err();
+    assert!(
+        matches!(err, RuntimeError::NotARegularFile { .. }),
+        "{err:?}"
+    );
+
+    let err = docker.read_file(&image.id, "/loop-a").await.unwrap_err();
+    assert!(matches!(err, RuntimeError::SymlinkLoop { .. }), "{err:?}");
+
+    // Every error path removed its container.
+    assert!(managed_from_image(&docker, &image.id).await.is_empty());
+}
+
+#[tokio::test]
+async fn read_file_follows_symlinks_inside_the_image() {
+    let docker = docker().await;
+    let image = ImageBuilder::new("rt-symlink")
+        .no_shell()
+        .file("/etc/kliko/real.yml", KLIKO_YML.as_bytes(), 0o600)
+        // relative, then absolute, then relative with `..`
+        .symlink("/kliko.yml", "etc/kliko/link1.yml")
+        .symlink("/etc/kliko/link1.yml", "/opt/link2.yml")
+        .symlink("/opt/link2.yml", "../etc/kliko/real.yml")
+        .build()
+        .expect("build image");
+    let bytes = docker.read_file(&image.id, "/kliko.yml").await.unwrap();
+    assert_eq!(bytes, KLIKO_YML.as_bytes());
+    assert!(managed_from_image(&docker, &image.id).await.is_empty());
+}

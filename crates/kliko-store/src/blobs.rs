@@ -1,0 +1,135 @@
+//! Blob and tree files: `blobs-v1/ab/cdef…` (file contents) and `trees-v1/ab/cdef…` (encoded
+//! trees), each written to `tmp/`, fsynced, made read-only and renamed into place.
+
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use kliko_core::tree::Tree;
+use kliko_core::Digest;
+
+use crate::error::{IoContext, Result, StoreError};
+use crate::{Store, BLOBS_DIR, TREES_DIR};
+
+/// Which kind of stored object a digest names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ObjectKind {
+    /// File content; its digest is plain BLAKE3.
+    Blob,
+    /// An encoded tree; its digest is BLAKE3 with the tree context.
+    Tree,
+}
+
+impl ObjectKind {
+    pub fn dir(self) -> &'static str {
+        match self {
+            ObjectKind::Blob => BLOBS_DIR,
+            ObjectKind::Tree => TREES_DIR,
+        }
+    }
+    pub fn digest_of(self, bytes: &[u8]) -> Digest {
+        match self {
+            ObjectKind::Blob => Digest::of_bytes(bytes),
+            ObjectKind::Tree => Tree::digest_of_encoding(bytes),
+        }
+    }
+}
+
+/// `aa/bbbb…`: two hex characters of shard, then the other 62.
+pub fn rel_path(d: &Digest) -> PathBuf {
+    let h = d.to_hex();
+    PathBuf::from(&h[..2]).join(&h[2..])
+}
+
+/// Write `bytes` to `dest` atomically: temporary file in `tmp_dir` (same filesystem), fsync,
+/// chmod, rename, fsync of the destination folder.
+pub(crate) fn write_atomic(tmp_dir: &Path, dest: &Path, bytes: &[u8], mode: u32) -> Result<()> {
+    fs_err::create_dir_all(tmp_dir).at(tmp_dir)?;
+    let mut tmp = tempfile::Builder::new().prefix(".w-").tempfile_in(tmp_dir).at(tmp_dir)?;
+    tmp.write_all(bytes).at(tmp.path())?;
+    tmp.as_file().sync_all().at(tmp.path())?;
+    fs::set_permissions(tmp.path(), fs::Permissions::from_mode(mode)).at(tmp.path())?;
+    let parent = dest.parent().expect("object paths have a parent");
+    fs_err::create_dir_all(parent).at(parent)?;
+    tmp.persist(dest).map_err(|e| StoreError::Io { path: dest.to_path_buf(), source: e.error })?;
+    sync_dir(parent)
+}
+
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir).and_then(|f| f.sync_all()).at(dir)
+}
+
+impl Store {
+    pub fn object_path(&self, kind: ObjectKind, d: &Digest) -> PathBuf {
+        self.root().join(kind.dir()).join(rel_path(d))
+    }
+
+    /// Whether a blob is present with the expected size (a cheap check that catches truncation).
+    pub fn has_blob(&self, d: &Digest, size: u64) -> bool {
+        fs::symlink_metadata(self.object_path(ObjectKind::Blob, d)).is_ok_and(|m| m.is_file() && m.len() == size)
+    }
+
+    pub fn has_object(&self, kind: ObjectKind, d: &Digest) -> bool {
+        fs::symlink_metadata(self.object_path(kind, d)).is_ok_and(|m| m.is_file())
+    }
+
+    /// Store small bytes (a log, a tree) under their digest; returns it.
+    pub fn put_bytes(&self, kind: ObjectKind, bytes: &[u8]) -> Result<Digest> {
+        let d = kind.digest_of(bytes);
+        let path = self.object_path(kind, &d);
+        if !self.has_object(kind, &d) {
+            write_atomic(&self.tmp_dir(), &path, bytes, 0o444)?;
+        }
+        Ok(d)
+    }
+
+    /// Read a whole object, verifying its digest.
+    pub fn get_bytes(&self, kind: ObjectKind, d: &Digest) -> Result<Vec<u8>> {
+        let path = self.object_path(kind, d);
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(StoreError::Missing { digest: *d }),
+            Err(e) => return Err(e).at(&path),
+        };
+        let actual = kind.digest_of(&bytes);
+        if actual != *d {
+            return Err(StoreError::Corrupt { expected: *d, actual });
+        }
+        Ok(bytes)
+    }
+
+    pub fn get_tree(&self, d: &Digest) -> Result<Tree> {
+        let bytes = self.get_bytes(ObjectKind::Tree, d)?;
+        Tree::decode(&bytes).map_err(|source| StoreError::BadTree { digest: *d, source })
+    }
+
+    /// Copy a blob to `dest` (created, must not exist) while hashing it; on a digest mismatch
+    /// `dest` is removed and the blob reported corrupt.
+    pub fn copy_blob_verified(&self, d: &Digest, dest: &Path, mode: u32) -> Result<()> {
+        let src = self.object_path(ObjectKind::Blob, d);
+        let mut input = match File::open(&src) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(StoreError::Missing { digest: *d }),
+            Err(e) => return Err(e).at(&src),
+        };
+        let mut out = fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(dest).at(dest)?;
+        let mut h = blake3::Hasher::new();
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            let n = input.read(&mut buf).at(&src)?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+            out.write_all(&buf[..n]).at(dest)?;
+        }
+        let actual = Digest::from(h.finalize());
+        if actual != *d {
+            drop(out);
+            let _ = fs::remove_file(dest);
+            return Err(StoreError::Corrupt { expected: *d, actual });
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,91 @@
+//! The RocksDB index. RocksDB lets one process open a database at a time, and kliko runs as
+//! many processes on one store, so a process holds the database only while it needs it:
+//! [`Store::db`] waits for the store-wide `db.lock` (a blocking `flock`, released by the
+//! kernel if the holder dies), opens the database and shares the handle between the threads
+//! of the process; when the last handle is dropped the database is closed and the lock freed.
+//! Never hold a handle while waiting for another process (a lease, a container).
+
+use std::fs::File;
+use std::ops::Deref;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::sync::Arc;
+
+use rocksdb::{ColumnFamily, Options, WriteOptions, DB};
+
+use crate::error::{IoContext, Result, StoreError};
+use crate::Store;
+
+/// Column families of the index; `cache-format.md` describes each.
+pub const CF_ACTIONS: &str = "actions";
+pub const CF_STAT: &str = "stat";
+pub const CF_PROV: &str = "provenance";
+pub const CF_ACCESS: &str = "access";
+pub const CF_HISTORY: &str = "history";
+pub const CF_PINS: &str = "pins";
+pub const CF_IMAGES: &str = "images";
+pub const ALL_CFS: &[&str] = &[CF_ACTIONS, CF_STAT, CF_PROV, CF_ACCESS, CF_HISTORY, CF_PINS, CF_IMAGES];
+
+pub struct DbInner {
+    // Field order matters: the database closes before the lock file is released.
+    db: DB,
+    _lock: File,
+}
+
+/// A shared, open handle on the store's index.
+#[derive(Clone)]
+pub struct Db(pub(crate) Arc<DbInner>);
+
+impl Deref for Db {
+    type Target = DB;
+    fn deref(&self) -> &DB {
+        &self.0.db
+    }
+}
+
+impl Db {
+    pub fn cf(&self, name: &str) -> &ColumnFamily {
+        self.0.db.cf_handle(name).expect("column family created at open")
+    }
+
+    pub fn err(&self, store: &Store) -> impl Fn(rocksdb::Error) -> StoreError {
+        let path = store.db_path();
+        move |source| StoreError::Db { path: path.clone(), source }
+    }
+}
+
+/// Options for writes that must survive a crash (results, pins).
+pub fn durable() -> WriteOptions {
+    let mut w = WriteOptions::default();
+    w.set_sync(true);
+    w
+}
+
+pub(crate) fn open(store: &Store) -> Result<DbInner> {
+    let lock_path = store.root().join("db.lock");
+    let lock = File::options().create(true).truncate(false).write(true).open(&lock_path).at(&lock_path)?;
+    // SAFETY: flock on an fd we own.
+    loop {
+        let rc = unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) };
+        if rc == 0 {
+            break;
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e).at(&lock_path);
+        }
+    }
+    let path = store.db_path();
+    let mut opts = Options::default();
+    opts.create_if_missing(true);
+    opts.create_missing_column_families(true);
+    opts.set_max_open_files(512);
+    opts.set_keep_log_file_num(3);
+    opts.set_max_log_file_size(4 << 20);
+    let db = DB::open_cf(&opts, &path, ALL_CFS).map_err(|source| StoreError::Db { path: path.clone(), source })?;
+    Ok(DbInner { db, _lock: lock })
+}
+
+pub(crate) fn exists(root: &Path) -> bool {
+    root.join(crate::DB_DIR).join("CURRENT").exists()
+}

@@ -1,0 +1,128 @@
+//! kliko-store owns the content-addressed store: blob files named by their BLAKE3 digest,
+//! encoded trees, and a RocksDB index holding the action cache, the stat cache and the
+//! provenance index. It ingests directory trees, materializes them back, checks itself
+//! (`fsck`) and reports its size. It is synchronous; async callers use `spawn_blocking`.
+//!
+//! ```
+//! use kliko_store::{Store, IngestMode, MaterializeMode};
+//! let root = tempfile::tempdir().unwrap();
+//! let store = Store::open(root.path()).unwrap();
+//! let src = tempfile::tempdir_in(root.path()).unwrap();
+//! std::fs::write(src.path().join("a.txt"), b"hello\n").unwrap();
+//! let tree = store.ingest(src.path(), IngestMode::Copy).unwrap();
+//! let out = root.path().join("out");
+//! store.materialize(&tree.digest, &out, MaterializeMode::Copy).unwrap();
+//! assert_eq!(std::fs::read(out.join("a.txt")).unwrap(), b"hello\n");
+//! ```
+//!
+//! Layout and guarantees are specified in `cache-format.md`.
+
+mod blobs;
+pub mod db;
+mod error;
+mod fsck;
+mod ingest;
+mod materialize;
+pub mod records;
+mod statcache;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, Weak};
+
+pub use blobs::ObjectKind;
+pub use db::Db;
+pub use error::{Result, StoreError};
+pub use fsck::{FsckOptions, FsckReport, StoreStats};
+pub use ingest::{IngestMode, Ingested};
+pub use materialize::MaterializeMode;
+pub use statcache::DbStatCache;
+
+use error::IoContext;
+
+pub const FORMAT_FILE: &str = "FORMAT";
+pub const FORMAT_TEXT: &str = "kliko-store-v1";
+pub const BLOBS_DIR: &str = "blobs-v1";
+pub const TREES_DIR: &str = "trees-v1";
+pub const DB_DIR: &str = "index-v1";
+pub const TMP_DIR: &str = "tmp";
+pub const SCRATCH_DIR: &str = "scratch";
+pub const QUARANTINE_DIR: &str = "quarantine";
+pub const LEASES_DIR: &str = "leases";
+
+/// A kliko store on disk.
+pub struct Store {
+    root: PathBuf,
+    db: Mutex<Weak<db::DbInner>>,
+}
+
+impl Store {
+    /// Open (creating if needed) the store at `root`.
+    pub fn open(root: &Path) -> Result<Store> {
+        let root = std::path::absolute(root).at(root)?;
+        fs_err::create_dir_all(&root).at(&root)?;
+        let format = root.join(FORMAT_FILE);
+        match std::fs::read_to_string(&format) {
+            Ok(found) if found.trim() == FORMAT_TEXT => {}
+            Ok(found) => {
+                return Err(StoreError::Format { path: root, found: found.trim().to_string(), expected: FORMAT_TEXT.into() })
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                blobs::write_atomic(&root.join(TMP_DIR), &format, format!("{FORMAT_TEXT}\n").as_bytes(), 0o644)?;
+            }
+            Err(e) => return Err(e).at(&format),
+        }
+        for d in [BLOBS_DIR, TREES_DIR, TMP_DIR, SCRATCH_DIR, QUARANTINE_DIR, LEASES_DIR] {
+            let p = root.join(d);
+            fs_err::create_dir_all(&p).at(&p)?;
+        }
+        Ok(Store { root, db: Mutex::new(Weak::new()) })
+    }
+
+    /// The default store location: `$KLIKO_STORE`, else `$XDG_CACHE_HOME/kliko`, else
+    /// `~/.cache/kliko`.
+    pub fn default_root() -> PathBuf {
+        if let Some(p) = std::env::var_os("KLIKO_STORE").filter(|p| !p.is_empty()) {
+            return PathBuf::from(p);
+        }
+        if let Some(p) = std::env::var_os("XDG_CACHE_HOME").filter(|p| !p.is_empty()) {
+            return PathBuf::from(p).join("kliko");
+        }
+        let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/tmp"));
+        home.join(".cache").join("kliko")
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.root.join(DB_DIR)
+    }
+
+    /// A handle on the index, opening it (and waiting for other processes to let go of it) if
+    /// this process has no handle yet.
+    pub fn db(&self) -> Result<Db> {
+        let mut slot = self.db.lock().expect("db slot lock");
+        if let Some(inner) = slot.upgrade() {
+            return Ok(Db(inner));
+        }
+        let inner = Arc::new(db::open(self)?);
+        *slot = Arc::downgrade(&inner);
+        Ok(Db(inner))
+    }
+
+    /// Whether an index has ever been created here.
+    pub fn has_index(&self) -> bool {
+        db::exists(&self.root)
+    }
+
+    /// A new private folder for one run, inside the store's filesystem (so ingest can move files).
+    pub fn scratch(&self, prefix: &str) -> Result<tempfile::TempDir> {
+        let dir = self.root.join(SCRATCH_DIR);
+        tempfile::Builder::new().prefix(prefix).tempdir_in(&dir).at(&dir)
+    }
+
+    pub fn tmp_dir(&self) -> PathBuf {
+        self.root.join(TMP_DIR)
+    }
+}

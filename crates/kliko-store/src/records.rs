@@ -1,0 +1,273 @@
+//! Index records: the action cache (key → [`ActionResult`]), the provenance index
+//! (object digest → keys of results whose output contains it, or whose input it was), last
+//! access times and the run history.
+
+use std::collections::BTreeSet;
+
+use kliko_core::key::ActionPreimage;
+use kliko_core::tree::Entry;
+use kliko_core::Digest;
+use rocksdb::{Direction, IteratorMode, WriteBatch};
+use serde::{Deserialize, Serialize};
+
+use crate::blobs::ObjectKind;
+use crate::db::{self, Db, CF_ACCESS, CF_ACTIONS, CF_HISTORY, CF_PINS, CF_PROV};
+use crate::error::{Result, StoreError};
+use crate::Store;
+
+/// What one successful run produced, and everything needed to say where it came from.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ActionResult {
+    pub key: Digest,
+    pub preimage: ActionPreimage,
+    /// The output (split) or resulting work (join) tree.
+    pub output: Digest,
+    pub output_files: u64,
+    pub output_bytes: u64,
+    pub exit_code: i64,
+    pub stdout: Digest,
+    pub stderr: Digest,
+    pub stdout_bytes: u64,
+    pub stderr_bytes: u64,
+    /// RFC 3339 UTC.
+    pub started_at: String,
+    pub finished_at: String,
+    pub wall_ms: u64,
+    /// The reference the user gave (`name:tag`), and what the image was known as.
+    pub image_ref: String,
+    pub image_id: String,
+    pub repo_tags: Vec<String>,
+    pub repo_digests: Vec<String>,
+    /// The host path of the input (or work) tree at the time, for provenance only.
+    pub input_path: Option<String>,
+    /// Parameters as the user gave them (file parameters as host paths), for provenance only.
+    pub parameters_given: serde_json::Value,
+    pub host: String,
+    pub user: String,
+    pub kliko_version: String,
+}
+
+/// A run as the history lists it: a hit or a miss, what it cost, what it saved.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    pub key: Digest,
+    /// `hit`, `miss` or `failed`.
+    pub cache: String,
+    pub image_ref: String,
+    pub image_id: String,
+    pub at: String,
+    /// Wall time of this invocation.
+    pub wall_ms: u64,
+    /// For a hit: the wall time of the run it reused.
+    pub saved_ms: u64,
+    pub exit_code: Option<i64>,
+    #[serde(default)]
+    pub host: String,
+    #[serde(default)]
+    pub user: String,
+}
+
+/// Why a provenance entry points at a result.
+pub const PROV_OUTPUT: u8 = b'o';
+pub const PROV_INPUT: u8 = b'i';
+
+fn prov_key(object: &Digest, role: u8, key: &Digest) -> Vec<u8> {
+    let mut k = Vec::with_capacity(65);
+    k.extend_from_slice(object.as_bytes());
+    k.push(role);
+    k.extend_from_slice(key.as_bytes());
+    k
+}
+
+impl Store {
+    /// Every tree and file digest under `tree` (trees including the root).
+    pub fn walk_tree(&self, tree: &Digest) -> Result<(BTreeSet<Digest>, BTreeSet<(Digest, u64)>)> {
+        let mut trees = BTreeSet::new();
+        let mut files = BTreeSet::new();
+        let mut stack = vec![*tree];
+        while let Some(t) = stack.pop() {
+            if !trees.insert(t) {
+                continue;
+            }
+            for e in self.get_tree(&t)?.entries.values() {
+                match e {
+                    Entry::Dir { digest } => stack.push(*digest),
+                    Entry::File { size, digest, .. } => {
+                        files.insert((*digest, *size));
+                    }
+                    Entry::Symlink { .. } => {}
+                }
+            }
+        }
+        Ok((trees, files))
+    }
+
+    /// Whether every object a result names is present (trees readable and intact, blobs with
+    /// the right size). A result that is not complete must be treated as a miss.
+    pub fn is_complete(&self, r: &ActionResult) -> bool {
+        let Ok((_, files)) = self.walk_tree(&r.output) else { return false };
+        files.iter().all(|(d, size)| self.has_blob(d, *size))
+            && self.has_blob(&r.stdout, r.stdout_bytes)
+            && self.has_blob(&r.stderr, r.stderr_bytes)
+    }
+
+    /// Record a result. Call only after every object it names is durable (ingest does that).
+    /// Writes the action entry, its provenance entries and its access time in one synced batch.
+    pub fn put_result(&self, db: &Db, r: &ActionResult) -> Result<()> {
+        let (trees, files) = self.walk_tree(&r.output)?;
+        let mut batch = WriteBatch::default();
+        let value = serde_json::to_vec(r).expect("result is plain data");
+        batch.put_cf(db.cf(CF_ACTIONS), r.key.as_bytes(), value);
+        for t in &trees {
+            batch.put_cf(db.cf(CF_PROV), prov_key(t, PROV_OUTPUT, &r.key), b"");
+        }
+        for (f, _) in &files {
+            batch.put_cf(db.cf(CF_PROV), prov_key(f, PROV_OUTPUT, &r.key), b"");
+        }
+        if let Some(input) = r.preimage.input {
+            batch.put_cf(db.cf(CF_PROV), prov_key(&input, PROV_INPUT, &r.key), b"");
+        }
+        batch.put_cf(db.cf(CF_ACCESS), r.key.as_bytes(), now_ms().to_le_bytes());
+        db.write_opt(batch, &db::durable()).map_err(db.err(self))
+    }
+
+    pub fn get_result(&self, db: &Db, key: &Digest) -> Result<Option<ActionResult>> {
+        let Some(bytes) = db.get_pinned_cf(db.cf(CF_ACTIONS), key.as_bytes()).map_err(db.err(self))? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&bytes).map(Some).map_err(|source| StoreError::BadRecord { key: key.to_hex(), source })
+    }
+
+    /// A complete result for `key`, recording the access; `None` on a miss (including a
+    /// result whose objects are gone).
+    pub fn lookup(&self, db: &Db, key: &Digest) -> Result<Option<ActionResult>> {
+        match self.get_result(db, key)? {
+            Some(r) if self.is_complete(&r) => {
+                self.touch(db, key)?;
+                Ok(Some(r))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    pub fn touch(&self, db: &Db, key: &Digest) -> Result<()> {
+        db.put_cf(db.cf(CF_ACCESS), key.as_bytes(), now_ms().to_le_bytes()).map_err(db.err(self))
+    }
+
+    /// Every result, in key order.
+    pub fn results(&self, db: &Db) -> Result<Vec<ActionResult>> {
+        let mut out = Vec::new();
+        for item in db.iterator_cf(db.cf(CF_ACTIONS), IteratorMode::Start) {
+            let (k, v) = item.map_err(db.err(self))?;
+            let r = serde_json::from_slice(&v).map_err(|source| StoreError::BadRecord { key: hex::encode(&k), source })?;
+            out.push(r);
+        }
+        Ok(out)
+    }
+
+    /// Remove a result and its provenance and access entries (its objects stay until gc).
+    pub fn delete_result(&self, db: &Db, r: &ActionResult) -> Result<()> {
+        let mut batch = WriteBatch::default();
+        batch.delete_cf(db.cf(CF_ACTIONS), r.key.as_bytes());
+        batch.delete_cf(db.cf(CF_ACCESS), r.key.as_bytes());
+        if let Ok((trees, files)) = self.walk_tree(&r.output) {
+            for t in &trees {
+                batch.delete_cf(db.cf(CF_PROV), prov_key(t, PROV_OUTPUT, &r.key));
+            }
+            for (f, _) in &files {
+                batch.delete_cf(db.cf(CF_PROV), prov_key(f, PROV_OUTPUT, &r.key));
+            }
+        }
+        if let Some(input) = r.preimage.input {
+            batch.delete_cf(db.cf(CF_PROV), prov_key(&input, PROV_INPUT, &r.key));
+        }
+        db.write_opt(batch, &db::durable()).map_err(db.err(self))
+    }
+
+    /// Keys of results whose output contains `object` (role `o`) or whose input was it (`i`).
+    pub fn provenance_of(&self, db: &Db, object: &Digest) -> Result<Vec<(u8, Digest)>> {
+        let mut out = Vec::new();
+        let cf = db.cf(CF_PROV);
+        for item in db.iterator_cf(cf, IteratorMode::From(object.as_bytes(), Direction::Forward)) {
+            let (k, _) = item.map_err(db.err(self))?;
+            if !k.starts_with(object.as_bytes()) || k.len() != 65 {
+                break;
+            }
+            out.push((k[32], Digest::from_slice(&k[33..]).expect("32 bytes")));
+        }
+        Ok(out)
+    }
+
+    /// Every digest known to the index (result keys, and objects in the provenance index)
+    /// that starts with the hex `prefix`, with what it is: `key`, `tree` or `blob`.
+    pub fn resolve_prefix(&self, db: &Db, prefix: &str) -> Result<Vec<(Digest, &'static str)>> {
+        let prefix = prefix.to_ascii_lowercase();
+        let even = &prefix[..prefix.len() - prefix.len() % 2];
+        let Ok(start) = hex::decode(even) else { return Ok(Vec::new()) };
+        let mut out: Vec<(Digest, &'static str)> = Vec::new();
+        for item in db.iterator_cf(db.cf(CF_ACTIONS), IteratorMode::From(&start, Direction::Forward)) {
+            let (k, _) = item.map_err(db.err(self))?;
+            if !k.starts_with(&start) {
+                break;
+            }
+            let d = Digest::from_slice(&k).expect("32-byte key");
+            if d.to_hex().starts_with(&prefix) {
+                out.push((d, "key"));
+            }
+        }
+        for item in db.iterator_cf(db.cf(CF_PROV), IteratorMode::From(&start, Direction::Forward)) {
+            let (k, _) = item.map_err(db.err(self))?;
+            if !k.starts_with(&start) {
+                break;
+            }
+            let d = Digest::from_slice(&k[..32]).expect("32 bytes");
+            if !d.to_hex().starts_with(&prefix) || out.iter().any(|(o, _)| *o == d) {
+                continue;
+            }
+            let kind = if self.has_object(ObjectKind::Tree, &d) { "tree" } else { "blob" };
+            out.push((d, kind));
+        }
+        Ok(out)
+    }
+
+    pub fn last_access_ms(&self, db: &Db, key: &Digest) -> Result<Option<u64>> {
+        let v = db.get_pinned_cf(db.cf(CF_ACCESS), key.as_bytes()).map_err(db.err(self))?;
+        Ok(v.and_then(|b| b.as_ref().try_into().ok().map(u64::from_le_bytes)))
+    }
+
+    pub fn append_history(&self, db: &Db, e: &HistoryEntry) -> Result<()> {
+        let mut k = now_ms().to_be_bytes().to_vec();
+        k.extend_from_slice(&e.key.as_bytes()[..8]);
+        k.extend_from_slice(&std::process::id().to_be_bytes());
+        db.put_cf(db.cf(CF_HISTORY), k, serde_json::to_vec(e).expect("plain data")).map_err(db.err(self))
+    }
+
+    /// History, newest first.
+    pub fn history(&self, db: &Db, limit: usize) -> Result<Vec<HistoryEntry>> {
+        let mut out = Vec::new();
+        for item in db.iterator_cf(db.cf(CF_HISTORY), IteratorMode::End) {
+            let (_, v) = item.map_err(db.err(self))?;
+            if let Ok(e) = serde_json::from_slice(&v) {
+                out.push(e);
+            }
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn set_pin(&self, db: &Db, key: &Digest, pinned: bool) -> Result<()> {
+        let cf = db.cf(CF_PINS);
+        let r = if pinned { db.put_cf(cf, key.as_bytes(), b"") } else { db.delete_cf(cf, key.as_bytes()) };
+        r.map_err(db.err(self))
+    }
+
+    pub fn is_pinned(&self, db: &Db, key: &Digest) -> Result<bool> {
+        Ok(db.get_pinned_cf(db.cf(CF_PINS), key.as_bytes()).map_err(db.err(self))?.is_some())
+    }
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
