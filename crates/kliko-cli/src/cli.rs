@@ -1,0 +1,88 @@
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Run kliko images as memoized pure functions: never compute the same thing twice.
+#[derive(Parser, Debug)]
+#[command(name = "kliko", version, propagate_version = true, max_term_width = 100)]
+pub struct Cli {
+    /// The store (cache) folder. Default: `$KLIKO_STORE`, else `~/.cache/kliko`.
+    #[arg(long, global = true, env = "KLIKO_STORE", value_name = "DIR")]
+    pub store: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Print the digest of files (plain BLAKE3, as `b3sum`) and folders (kliko tree digest).
+    Hash(HashArgs),
+    /// Inspect and maintain the store.
+    #[command(subcommand)]
+    Store(StoreCommand),
+}
+
+#[derive(Args, Debug)]
+pub struct HashArgs {
+    /// Files or folders to hash.
+    #[arg(required = true)]
+    pub paths: Vec<PathBuf>,
+    /// One JSON object per path, one per line.
+    #[arg(long)]
+    pub json: bool,
+    /// Do not use or update the stat cache (read every file).
+    #[arg(long)]
+    pub no_stat_cache: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum StoreCommand {
+    /// Re-hash every stored object; quarantine corrupt ones; find results with missing objects.
+    Fsck {
+        /// Also delete results that name missing objects, and stale temporary files.
+        #[arg(long)]
+        repair: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// How much the store holds.
+    Stats {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Copy a folder or file into the store and print its digest.
+    Ingest {
+        path: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Recreate a stored tree in a folder (which must be empty or absent).
+    Materialize {
+        /// Tree digest.
+        digest: String,
+        dest: PathBuf,
+        #[arg(long, value_enum, default_value_t = Placement::Auto)]
+        mode: Placement,
+    },
+}
+
+/// How stored files are placed in a host folder.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Placement {
+    /// Read-only hard links (instant), unless running as root or across filesystems: then copies.
+    Auto,
+    /// Read-only hard links to the stored files.
+    Link,
+    /// Writable copies (reflinks where the filesystem can), verified against their digests.
+    Copy,
+}
+
+impl From<Placement> for kliko_store::MaterializeMode {
+    fn from(p: Placement) -> Self {
+        match p {
+            Placement::Auto => kliko_store::MaterializeMode::Auto,
+            Placement::Link => kliko_store::MaterializeMode::Link,
+            Placement::Copy => kliko_store::MaterializeMode::Copy,
+        }
+    }
+}

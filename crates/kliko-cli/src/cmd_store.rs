@@ -1,0 +1,107 @@
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use kliko_core::Digest;
+use kliko_store::{FsckOptions, IngestMode, Store};
+
+use crate::cli::StoreCommand;
+use crate::progress::Bar;
+
+pub fn run(store_root: &Path, cmd: StoreCommand) -> anyhow::Result<ExitCode> {
+    let store = Store::open(store_root).with_context(|| format!("cannot open the store at `{}`", store_root.display()))?;
+    match cmd {
+        StoreCommand::Fsck { repair, json } => {
+            let r = store.fsck(&FsckOptions { repair })?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!(
+                    "checked {} blobs and {} trees ({}), {} results",
+                    r.blobs,
+                    r.trees,
+                    human_bytes(r.bytes),
+                    r.results
+                );
+                for c in &r.corrupt {
+                    println!("corrupt: {c}");
+                }
+                for s in &r.stray {
+                    println!("stray file: {}", s.display());
+                }
+                for i in &r.incomplete_results {
+                    println!("incomplete result: {i}");
+                }
+                if r.removed_results > 0 {
+                    println!("removed {} incomplete results", r.removed_results);
+                }
+                if r.temp_files > 0 {
+                    println!(
+                        "{} temporary files left by interrupted writes ({} removed){}",
+                        r.temp_files,
+                        r.removed_temp_files,
+                        if repair { "" } else { "; `--repair` removes those older than an hour" }
+                    );
+                }
+                println!("{}", if r.is_clean() { "store is consistent" } else { "store has problems (see above)" });
+            }
+            Ok(if r.is_clean() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        }
+        StoreCommand::Stats { json } => {
+            let s = store.stats()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                println!("store:        {}", s.root.display());
+                println!("blobs:        {} ({})", s.blobs, human_bytes(s.blob_bytes));
+                println!("trees:        {} ({})", s.trees, human_bytes(s.tree_bytes));
+                println!("results:      {} ({} pinned)", s.results, s.pinned);
+                println!("history:      {} runs", s.history_entries);
+                println!("stat cache:   {} folders", s.stat_cache_dirs);
+                println!("index:        {}", human_bytes(s.index_bytes));
+                println!("scratch:      {} entries", s.scratch_entries);
+                println!("quarantined:  {} objects", s.quarantined);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        StoreCommand::Ingest { path, json } => {
+            let bar = Bar::new(&format!("ingesting {}", path.display()));
+            let i = store
+                .ingest_with_progress(&path, IngestMode::Copy, &bar)
+                .with_context(|| format!("cannot ingest `{}`", path.display()))?;
+            bar.finish();
+            if json {
+                let v = serde_json::json!({
+                    "digest": i.digest, "kind": if i.is_dir { "tree" } else { "file" },
+                    "files": i.files, "bytes": i.bytes, "new_objects": i.new_objects, "new_bytes": i.new_bytes,
+                });
+                println!("{v}");
+            } else {
+                println!("{}  {}", i.digest, path.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        StoreCommand::Materialize { digest, dest, mode } => {
+            let d: Digest = digest.parse()?;
+            store
+                .materialize(&d, &dest, mode.into())
+                .with_context(|| format!("cannot materialize `{d}` into `{}`", dest.display()))?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
