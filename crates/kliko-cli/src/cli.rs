@@ -15,6 +15,17 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Run a kliko image, or reuse the identical earlier run (`kliko run IMAGE --help` lists its parameters).
+    #[command(disable_help_flag = true)]
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0.., value_name = "IMAGE [OPTIONS]")]
+        args: Vec<std::ffi::OsString>,
+    },
+    /// Check kliko.yml files: exit 0 when all are valid, 1 with messages when not.
+    Validate {
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+    },
     /// Print the digest of files (plain BLAKE3, as `b3sum`) and folders (kliko tree digest).
     Hash(HashArgs),
     /// Inspect and maintain the store.

@@ -2,6 +2,7 @@
 
 mod cli;
 mod cmd_hash;
+mod cmd_run;
 mod cmd_store;
 mod progress;
 mod render;
@@ -25,7 +26,40 @@ fn main() -> ExitCode {
 fn dispatch(cli: cli::Cli) -> anyhow::Result<ExitCode> {
     let store_root = cli.store.clone().unwrap_or_else(kliko_store::Store::default_root);
     match cli.command {
+        cli::Command::Run { args } => cmd_run::run(&store_root, args),
+        cli::Command::Validate { files } => Ok(validate(&files)),
         cli::Command::Hash(a) => cmd_hash::run(&store_root, a),
         cli::Command::Store(a) => cmd_store::run(&store_root, a),
+    }
+}
+
+/// The one tokio runtime of the process.
+pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}
+
+fn validate(files: &[std::path::PathBuf]) -> ExitCode {
+    let mut ok = true;
+    for f in files {
+        match kliko_spec::validate_file(f) {
+            Ok(spec) => {
+                let fields = spec.fields().count();
+                let version = if spec.schema_version_declared {
+                    format!("schema version {}", spec.schema_version)
+                } else {
+                    format!("schema version {} (not declared: read as the 0.8 release's version 3)", spec.schema_version)
+                };
+                println!("ok: `{}`: {version}, io `{}`, {fields} fields", f.display(), spec.io);
+            }
+            Err(e) => {
+                ok = false;
+                eprintln!("error: {e}");
+            }
+        }
+    }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
     }
 }

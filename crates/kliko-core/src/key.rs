@@ -27,6 +27,8 @@ pub struct ActionPreimage {
     pub cmd: Vec<String>,
     /// The environment given to the container.
     pub env: BTreeMap<String, String>,
+    /// The version of the canonical parameter encoding (kliko-spec's `CANONICAL_PARAMS_FORMAT`).
+    pub parameters_format: u32,
     /// Canonical parameters: file parameters replaced by their content digests.
     pub parameters: serde_json::Value,
     /// The tree digest of the input (split) or work (join) tree; `None` if there is none.

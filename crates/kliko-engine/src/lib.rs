@@ -1,1 +1,269 @@
-//! placeholder
+//! kliko-engine turns "run this image on this input with these parameters" into a memoized,
+//! deduplicated run: it resolves the image to its content-addressed ID, reads and validates
+//! its `/kliko.yml` (remembered per image ID), resolves parameters, hashes the input tree
+//! and the file parameters, builds the action key, and then either serves a complete stored
+//! result (a hit: no container is created) or takes the key's lease, runs the container,
+//! ingests its output and records the result (a miss). Identical runs in flight wait on the
+//! leader instead of running twice.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), kliko_engine::EngineError> {
+//! use std::sync::Arc;
+//! use kliko_engine::{Engine, Input, RunRequest, NoObserver};
+//! let store = Arc::new(kliko_store::Store::open("/tmp/kliko-store".as_ref())?);
+//! let engine = Engine::new(store);
+//! let req = RunRequest::new("my-image:latest", Input::Path("data".into()), Some("out".into()));
+//! let report = engine.run(req, Arc::new(NoObserver), Default::default()).await?;
+//! println!("{} {:?}", report.key, report.cache);
+//! # Ok(()) }
+//! ```
+
+mod error;
+mod explain;
+mod fsutil;
+pub mod lease;
+mod run;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kliko_core::Digest;
+use kliko_runtime::{Docker, ImageInfo, Stream};
+use kliko_spec::{IoMode, ParamLayer, Params, Spec};
+use kliko_store::records::ActionResult;
+use kliko_store::{MaterializeMode, Store};
+use serde::Serialize;
+use tokio::sync::OnceCell;
+
+pub use error::{EngineError, Result};
+pub use explain::Explanation;
+pub use lease::Holder;
+
+/// The command every kliko image is run with (its ENTRYPOINT, if any, stays in place).
+pub const KLIKO_CMD: &str = "/kliko";
+/// Label on every container kliko creates (besides the runtime's `io.kliko.managed`).
+pub const KEY_LABEL: &str = "io.kliko.key";
+
+/// The runner: one per process, shared by every run (it is cheap to clone behind an `Arc`).
+pub struct Engine {
+    store: Arc<Store>,
+    docker: OnceCell<Docker>,
+}
+
+/// What a run reads.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Input {
+    /// No input: an empty `/input` (the same key as an empty folder).
+    None,
+    /// A host folder: mounted read-only at `/input` (split), or copied privately as `/work`
+    /// (join).
+    Path(PathBuf),
+    /// A tree already in the store (a pipeline step's input).
+    Tree(Digest),
+}
+
+/// Who the container runs as.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum UserChoice {
+    /// The invoking user's uid:gid, so outputs belong to them.
+    #[default]
+    Invoker,
+    /// The image's own `USER`.
+    Image,
+    /// Exactly this (`uid:gid`, `uid`, or a name the image knows).
+    Explicit(String),
+}
+
+/// One invocation.
+#[derive(Clone, Debug)]
+pub struct RunRequest {
+    /// Image reference as the user wrote it (tag, ID or name@digest).
+    pub image: String,
+    pub input: Input,
+    /// Split: where the output goes. Join: where the result goes; `None` with a host work
+    /// folder means "back into the work folder, once stored".
+    pub output: Option<PathBuf>,
+    /// Which io mode the user's flags implied (`--input/--output` or `--work`); checked
+    /// against the image. `None`: whatever the image declares.
+    pub io_flags: Option<IoMode>,
+    pub params: Vec<ParamLayer>,
+    pub env: Vec<(String, String)>,
+    pub network: Option<String>,
+    pub user: UserChoice,
+    pub memory_bytes: Option<i64>,
+    pub nano_cpus: Option<i64>,
+    pub timeout: Option<Duration>,
+    pub salt: Option<String>,
+    /// Run even if a result is stored (and record the new one).
+    pub no_cache: bool,
+    /// Replace a non-empty output folder's contents.
+    pub overwrite: bool,
+    pub materialize: MaterializeMode,
+    /// When the leader this run waited on failed, run it again here (once) instead of
+    /// reporting the leader's failure.
+    pub retry_failed: bool,
+    pub labels: BTreeMap<String, String>,
+    /// Keep the output only in the store (no host folder), even in join mode.
+    pub store_only: bool,
+}
+
+impl RunRequest {
+    pub fn new(image: impl Into<String>, input: Input, output: Option<PathBuf>) -> RunRequest {
+        RunRequest {
+            image: image.into(),
+            input,
+            output,
+            io_flags: None,
+            params: Vec::new(),
+            env: Vec::new(),
+            network: None,
+            user: UserChoice::Invoker,
+            memory_bytes: None,
+            nano_cpus: None,
+            timeout: None,
+            salt: None,
+            no_cache: false,
+            overwrite: false,
+            materialize: MaterializeMode::Auto,
+            retry_failed: false,
+            labels: BTreeMap::new(),
+            store_only: false,
+        }
+    }
+}
+
+/// An image, resolved, with its validated kliko.yml.
+#[derive(Clone, Debug)]
+pub struct ImageMeta {
+    pub reference: String,
+    pub info: ImageInfo,
+    pub spec: Spec,
+    pub kliko_yml: Vec<u8>,
+}
+
+/// Everything computed before a run: the key and what went into it.
+#[derive(Clone, Debug)]
+pub struct Prepared {
+    pub image: ImageMeta,
+    pub params: Params,
+    pub preimage: kliko_core::key::ActionPreimage,
+    pub key: Digest,
+    pub input_digest: Digest,
+    /// Host file parameter → content digest.
+    pub file_digests: BTreeMap<PathBuf, Digest>,
+    pub env: Vec<(String, String)>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Cache {
+    Hit,
+    Miss,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    Succeeded,
+    Failed,
+    TimedOut,
+    Cancelled,
+    /// This run waited on another that failed, and did not retry.
+    LeaderFailed,
+}
+
+/// What a run did.
+#[derive(Clone, Debug, Serialize)]
+pub struct RunReport {
+    pub key: Digest,
+    pub cache: Cache,
+    pub status: Status,
+    /// The container's exit code (124 for a timeout, 130 when cancelled).
+    pub exit_code: i64,
+    pub output: Option<Digest>,
+    pub output_path: Option<PathBuf>,
+    pub image_ref: String,
+    pub image_id: String,
+    pub wall_ms: u64,
+    /// For a hit: the wall time of the run it reused.
+    pub saved_ms: u64,
+    /// The holder of the lease this run waited on, if it waited.
+    pub waited_on: Option<Holder>,
+    /// Last lines of the logs of a failed run (its own or its leader's).
+    pub log_tail: Vec<String>,
+    /// Whether the result was recorded in the cache.
+    pub recorded: bool,
+    pub warnings: Vec<String>,
+    #[serde(skip)]
+    pub result: Option<ActionResult>,
+}
+
+/// What happens during a run, for a terminal or a web page.
+#[derive(Clone, Debug)]
+pub enum Event {
+    Prepared { key: Digest },
+    Hit { key: Digest },
+    Waiting { holder: Holder },
+    Starting,
+    Running { container_id: Option<String> },
+    Ingesting,
+    Finished { status: Status, exit_code: i64 },
+    Warning(String),
+}
+
+/// Receives live logs and events.
+pub trait Observer: Send + Sync {
+    fn log(&self, _stream: Stream, _bytes: &[u8]) {}
+    fn event(&self, _event: &Event) {}
+}
+
+/// Ignores everything.
+pub struct NoObserver;
+impl Observer for NoObserver {}
+
+impl Engine {
+    pub fn new(store: Arc<Store>) -> Engine {
+        Engine { store, docker: OnceCell::new() }
+    }
+
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// The Docker connection, made on first use.
+    pub async fn docker(&self) -> Result<&Docker> {
+        Ok(self.docker.get_or_try_init(Docker::connect).await?)
+    }
+
+    /// Resolve an image and read its kliko.yml (from the store if this image ID was seen).
+    pub async fn image(&self, reference: &str) -> Result<ImageMeta> {
+        let docker = self.docker().await?;
+        let info = docker.inspect_image(reference).await?;
+        let store = self.store.clone();
+        let id = info.id.clone();
+        let cached = error::blocking(move || {
+            let db = store.db()?;
+            Ok(store.image_file(&db, &id, "/kliko.yml")?)
+        })
+        .await?;
+        let yml = match cached {
+            Some(b) => b,
+            None => {
+                let bytes = docker.read_file(&info.id, "/kliko.yml").await?;
+                let store = self.store.clone();
+                let (id, b) = (info.id.clone(), bytes.clone());
+                error::blocking(move || {
+                    let db = store.db()?;
+                    Ok(store.put_image_file(&db, &id, "/kliko.yml", &b)?)
+                })
+                .await?;
+                bytes
+            }
+        };
+        let text = String::from_utf8_lossy(&yml);
+        let spec = Spec::parse(&format!("{reference}:/kliko.yml"), &text)?;
+        Ok(ImageMeta { reference: reference.to_string(), info, spec, kliko_yml: yml })
+    }
+}

@@ -51,11 +51,21 @@ impl Store {
         for kind in [ObjectKind::Blob, ObjectKind::Tree] {
             let dir = self.root().join(kind.dir());
             let mut paths = Vec::new();
-            for e in walkdir::WalkDir::new(&dir).min_depth(2).max_depth(2) {
+            for e in walkdir::WalkDir::new(&dir).min_depth(1).max_depth(2) {
                 let e = e.map_err(|e| {
                     let path = e.path().map(|p| p.to_path_buf()).unwrap_or_else(|| dir.clone());
                     crate::StoreError::Io { path, source: e.into() }
                 })?;
+                // Only shard folders beside the shards, only regular files inside them; anything
+                // else (a symlink could point anywhere) is stray, not hashed.
+                let ft = e.file_type();
+                if e.depth() == 1 && ft.is_dir() {
+                    continue;
+                }
+                if e.depth() == 1 || !ft.is_file() {
+                    report.stray.push(e.into_path());
+                    continue;
+                }
                 paths.push(e.into_path());
             }
             let checked: Vec<Result<(PathBuf, Option<Digest>, bool, u64)>> = paths

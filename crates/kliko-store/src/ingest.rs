@@ -100,10 +100,12 @@ impl Store {
         let new_bytes: u64 = todo.iter().map(|f| f.size).sum();
         // Trees, children first (the hasher lists them that way).
         let mut tree_digests = Vec::with_capacity(hashed.trees.len());
+        // Identical subtrees (every empty folder, say) are staged once.
+        let mut trees_seen = HashSet::new();
         if first_err.is_none() {
             for (d, enc) in &hashed.trees {
                 tree_digests.push(*d);
-                if self.has_object(ObjectKind::Tree, d) {
+                if !trees_seen.insert(*d) || self.has_object(ObjectKind::Tree, d) {
                     continue;
                 }
                 match write_tmp(&tmp, enc) {

@@ -271,3 +271,16 @@ impl Store {
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
+
+impl Store {
+    /// A file read out of an image earlier (`/kliko.yml`), by image ID.
+    pub fn image_file(&self, db: &Db, image_id: &str, path: &str) -> Result<Option<Vec<u8>>> {
+        let k = format!("{image_id}\0{path}");
+        db.get_cf(db.cf(crate::db::CF_IMAGES), k.as_bytes()).map_err(db.err(self))
+    }
+
+    pub fn put_image_file(&self, db: &Db, image_id: &str, path: &str, bytes: &[u8]) -> Result<()> {
+        let k = format!("{image_id}\0{path}");
+        db.put_cf(db.cf(crate::db::CF_IMAGES), k.as_bytes(), bytes).map_err(db.err(self))
+    }
+}

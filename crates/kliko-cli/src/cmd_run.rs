@@ -1,0 +1,496 @@
+//! `kliko run IMAGE …`: the image's own fields become flags, so the command line is parsed
+//! twice: once to find the image, then with a parser that knows its kliko.yml.
+
+use std::ffi::OsString;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Arg, ArgAction, ArgMatches, Args, Command, FromArgMatches};
+use kliko_engine::{Cache, Engine, Event, Input, Observer, RunReport, RunRequest, Status, UserChoice};
+use kliko_runtime::Stream;
+use kliko_spec::{IoMode, ParamLayer, Spec};
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::Placement;
+
+/// Options of `kliko run` itself (the image's fields are added at run time).
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    /// The image: a tag (`name:tag`), an image ID, or `name@sha256:…`.
+    pub image: String,
+    /// Input folder (split images), mounted read-only at `/input`.
+    #[arg(long, value_name = "DIR", help_heading = "Data")]
+    pub input: Option<PathBuf>,
+    /// Output folder (split images): must be empty or absent, unless `--overwrite`.
+    /// For join images: where the result goes instead of back into `--work`.
+    #[arg(long, value_name = "DIR", help_heading = "Data")]
+    pub output: Option<PathBuf>,
+    /// Work folder (join images): the container changes a private copy; this folder
+    /// receives the result once it is safely stored.
+    #[arg(long, value_name = "DIR", help_heading = "Data")]
+    pub work: Option<PathBuf>,
+    /// Replace the contents of a non-empty `--output` folder.
+    #[arg(long, help_heading = "Data")]
+    pub overwrite: bool,
+    /// How output files are placed: `auto` (read-only hard links to the store when safe,
+    /// else copies), `link`, or `copy` (writable copies).
+    #[arg(long, value_enum, default_value_t = Placement::Auto, value_name = "HOW", help_heading = "Data")]
+    pub materialize: Placement,
+    /// A parameter, `NAME=VALUE` (repeatable; a list takes `a,b,c` or repeats).
+    #[arg(long = "param", short = 'p', value_name = "NAME=VALUE", help_heading = "Parameters")]
+    pub param: Vec<String>,
+    /// Parameters from a YAML or JSON file (flags given on the command line win).
+    #[arg(long, value_name = "FILE", help_heading = "Parameters")]
+    pub params: Option<PathBuf>,
+    /// Give the container a network (`bridge`, `host`, a network name). Default: none.
+    #[arg(long, value_name = "NET", help_heading = "Container")]
+    pub network: Option<String>,
+    /// Run as `UID[:GID]`, or `image` for the image's own user. Default: you.
+    #[arg(long, value_name = "USER", help_heading = "Container")]
+    pub user: Option<String>,
+    /// Memory limit, e.g. `512m`, `4g`.
+    #[arg(long, value_name = "SIZE", help_heading = "Container")]
+    pub memory: Option<String>,
+    /// CPU limit, e.g. `1.5`.
+    #[arg(long, value_name = "N", help_heading = "Container")]
+    pub cpus: Option<f64>,
+    /// Stop the container after this long (`90s`, `10m`, `2h`); the run fails (exit 124).
+    #[arg(long, value_name = "DURATION", help_heading = "Container")]
+    pub timeout: Option<String>,
+    /// An environment variable for the container, `K=V` (repeatable; part of the key).
+    #[arg(long = "env", short = 'e', value_name = "K=V", help_heading = "Container")]
+    pub env: Vec<String>,
+    /// Extra text in the key: results with another salt are not reused.
+    #[arg(long, value_name = "TEXT", help_heading = "Cache")]
+    pub salt: Option<String>,
+    /// Run even if a result is stored (the new result replaces it).
+    #[arg(long, help_heading = "Cache")]
+    pub no_cache: bool,
+    /// If the identical run this one waited on fails, run it again here once.
+    #[arg(long, help_heading = "Cache")]
+    pub retry_failed: bool,
+    /// Print the key's pre-image (and how it differs from the nearest stored run); run nothing.
+    #[arg(long, help_heading = "Cache")]
+    pub explain: bool,
+    /// Print one JSON object about the run on stdout (container logs go to stderr).
+    #[arg(long, help_heading = "Output")]
+    pub json: bool,
+    /// Do not show the container's logs (they are still stored).
+    #[arg(long, short = 'q', help_heading = "Output")]
+    pub quiet: bool,
+}
+
+const FIELD_PREFIX: &str = "field:";
+
+fn base_command() -> Command {
+    RunArgs::augment_args(
+        Command::new("kliko run")
+            .no_binary_name(true)
+            .about("Run a kliko image; an identical earlier run is reused instead (no container is started).")
+            .after_help("The image's own parameters are listed by `kliko run IMAGE --help`.")
+            .max_term_width(100),
+    )
+}
+
+/// Static flags that take a value (so the image can be found before the image is known).
+fn takes_value(cmd: &Command, flag: &str) -> bool {
+    let name = flag.trim_start_matches('-');
+    match cmd.get_arguments().find(|a| a.get_long() == Some(name) || (flag.len() == 2 && a.get_short() == name.chars().next())) {
+        Some(a) => a.get_action().takes_values(),
+        // An image field: every field flag takes a value (`--flag false`).
+        None => true,
+    }
+}
+
+/// The first positional argument: the image.
+fn find_image(cmd: &Command, args: &[OsString]) -> Option<String> {
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let s = a.to_string_lossy();
+        if s == "--" {
+            return it.next().map(|x| x.to_string_lossy().into_owned());
+        }
+        if s.starts_with('-') && s.len() > 1 {
+            if !s.contains('=') && takes_value(cmd, &s) {
+                it.next();
+            }
+            continue;
+        }
+        return Some(s.into_owned());
+    }
+    None
+}
+
+fn full_command(spec: &Spec) -> Command {
+    let mut cmd = base_command();
+    let taken: Vec<String> = cmd.get_arguments().filter_map(|a| a.get_long().map(str::to_string)).collect();
+    let mut shadowed = Vec::new();
+    for section in &spec.sections {
+        let heading = format!("Image parameters: {}", section.name);
+        for f in &section.fields {
+            if taken.iter().any(|t| t == &f.name) || f.name == "help" {
+                shadowed.push(f.name.clone());
+                continue;
+            }
+            let mut help = match (&f.label, &f.help_text) {
+                (Some(l), Some(h)) => format!("{l}: {h}"),
+                (Some(t), None) | (None, Some(t)) => t.clone(),
+                (None, None) => String::new(),
+            };
+            let mut notes = Vec::new();
+            if f.needs_value() {
+                notes.push("required".to_string());
+            }
+            if let Some(c) = f.choices_display() {
+                notes.push(format!("choices: {c}"));
+            }
+            if let Some(d) = f.default_display() {
+                notes.push(format!("default: `{d}`"));
+            } else if !f.required {
+                notes.push("optional".into());
+            }
+            if let Some(n) = f.max_length {
+                notes.push(format!("at most {n} characters"));
+            }
+            if f.ty.is_list() {
+                notes.push("a list: `a,b,c` or repeat the flag".into());
+            }
+            if !notes.is_empty() {
+                if !help.is_empty() {
+                    help.push(' ');
+                }
+                help.push_str(&format!("[{}]", notes.join("; ")));
+            }
+            let arg = Arg::new(format!("{FIELD_PREFIX}{}", f.name))
+                .long(f.name.clone())
+                .value_name(f.type_label())
+                .action(ArgAction::Append)
+                .allow_hyphen_values(true)
+                .help(help)
+                .help_heading(heading.clone());
+            cmd = cmd.arg(arg);
+        }
+    }
+    if !shadowed.is_empty() {
+        cmd = cmd.after_help(format!(
+            "These image parameters share a name with a kliko option; give them as `--param NAME=VALUE`: {}",
+            shadowed.iter().map(|s| format!("`{s}`")).collect::<Vec<_>>().join(", ")
+        ));
+    }
+    cmd
+}
+
+pub fn run(store_root: &Path, args: Vec<OsString>) -> anyhow::Result<ExitCode> {
+    let base = base_command();
+    let wants_help = args.iter().any(|a| a == "--help" || a == "-h");
+    let Some(image) = find_image(&base, &args) else {
+        if wants_help {
+            base_command().print_help()?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        base_command().error(clap::error::ErrorKind::MissingRequiredArgument, "missing the image to run: `kliko run IMAGE`").exit();
+    };
+    let rt = crate::runtime()?;
+    rt.block_on(async move {
+        let store = Arc::new(kliko_store::Store::open(store_root).with_context(|| format!("cannot open the store at `{}`", store_root.display()))?);
+        let engine = Engine::new(store);
+        let meta = engine.image(&image).await?;
+        let cmd = full_command(&meta.spec);
+        let m = match cmd.try_get_matches_from(&args) {
+            Ok(m) => m,
+            Err(e) => {
+                if e.kind() == clap::error::ErrorKind::DisplayHelp {
+                    let mut head = format!("kliko image `{image}` ({})", meta.info.id);
+                    for (k, v) in [("name", &meta.spec.name), ("description", &meta.spec.description), ("author", &meta.spec.author)] {
+                        if let Some(v) = v {
+                            head.push_str(&format!("\n  {k}: {v}"));
+                        }
+                    }
+                    head.push_str(&format!("\n  io: {} ({})", meta.spec.io, match meta.spec.io {
+                        IoMode::Split => "give `--input DIR --output DIR`",
+                        IoMode::Join => "give `--work DIR`",
+                    }));
+                    println!("{head}\n");
+                }
+                e.exit();
+            }
+        };
+        let a = RunArgs::from_arg_matches(&m).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let req = build_request(&a, &meta.spec, &m)?;
+        if a.explain {
+            let x = engine.explain(&req).await?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&x)?);
+            } else {
+                println!("key: {}", x.key);
+                println!("stored: {}", if x.stored { "yes (a run would be a hit)" } else { "no (a run would be a miss)" });
+                println!("pre-image:\n{}", serde_json::to_string_pretty(&x.preimage)?);
+                match x.nearest {
+                    Some(n) if !x.differences.is_empty() => {
+                        println!("differences from the nearest stored run `{n}`:");
+                        for d in &x.differences {
+                            println!("  {d}");
+                        }
+                    }
+                    Some(_) => {}
+                    None => println!("no earlier run of this image is stored"),
+                }
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        let cancel = CancellationToken::new();
+        spawn_signal_handler(cancel.clone());
+        let obs = Arc::new(Term { json: a.json, quiet: a.quiet });
+        let report = engine.run(req, obs, cancel).await?;
+        finish(&a, &report)
+    })
+}
+
+fn build_request(a: &RunArgs, spec: &Spec, m: &ArgMatches) -> anyhow::Result<RunRequest> {
+    if a.work.is_some() && a.input.is_some() {
+        bail!("`--work` (join images) and `--input` (split images) cannot be given together");
+    }
+    let io_flags = if a.work.is_some() {
+        Some(IoMode::Join)
+    } else if a.input.is_some() {
+        Some(IoMode::Split)
+    } else {
+        None
+    };
+    let input = match (&a.work, &a.input) {
+        (Some(w), _) => Input::Path(w.clone()),
+        (None, Some(i)) => Input::Path(i.clone()),
+        (None, None) => Input::None,
+    };
+    let mut req = RunRequest::new(a.image.clone(), input, a.output.clone());
+    req.io_flags = io_flags;
+    if let Some(file) = &a.params {
+        let text = std::fs::read_to_string(file).with_context(|| format!("cannot read the parameters file `{}`", file.display()))?;
+        let layer = ParamLayer::from_document(&file.display().to_string(), &text)
+            .map_err(|errors| kliko_engine::EngineError::Params { image: a.image.clone(), errors })?;
+        let base = std::path::absolute(file)?.parent().map(Path::to_path_buf).unwrap_or_default();
+        req.params.push(layer.with_base_dir(base));
+    }
+    let mut raw = Vec::new();
+    for p in &a.param {
+        let Some((k, v)) = p.split_once('=') else {
+            bail!("`--param {p}` must be `NAME=VALUE`");
+        };
+        raw.push((k.to_string(), v.to_string()));
+    }
+    for f in spec.fields() {
+        if let Some(vals) = m.get_many::<String>(&format!("{FIELD_PREFIX}{}", f.name)) {
+            for v in vals {
+                raw.push((f.name.clone(), v.clone()));
+            }
+        }
+    }
+    if !raw.is_empty() {
+        req.params.push(ParamLayer::strings(raw));
+    }
+    for e in &a.env {
+        let Some((k, v)) = e.split_once('=') else {
+            bail!("`--env {e}` must be `NAME=VALUE`");
+        };
+        req.env.push((k.to_string(), v.to_string()));
+    }
+    req.network = a.network.clone();
+    req.user = match a.user.as_deref() {
+        None => UserChoice::Invoker,
+        Some("image") => UserChoice::Image,
+        Some(u) => UserChoice::Explicit(u.to_string()),
+    };
+    req.memory_bytes = a.memory.as_deref().map(parse_size).transpose()?;
+    req.nano_cpus = match a.cpus {
+        Some(c) if c > 0.0 && c.is_finite() => Some((c * 1e9) as i64),
+        Some(c) => bail!("`--cpus {c}` must be a positive number"),
+        None => None,
+    };
+    req.timeout = a.timeout.as_deref().map(parse_duration).transpose()?;
+    req.salt = a.salt.clone();
+    req.no_cache = a.no_cache;
+    req.overwrite = a.overwrite;
+    req.materialize = a.materialize.into();
+    req.retry_failed = a.retry_failed;
+    Ok(req)
+}
+
+pub fn parse_size(s: &str) -> anyhow::Result<i64> {
+    let t = s.trim().to_ascii_lowercase();
+    let t = t.trim_end_matches("ib").trim_end_matches('b');
+    let (num, mult) = match t.chars().last() {
+        Some('k') => (&t[..t.len() - 1], 1i64 << 10),
+        Some('m') => (&t[..t.len() - 1], 1 << 20),
+        Some('g') => (&t[..t.len() - 1], 1 << 30),
+        Some('t') => (&t[..t.len() - 1], 1 << 40),
+        _ => (t, 1),
+    };
+    let n: f64 = num.trim().parse().map_err(|_| anyhow::anyhow!("`{s}` is not a size (examples: `512m`, `4g`, `100000`)"))?;
+    if n <= 0.0 || !n.is_finite() {
+        bail!("`{s}` is not a positive size");
+    }
+    Ok((n * mult as f64) as i64)
+}
+
+pub fn parse_duration(s: &str) -> anyhow::Result<Duration> {
+    let t = s.trim();
+    let (num, mult) = match t.chars().last() {
+        Some('s') => (&t[..t.len() - 1], 1.0),
+        Some('m') => (&t[..t.len() - 1], 60.0),
+        Some('h') => (&t[..t.len() - 1], 3600.0),
+        Some('d') => (&t[..t.len() - 1], 86400.0),
+        _ => (t, 1.0),
+    };
+    let n: f64 = num.trim().parse().map_err(|_| anyhow::anyhow!("`{s}` is not a duration (examples: `90s`, `10m`, `2h`)"))?;
+    if n <= 0.0 || !n.is_finite() {
+        bail!("`{s}` is not a positive duration");
+    }
+    Ok(Duration::from_secs_f64(n * mult))
+}
+
+fn spawn_signal_handler(cancel: CancellationToken) {
+    tokio::spawn(async move {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => return,
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        eprintln!("kliko: stopping: the container is being stopped and removed; nothing is cached");
+        cancel.cancel();
+    });
+}
+
+/// Live logs and status on the terminal.
+struct Term {
+    json: bool,
+    quiet: bool,
+}
+
+impl Observer for Term {
+    fn log(&self, stream: Stream, bytes: &[u8]) {
+        if self.quiet {
+            return;
+        }
+        if stream == Stream::Stdout && !self.json {
+            let mut o = std::io::stdout().lock();
+            let _ = o.write_all(bytes);
+            let _ = o.flush();
+        } else {
+            let mut e = std::io::stderr().lock();
+            let _ = e.write_all(bytes);
+        }
+    }
+
+    fn event(&self, event: &Event) {
+        match event {
+            Event::Waiting { holder } => eprintln!(
+                "kliko: an identical run is in progress (pid {} on `{}`, since {}); waiting for its result",
+                holder.pid, holder.host, holder.started_at
+            ),
+            Event::Warning(w) => eprintln!("warning: {w}"),
+            _ => {}
+        }
+    }
+}
+
+fn finish(a: &RunArgs, r: &RunReport) -> anyhow::Result<ExitCode> {
+    if a.json {
+        let v = serde_json::json!({
+            "key": r.key,
+            "cache": r.cache,
+            "status": r.status,
+            "exit_code": r.exit_code,
+            "output": r.output,
+            "output_path": r.output_path,
+            "image": r.image_ref,
+            "image_id": r.image_id,
+            "wall_ms": r.wall_ms,
+            "saved_ms": r.saved_ms,
+            "waited": r.waited_on.is_some(),
+            "recorded": r.recorded,
+            "warnings": r.warnings,
+        });
+        println!("{v}");
+    }
+    match r.status {
+        Status::Succeeded => {
+            if !a.json {
+                let what = match r.cache {
+                    Cache::Hit => format!("cache hit (saved {})", human_ms(r.saved_ms)),
+                    Cache::Miss => format!("ran in {}", human_ms(r.wall_ms)),
+                };
+                let out = match (&r.output_path, r.output) {
+                    (Some(p), _) => format!("output in `{}`", p.display()),
+                    (None, Some(d)) => format!("output tree `{d}` (`kliko store materialize {d} DIR` to get it)"),
+                    (None, None) => String::new(),
+                };
+                eprintln!("kliko: {what}; key {}; {out}", r.key.short(16));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        status => {
+            let what = match status {
+                Status::TimedOut => format!("`{}` timed out and was stopped", r.image_ref),
+                Status::Cancelled => format!("`{}` was cancelled", r.image_ref),
+                Status::LeaderFailed => format!("the identical run `{}` that this one waited on failed", r.image_ref),
+                _ => format!("`{}` exited with code {}", r.image_ref, r.exit_code),
+            };
+            eprintln!("error: {what}; nothing was cached");
+            for w in &r.warnings {
+                eprintln!("  {w}");
+            }
+            if !r.log_tail.is_empty() {
+                eprintln!("last log lines:");
+                for l in &r.log_tail {
+                    eprintln!("  | {l}");
+                }
+            }
+            let code = r.exit_code.clamp(1, 255) as u8;
+            Ok(ExitCode::from(code))
+        }
+    }
+}
+
+pub fn human_ms(ms: u64) -> String {
+    if ms < 1000 {
+        format!("{ms} ms")
+    } else if ms < 120_000 {
+        format!("{:.1} s", ms as f64 / 1000.0)
+    } else {
+        format!("{:.1} min", ms as f64 / 60_000.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_durations() {
+        assert_eq!(parse_size("512m").unwrap(), 512 << 20);
+        assert_eq!(parse_size("4G").unwrap(), 4 << 30);
+        assert_eq!(parse_size("1gb").unwrap(), 1 << 30);
+        assert!(parse_size("lots").is_err());
+        assert_eq!(parse_duration("90s").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("1.5").unwrap(), Duration::from_millis(1500));
+        assert!(parse_duration("-1").is_err());
+    }
+
+    #[test]
+    fn the_image_is_found_among_flags() {
+        let cmd = base_command();
+        let args: Vec<OsString> =
+            ["--input", "in", "--threshold", "3", "--no-cache", "img:1", "--output", "o"].iter().map(OsString::from).collect();
+        assert_eq!(find_image(&cmd, &args).as_deref(), Some("img:1"));
+        let args: Vec<OsString> = ["--param=x=1", "img"].iter().map(OsString::from).collect();
+        assert_eq!(find_image(&cmd, &args).as_deref(), Some("img"));
+    }
+}

@@ -1,0 +1,103 @@
+//! `--explain`: the key's pre-image, and how it differs from the nearest earlier run.
+
+use serde::Serialize;
+use serde_json::Value;
+
+use kliko_core::Digest;
+
+use crate::error::{blocking, Result};
+use crate::{Engine, RunRequest};
+
+#[derive(Debug, Serialize)]
+pub struct Explanation {
+    pub key: Digest,
+    /// Whether a complete result is stored for the key.
+    pub stored: bool,
+    pub preimage: Value,
+    /// The stored result of the same image reference or ID whose pre-image differs least.
+    pub nearest: Option<Digest>,
+    /// `field: earlier → now`, one per difference from `nearest`.
+    pub differences: Vec<String>,
+}
+
+impl Engine {
+    pub async fn explain(&self, req: &RunRequest) -> Result<Explanation> {
+        let prep = self.prepare(req).await?;
+        let store = self.store.clone();
+        let key = prep.key;
+        let image_ref = req.image.clone();
+        let pre = serde_json::to_value(&prep.preimage).unwrap_or(Value::Null);
+        let pre2 = pre.clone();
+        let image_id = prep.image.info.id.clone();
+        blocking(move || {
+            let db = store.db()?;
+            let stored = store.lookup(&db, &key)?.is_some();
+            let mut best: Option<(usize, Digest, Vec<String>)> = None;
+            for r in store.results(&db)? {
+                if r.key == key || (r.image_ref != image_ref && r.image_id != image_id) {
+                    continue;
+                }
+                let old = serde_json::to_value(&r.preimage).unwrap_or(Value::Null);
+                let mut diffs = Vec::new();
+                diff("", &old, &pre2, &mut diffs);
+                if best.as_ref().is_none_or(|(n, _, _)| diffs.len() < *n) {
+                    best = Some((diffs.len(), r.key, diffs));
+                }
+            }
+            let (nearest, differences) = match best {
+                Some((_, k, d)) => (Some(k), d),
+                None => (None, Vec::new()),
+            };
+            Ok(Explanation { key, stored, preimage: pre, nearest, differences })
+        })
+        .await
+    }
+}
+
+fn show(v: Option<&Value>) -> String {
+    match v {
+        None => "(absent)".into(),
+        Some(v) => v.to_string(),
+    }
+}
+
+/// Field-by-field differences between two JSON values, with dotted paths.
+pub(crate) fn diff(path: &str, old: &Value, new: &Value, out: &mut Vec<String>) {
+    match (old, new) {
+        (Value::Object(a), Value::Object(b)) => {
+            let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+            keys.sort();
+            keys.dedup();
+            for k in keys {
+                let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+                match (a.get(k), b.get(k)) {
+                    (Some(x), Some(y)) => diff(&p, x, y, out),
+                    (x, y) => out.push(format!("{p}: {} → {}", show(x), show(y))),
+                }
+            }
+        }
+        _ if old != new => out.push(format!("{path}: {old} → {new}")),
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn diff_names_each_changed_field() {
+        let a: Value = serde_json::json!({"input": "aa", "parameters": {"x": 1, "y": "s"}, "salt": null});
+        let b: Value = serde_json::json!({"input": "bb", "parameters": {"x": 2, "y": "s", "z": true}, "salt": null});
+        let mut out = Vec::new();
+        diff("", &a, &b, &mut out);
+        assert_eq!(
+            out,
+            vec![
+                "input: \"aa\" → \"bb\"".to_string(),
+                "parameters.x: 1 → 2".to_string(),
+                "parameters.z: (absent) → true".to_string()
+            ]
+        );
+    }
+}

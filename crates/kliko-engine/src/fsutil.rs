@@ -1,0 +1,104 @@
+//! Small filesystem and host helpers.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use crate::error::{IoContext, Result};
+
+/// Remove a folder tree even where a container left read-only folders in it.
+pub fn force_remove(dir: &Path) {
+    if fs::remove_dir_all(dir).is_ok() || !dir.exists() {
+        return;
+    }
+    for e in walkdir_dirs(dir) {
+        let _ = fs::set_permissions(&e, fs::Permissions::from_mode(0o700));
+    }
+    let _ = fs::remove_dir_all(dir);
+}
+
+fn walkdir_dirs(dir: &Path) -> Vec<PathBuf> {
+    let mut out = vec![dir.to_path_buf()];
+    let mut i = 0;
+    while i < out.len() {
+        if let Ok(rd) = fs::read_dir(&out[i]) {
+            for e in rd.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    out.push(e.path());
+                }
+            }
+        }
+        i += 1;
+    }
+    out
+}
+
+/// Whether `dir` is absent or an empty folder.
+pub fn absent_or_empty(dir: &Path) -> Result<bool> {
+    match fs::read_dir(dir) {
+        Ok(mut it) => Ok(it.next().is_none()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => Ok(false),
+        Err(e) => Err(e).at(dir),
+    }
+}
+
+/// Fill `target` with what `fill` writes into a fresh folder, replacing its old contents
+/// only once the new ones are complete: fill a sibling, rename the old folder aside, rename
+/// the new one in, remove the old one. A crash leaves both copies, never neither.
+pub fn replace_dir(target: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let parent = target.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
+    let staging = tempfile::Builder::new().prefix(&format!(".{name}.kliko-new-")).tempdir_in(parent).at(parent)?;
+    let new = staging.path().join("t");
+    fill(&new)?;
+    if target.exists() {
+        let old = staging.path().join("old");
+        fs::rename(target, &old).at(target)?;
+        if let Err(e) = fs::rename(&new, target) {
+            let _ = fs::rename(&old, target);
+            return Err(e).at(target);
+        }
+        force_remove(&old);
+    } else {
+        fs::rename(&new, target).at(target)?;
+    }
+    Ok(())
+}
+
+pub fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer outlives the call and its length is passed.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return "unknown".into();
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+/// `name (uid:gid)` of the invoking user.
+pub fn invoking_user() -> String {
+    let name = std::env::var("USER").or_else(|_| std::env::var("LOGNAME")).unwrap_or_default();
+    let (uid, gid) = uid_gid();
+    if name.is_empty() {
+        format!("{uid}:{gid}")
+    } else {
+        format!("{name} ({uid}:{gid})")
+    }
+}
+
+pub fn uid_gid() -> (u32, u32) {
+    // SAFETY: getuid/getgid cannot fail.
+    unsafe { (libc::getuid(), libc::getgid()) }
+}
+
+pub fn now_rfc3339() -> String {
+    rfc3339(std::time::SystemTime::now())
+}
+
+pub fn rfc3339(t: std::time::SystemTime) -> String {
+    time::OffsetDateTime::from(t)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| "unknown".into())
+}

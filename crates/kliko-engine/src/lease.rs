@@ -1,0 +1,124 @@
+//! Leases: one process runs a key, the others wait for its result.
+//!
+//! A lease is `leases/<key>.lock` in the store, held with an exclusive `flock`. The kernel
+//! drops the lock when its holder dies (SIGKILL included), so a dead leader's lease expires at
+//! once and a waiter takes over; on NFSv4 the server does the same when the client's lease
+//! times out. The file holds the holder's pid, host and start time, for "waiting on …"
+//! messages, and its mtime is renewed as a heartbeat. A leader that fails writes
+//! `leases/<key>.failed` (exit code and log tail) before it lets go, so its waiters can
+//! report the failure instead of silently re-running it.
+
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use kliko_core::Digest;
+use serde::{Deserialize, Serialize};
+
+/// Who holds a lease.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Holder {
+    pub pid: u32,
+    pub host: String,
+    pub started_at: String,
+}
+
+/// What a failed leader leaves for its waiters.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Failure {
+    pub holder: Holder,
+    /// Milliseconds since the epoch.
+    pub at_ms: u64,
+    /// `exited 3`, `timed out`, `cancelled`, or an error message.
+    pub outcome: String,
+    pub exit_code: i64,
+    pub log_tail: Vec<String>,
+}
+
+pub struct Lease {
+    file: File,
+    path: PathBuf,
+}
+
+pub enum Attempt {
+    Leader(Lease),
+    Busy(Holder),
+}
+
+fn lock_path(dir: &Path, key: &Digest) -> PathBuf {
+    dir.join(format!("{key}.lock"))
+}
+
+fn failed_path(dir: &Path, key: &Digest) -> PathBuf {
+    dir.join(format!("{key}.failed"))
+}
+
+/// Try once to become the leader for `key`.
+pub fn try_acquire(dir: &Path, key: &Digest, me: &Holder) -> io::Result<Attempt> {
+    let path = lock_path(dir, key);
+    loop {
+        let file = File::options().create(true).truncate(false).read(true).write(true).open(&path)?;
+        // SAFETY: flock on an fd we own.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                let holder = fs::read(&path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+                return Ok(Attempt::Busy(holder));
+            }
+            return Err(e);
+        }
+        // The previous holder may have unlinked the file between our open and our lock: then
+        // we hold a lock on a file nobody else can find. Start again on the current file.
+        let ours = file.metadata()?;
+        match fs::metadata(&path) {
+            Ok(m) if m.ino() == ours.ino() && m.dev() == ours.dev() => {}
+            _ => continue,
+        }
+        let mut f = &file;
+        f.set_len(0)?;
+        f.write_all(&serde_json::to_vec(me).expect("plain data"))?;
+        return Ok(Attempt::Leader(Lease { file, path }));
+    }
+}
+
+impl Lease {
+    /// A second handle on the lease file, for renewing its mtime (the heartbeat).
+    pub fn heartbeat_handle(&self) -> Option<File> {
+        self.file.try_clone().ok()
+    }
+
+    /// Release after success: any earlier failure record is obsolete.
+    pub fn release_ok(self, dir: &Path, key: &Digest) {
+        let _ = fs::remove_file(failed_path(dir, key));
+        self.release();
+    }
+
+    /// Release after a failure, leaving the record for waiters.
+    pub fn release_failed(self, dir: &Path, key: &Digest, failure: &Failure) {
+        let tmp = dir.join(format!(".{key}.failed.{}", std::process::id()));
+        if fs::write(&tmp, serde_json::to_vec(failure).expect("plain data")).is_ok() {
+            let _ = fs::rename(&tmp, failed_path(dir, key));
+        }
+        self.release();
+    }
+
+    /// Unlink while still holding the lock, then close (which unlocks).
+    pub fn release(self) {
+        let _ = fs::remove_file(&self.path);
+        drop(self.file);
+    }
+}
+
+/// The failure record a leader left, if it was written at or after `since_ms`.
+pub fn failure_since(dir: &Path, key: &Digest, since_ms: u64) -> Option<Failure> {
+    let f: Failure = serde_json::from_slice(&fs::read(failed_path(dir, key)).ok()?).ok()?;
+    (f.at_ms >= since_ms).then_some(f)
+}
+
+/// How often a waiter looks at the lease again.
+pub const POLL: Duration = Duration::from_millis(100);
+/// How often a leader renews its heartbeat.
+pub const HEARTBEAT: Duration = Duration::from_secs(5);

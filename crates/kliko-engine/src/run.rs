@@ -1,0 +1,739 @@
+//! prepare (key) → lookup → lease → run → ingest → record → place the output.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use kliko_core::key::{ActionPreimage, ACTION_FORMAT};
+use kliko_core::tree::Tree;
+use kliko_core::Digest;
+use kliko_runtime::{ContainerSpec, LogChunk, Mount, Outcome, Stream};
+use kliko_spec::{IoMode, CANONICAL_PARAMS_FORMAT};
+use kliko_store::records::{now_ms, ActionResult, HistoryEntry};
+use kliko_store::{IngestMode, MaterializeMode, ObjectKind};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{blocking, EngineError, IoContext, Result};
+use crate::fsutil;
+use crate::lease::{self, Attempt, Failure, Holder, Lease};
+use crate::{
+    Cache, Engine, Event, Input, Observer, Prepared, RunReport, RunRequest, Status, UserChoice, KEY_LABEL, KLIKO_CMD,
+};
+
+/// Log lines kept for the message of a failed run.
+const TAIL_LINES: usize = 20;
+
+/// The environment every kliko container gets (the in-image kliko library reads it).
+pub fn base_env() -> Vec<(String, String)> {
+    [
+        ("INPUT", "/input"),
+        ("OUTPUT", "/output"),
+        ("WORK", "/work"),
+        ("PARAM_FILES", "/param_files"),
+        ("PARAM_FILE", "/parameters.json"),
+        ("KLIKO_FILE", "/kliko.yml"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
+
+impl Engine {
+    /// Everything up to the key: image, parameters, digests of the input and file parameters.
+    pub async fn prepare(&self, req: &RunRequest) -> Result<Prepared> {
+        let image = self.image(&req.image).await?;
+        let io = image.spec.io;
+        if let Some(flags) = req.io_flags {
+            if flags != io {
+                let what = match io {
+                    IoMode::Split => "it reads `/input` and writes `/output`, so give `--input DIR --output DIR`, not `--work`",
+                    IoMode::Join => "it changes `/work` in place, so give `--work DIR`, not `--input`/`--output`",
+                };
+                return Err(EngineError::IoMode { image: req.image.clone(), mode: io.to_string(), what: what.into() });
+            }
+        }
+        if io == IoMode::Join && req.input == Input::None {
+            return Err(EngineError::IoMode {
+                image: req.image.clone(),
+                mode: "join".into(),
+                what: "it needs a work folder: give `--work DIR`".into(),
+            });
+        }
+        let params = image
+            .spec
+            .resolve(&req.params)
+            .map_err(|errors| EngineError::Params { image: req.image.clone(), errors })?;
+
+        let store = self.store.clone();
+        let input = req.input.clone();
+        let files: Vec<PathBuf> = params.file_placements().into_iter().map(|(host, _)| host).collect();
+        let (input_digest, file_digests) = blocking(move || {
+            let mut digests = BTreeMap::new();
+            for f in files {
+                let abs = std::path::absolute(&f).at(&f)?;
+                let meta = fs::metadata(&abs).map_err(|_| EngineError::NoSuchPath { path: f.clone() })?;
+                if !meta.is_file() {
+                    return Err(EngineError::Invalid {
+                        what: f.display().to_string(),
+                        message: "a file parameter must name a regular file".into(),
+                    });
+                }
+                let (d, _) = kliko_core::hash::hash_file_stable(&abs, &meta).map_err(kliko_store::StoreError::from)?;
+                digests.insert(f, d);
+            }
+            let input_digest = match input {
+                Input::None => store.put_bytes(ObjectKind::Tree, &Tree::new().encode())?,
+                Input::Tree(d) => d,
+                Input::Path(p) => {
+                    let m = fs::metadata(&p).map_err(|_| EngineError::NoSuchPath { path: p.clone() })?;
+                    if !m.is_dir() {
+                        return Err(EngineError::NotADir { path: p });
+                    }
+                    store.hash_path(&p, &kliko_core::hash::NoProgress)?.digest
+                }
+            };
+            Ok((input_digest, digests))
+        })
+        .await?;
+
+        let canonical = params
+            .canonical_key_json(|p: &Path| file_digests.get(p).map(|d| d.to_hex()).ok_or(()))
+            .map_err(|_| EngineError::Invalid { what: "file parameter".into(), message: "not hashed".into() })?;
+        let mut env: BTreeMap<String, String> = base_env().into_iter().collect();
+        for (k, v) in &req.env {
+            env.insert(k.clone(), v.clone());
+        }
+        let preimage = ActionPreimage {
+            format: ACTION_FORMAT.to_string(),
+            image_id: image.info.id.clone(),
+            io: io.to_string(),
+            cmd: vec![KLIKO_CMD.to_string()],
+            env: env.clone(),
+            parameters_format: CANONICAL_PARAMS_FORMAT,
+            parameters: serde_json::from_slice(&canonical).map_err(|e| EngineError::Invalid {
+                what: "canonical parameters".into(),
+                message: e.to_string(),
+            })?,
+            input: Some(input_digest),
+            salt: req.salt.clone(),
+        };
+        let key = preimage.key();
+        Ok(Prepared { image, params, preimage, key, input_digest, file_digests, env: env.into_iter().collect() })
+    }
+
+    /// Run (or reuse) one invocation.
+    pub async fn run(&self, req: RunRequest, obs: Arc<dyn Observer>, cancel: CancellationToken) -> Result<RunReport> {
+        let t0 = Instant::now();
+        let prep = self.prepare(&req).await?;
+        obs.event(&Event::Prepared { key: prep.key });
+        let target = self.output_target(&req, &prep);
+        if let Some(t) = &target {
+            if !req.overwrite && !in_place(&req, t) && !fsutil::absent_or_empty(t)? {
+                return Err(EngineError::OutputNotEmpty { path: t.clone() });
+            }
+        }
+        let leases = self.store.root().join(kliko_store::LEASES_DIR);
+        let me = Holder { pid: std::process::id(), host: fsutil::hostname(), started_at: fsutil::now_rfc3339() };
+        let mut waited_on: Option<Holder> = None;
+        let mut wait_since = 0u64;
+        let mut retried = false;
+        loop {
+            if !req.no_cache {
+                if let Some(report) = self.try_hit(&req, &prep, &target, t0, &obs, waited_on.clone()).await? {
+                    return Ok(report);
+                }
+            }
+            let attempt = {
+                let (dir, key, me) = (leases.clone(), prep.key, me.clone());
+                blocking(move || lease::try_acquire(&dir, &key, &me).at(dir)).await?
+            };
+            match attempt {
+                Attempt::Leader(lease) => {
+                    if !req.no_cache {
+                        if let Some(report) = self.try_hit(&req, &prep, &target, t0, &obs, waited_on.clone()).await? {
+                            lease.release();
+                            return Ok(report);
+                        }
+                    }
+                    let mut report = self.execute(&req, &prep, &target, lease, &obs, &cancel, t0).await?;
+                    report.waited_on = waited_on;
+                    return Ok(report);
+                }
+                Attempt::Busy(holder) => {
+                    if waited_on.is_none() {
+                        wait_since = now_ms();
+                    }
+                    if waited_on.as_ref() != Some(&holder) {
+                        obs.event(&Event::Waiting { holder: holder.clone() });
+                    }
+                    waited_on = Some(holder);
+                    self.wait_for_lease(&leases, &prep.key, &cancel).await?;
+                    if cancel.is_cancelled() {
+                        return Ok(self.cancelled_report(&req, &prep, t0, waited_on));
+                    }
+                    if let Some(f) = lease::failure_since(&leases, &prep.key, wait_since) {
+                        if !req.retry_failed || retried {
+                            return Ok(self.leader_failed_report(&req, &prep, t0, waited_on, f));
+                        }
+                        retried = true;
+                        obs.event(&Event::Warning(format!(
+                            "the run we waited on failed ({}); running it again here (`--retry-failed`)",
+                            f.outcome
+                        )));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Wait until nobody holds the lease (or we are cancelled). Never holds the index.
+    async fn wait_for_lease(&self, dir: &Path, key: &Digest, cancel: &CancellationToken) -> Result<()> {
+        let path = dir.join(format!("{key}.lock"));
+        loop {
+            let p = path.clone();
+            let free = blocking(move || {
+                let f = match fs::File::open(&p) {
+                    Ok(f) => f,
+                    Err(_) => return Ok(true),
+                };
+                use std::os::fd::AsRawFd;
+                // SAFETY: flock on an fd we own; a shared probe never blocks the holder.
+                let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) };
+                Ok(rc == 0)
+            })
+            .await?;
+            if free {
+                return Ok(());
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(lease::POLL) => {}
+            }
+        }
+    }
+
+    fn output_target(&self, req: &RunRequest, prep: &Prepared) -> Option<PathBuf> {
+        if req.store_only {
+            return None;
+        }
+        match (&req.output, prep.image.spec.io, &req.input) {
+            (Some(o), _, _) => Some(o.clone()),
+            (None, IoMode::Join, Input::Path(work)) => Some(work.clone()),
+            _ => None,
+        }
+    }
+
+    async fn try_hit(
+        &self,
+        req: &RunRequest,
+        prep: &Prepared,
+        target: &Option<PathBuf>,
+        t0: Instant,
+        obs: &Arc<dyn Observer>,
+        waited_on: Option<Holder>,
+    ) -> Result<Option<RunReport>> {
+        let store = self.store.clone();
+        let key = prep.key;
+        let found = blocking(move || {
+            let db = store.db()?;
+            Ok(store.lookup(&db, &key)?)
+        })
+        .await?;
+        let Some(result) = found else { return Ok(None) };
+        obs.event(&Event::Hit { key });
+        if let Some(t) = target {
+            self.place(req, &result.output, t).await?;
+        }
+        let wall_ms = t0.elapsed().as_millis() as u64;
+        let entry = HistoryEntry {
+            key,
+            cache: "hit".into(),
+            image_ref: req.image.clone(),
+            image_id: prep.image.info.id.clone(),
+            at: fsutil::now_rfc3339(),
+            wall_ms,
+            saved_ms: result.wall_ms,
+            exit_code: Some(result.exit_code),
+            host: fsutil::hostname(),
+            user: fsutil::invoking_user(),
+        };
+        self.history(entry).await;
+        obs.event(&Event::Finished { status: Status::Succeeded, exit_code: 0 });
+        Ok(Some(RunReport {
+            key,
+            cache: Cache::Hit,
+            status: Status::Succeeded,
+            exit_code: result.exit_code,
+            output: Some(result.output),
+            output_path: target.clone(),
+            image_ref: req.image.clone(),
+            image_id: prep.image.info.id.clone(),
+            wall_ms,
+            saved_ms: result.wall_ms,
+            waited_on,
+            log_tail: Vec::new(),
+            recorded: true,
+            warnings: Vec::new(),
+            result: Some(result),
+        }))
+    }
+
+    /// Put stored tree `tree` at `target`: directly if it is absent or empty, else by
+    /// replacing its contents once the new ones are complete.
+    async fn place(&self, req: &RunRequest, tree: &Digest, target: &Path) -> Result<()> {
+        let store = self.store.clone();
+        let (tree, target, mode) = (*tree, target.to_path_buf(), req.materialize);
+        blocking(move || {
+            if fsutil::absent_or_empty(&target)? {
+                store.materialize(&tree, &target, mode)?;
+            } else {
+                fsutil::replace_dir(&target, |new| Ok(store.materialize(&tree, new, mode)?))?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn history(&self, entry: HistoryEntry) {
+        let store = self.store.clone();
+        // History is a convenience: a failure to write it must not fail the run.
+        let _ = blocking(move || {
+            let db = store.db()?;
+            Ok(store.append_history(&db, &entry)?)
+        })
+        .await;
+    }
+
+    fn base_report(&self, req: &RunRequest, prep: &Prepared, t0: Instant, status: Status, exit_code: i64) -> RunReport {
+        RunReport {
+            key: prep.key,
+            cache: Cache::Miss,
+            status,
+            exit_code,
+            output: None,
+            output_path: None,
+            image_ref: req.image.clone(),
+            image_id: prep.image.info.id.clone(),
+            wall_ms: t0.elapsed().as_millis() as u64,
+            saved_ms: 0,
+            waited_on: None,
+            log_tail: Vec::new(),
+            recorded: false,
+            warnings: Vec::new(),
+            result: None,
+        }
+    }
+
+    fn cancelled_report(&self, req: &RunRequest, prep: &Prepared, t0: Instant, waited_on: Option<Holder>) -> RunReport {
+        let mut r = self.base_report(req, prep, t0, Status::Cancelled, 130);
+        r.waited_on = waited_on;
+        r
+    }
+
+    fn leader_failed_report(
+        &self,
+        req: &RunRequest,
+        prep: &Prepared,
+        t0: Instant,
+        waited_on: Option<Holder>,
+        f: Failure,
+    ) -> RunReport {
+        let mut r = self.base_report(req, prep, t0, Status::LeaderFailed, f.exit_code);
+        r.waited_on = waited_on;
+        r.log_tail = f.log_tail;
+        r.warnings.push(format!(
+            "the identical run by pid {} on `{}` that this one waited on {}; pass `--retry-failed` to run it again here",
+            f.holder.pid, f.holder.host, f.outcome
+        ));
+        r
+    }
+
+    /// The leader's path: run the container and record its result.
+    #[allow(clippy::too_many_arguments)]
+    async fn execute(
+        &self,
+        req: &RunRequest,
+        prep: &Prepared,
+        target: &Option<PathBuf>,
+        lease: Lease,
+        obs: &Arc<dyn Observer>,
+        cancel: &CancellationToken,
+        t0: Instant,
+    ) -> Result<RunReport> {
+        let leases = self.store.root().join(kliko_store::LEASES_DIR);
+        let heartbeat = lease_heartbeat(&lease);
+        let scratch = match self.store.scratch("run-") {
+            Ok(s) => s,
+            Err(e) => {
+                heartbeat.abort();
+                lease.release();
+                return Err(e.into());
+            }
+        };
+        let scratch_path = scratch.path().to_path_buf();
+        let result = self.execute_in(req, prep, target, &scratch_path, obs, cancel, t0).await;
+        heartbeat.abort();
+        let keep = scratch.keep();
+        tokio::task::spawn_blocking(move || fsutil::force_remove(&keep));
+        match result {
+            Ok((report, None)) => {
+                if report.status == Status::Cancelled {
+                    lease.release();
+                } else {
+                    lease.release_ok(&leases, &prep.key);
+                }
+                Ok(report)
+            }
+            Ok((report, Some(failure))) => {
+                lease.release_failed(&leases, &prep.key, &failure);
+                Ok(report)
+            }
+            Err(e) => {
+                lease.release();
+                Err(e)
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn execute_in(
+        &self,
+        req: &RunRequest,
+        prep: &Prepared,
+        target: &Option<PathBuf>,
+        scratch: &Path,
+        obs: &Arc<dyn Observer>,
+        cancel: &CancellationToken,
+        t0: Instant,
+    ) -> Result<(RunReport, Option<Failure>)> {
+        let io = prep.image.spec.io;
+        let store = self.store.clone();
+        // Parameters and parameter files, private to this run.
+        let params_json = scratch.join("parameters.json");
+        fs::write(&params_json, prep.params.container_json()).at(&params_json)?;
+        let param_files = scratch.join("param_files");
+        fs::create_dir(&param_files).at(&param_files)?;
+        for (host, rel) in prep.params.file_placements() {
+            let dest = param_files.join(&rel);
+            if let Some(parent) = dest.parent() {
+                fs::create_dir_all(parent).at(parent)?;
+            }
+            fs::copy(&host, &dest).at(&host)?;
+            let meta = fs::metadata(&dest).at(&dest)?;
+            let (d, _) = kliko_core::hash::hash_file_stable(&dest, &meta).map_err(kliko_store::StoreError::from)?;
+            if prep.file_digests.get(&host) != Some(&d) {
+                return Err(EngineError::ParamFileChanged { path: host });
+            }
+        }
+        let mut mounts = vec![
+            Mount { host: params_json.clone(), container: "/parameters.json".into(), read_only: true },
+            Mount { host: param_files.clone(), container: "/param_files".into(), read_only: true },
+        ];
+        let output_dir = match io {
+            IoMode::Split => scratch.join("output"),
+            IoMode::Join => scratch.join("work"),
+        };
+        let image_user = !matches!(req.user, UserChoice::Invoker);
+        match io {
+            IoMode::Split => {
+                let input_mount = match &req.input {
+                    Input::Path(p) => std::path::absolute(p).at(p)?,
+                    Input::None | Input::Tree(_) => {
+                        let dir = scratch.join("input");
+                        let (s, d, dir2) = (store.clone(), prep.input_digest, dir.clone());
+                        blocking(move || Ok(s.materialize(&d, &dir2, MaterializeMode::Link)?)).await?;
+                        dir
+                    }
+                };
+                mounts.push(Mount { host: input_mount, container: "/input".into(), read_only: true });
+                fs::create_dir(&output_dir).at(&output_dir)?;
+            }
+            IoMode::Join => {
+                // The container changes its work tree in place: give it a private copy, made
+                // from the store so that what it sees is exactly the tree the key names (and
+                // the user's original stays recoverable by digest).
+                let (s, input, d, dir) = (store.clone(), req.input.clone(), prep.input_digest, output_dir.clone());
+                blocking(move || {
+                    if let Input::Path(p) = &input {
+                        let ingested = s.ingest(p, IngestMode::Copy)?;
+                        if ingested.digest != d {
+                            return Err(EngineError::Invalid {
+                                what: p.display().to_string(),
+                                message: "the work folder changed while the run was being prepared".into(),
+                            });
+                        }
+                    }
+                    Ok(s.materialize(&d, &dir, MaterializeMode::Copy)?)
+                })
+                .await?;
+            }
+        }
+        mounts.push(Mount { host: output_dir.clone(), container: format!("/{}", if io == IoMode::Split { "output" } else { "work" }), read_only: false });
+        if image_user {
+            // Another uid must be able to write the output folder.
+            for e in walk_dirs(&output_dir) {
+                let _ = fs::set_permissions(&e, fs::Permissions::from_mode(0o777));
+            }
+        }
+        let user = match &req.user {
+            UserChoice::Invoker => {
+                let (u, g) = fsutil::uid_gid();
+                Some(format!("{u}:{g}"))
+            }
+            UserChoice::Image => None,
+            UserChoice::Explicit(u) => Some(u.clone()),
+        };
+        let mut labels = req.labels.clone();
+        labels.insert(KEY_LABEL.into(), prep.key.to_hex());
+        labels.insert("io.kliko.image".into(), req.image.clone());
+        let spec = ContainerSpec {
+            image_id: prep.image.info.id.clone(),
+            cmd: vec![KLIKO_CMD.to_string()],
+            env: prep.env.clone(),
+            mounts,
+            user,
+            network: req.network.clone(),
+            memory_bytes: req.memory_bytes,
+            nano_cpus: req.nano_cpus,
+            timeout: req.timeout,
+            labels,
+            name: None,
+            workdir: None,
+        };
+
+        // Logs: to the observer live, to files for the store, and a tail for messages.
+        let stdout_path = scratch.join("stdout.log");
+        let stderr_path = scratch.join("stderr.log");
+        let (tx, rx) = mpsc::channel::<LogChunk>(256);
+        let tail = Arc::new(Mutex::new(Tail::default()));
+        let log_task = tokio::spawn(pump_logs(rx, obs.clone(), stdout_path.clone(), stderr_path.clone(), tail.clone()));
+        obs.event(&Event::Starting);
+        let started = std::time::SystemTime::now();
+        let docker = self.docker().await?;
+        let outcome = docker.run(&spec, tx, cancel.clone()).await;
+        let logs_ok = log_task.await.map_err(|e| EngineError::Join(e.to_string()))?;
+        let outcome = outcome?;
+        logs_ok?;
+        let tail_lines = tail.lock().expect("tail lock").lines();
+        let (status, exit_code) = match outcome.outcome {
+            Outcome::Exited(0) => (Status::Succeeded, 0),
+            Outcome::Exited(n) => (Status::Failed, n),
+            Outcome::TimedOut => (Status::TimedOut, 124),
+            Outcome::Cancelled => (Status::Cancelled, 130),
+        };
+        let run_ms = outcome.finished_at.duration_since(outcome.started_at).map(|d| d.as_millis() as u64).unwrap_or(0);
+        if status != Status::Succeeded {
+            obs.event(&Event::Finished { status, exit_code });
+            let mut report = self.base_report(req, prep, t0, status, exit_code);
+            report.log_tail = tail_lines.clone();
+            if status != Status::Cancelled {
+                self.history(HistoryEntry {
+                    key: prep.key,
+                    cache: "failed".into(),
+                    image_ref: req.image.clone(),
+                    image_id: prep.image.info.id.clone(),
+                    at: fsutil::now_rfc3339(),
+                    wall_ms: report.wall_ms,
+                    saved_ms: 0,
+                    exit_code: Some(exit_code),
+                    host: fsutil::hostname(),
+                    user: fsutil::invoking_user(),
+                })
+                .await;
+            }
+            let failure = (status != Status::Cancelled).then(|| Failure {
+                holder: Holder { pid: std::process::id(), host: fsutil::hostname(), started_at: fsutil::rfc3339(started) },
+                at_ms: now_ms(),
+                outcome: match status {
+                    Status::TimedOut => "timed out".into(),
+                    _ => format!("exited with code {exit_code}"),
+                },
+                exit_code,
+                log_tail: tail_lines,
+            });
+            return Ok((report, failure));
+        }
+
+        obs.event(&Event::Ingesting);
+        let (s, out, so, se) = (store.clone(), output_dir.clone(), stdout_path.clone(), stderr_path.clone());
+        let (ingested, stdout, stderr) = blocking(move || {
+            let ingested = s.ingest(&out, IngestMode::Move)?;
+            let stdout = s.ingest(&so, IngestMode::Move)?;
+            let stderr = s.ingest(&se, IngestMode::Move)?;
+            Ok((ingested, stdout, stderr))
+        })
+        .await?;
+
+        // A split input is mounted from the user's folder: if it changed during the run, the
+        // output may not belong to the key's input. Keep the output, but do not cache it.
+        let mut warnings = Vec::new();
+        let mut record = true;
+        if let (IoMode::Split, Input::Path(p)) = (io, &req.input) {
+            let (s, p) = (store.clone(), p.clone());
+            let now = blocking(move || Ok(s.hash_path(&p, &kliko_core::hash::NoProgress)?.digest)).await?;
+            if now != prep.input_digest {
+                record = false;
+                let w = "the input folder changed while the container ran: the output is kept but not cached".to_string();
+                obs.event(&Event::Warning(w.clone()));
+                warnings.push(w);
+            }
+        }
+        let result = ActionResult {
+            key: prep.key,
+            preimage: prep.preimage.clone(),
+            output: ingested.digest,
+            output_files: ingested.files,
+            output_bytes: ingested.bytes,
+            exit_code: 0,
+            stdout: stdout.digest,
+            stderr: stderr.digest,
+            stdout_bytes: stdout.bytes,
+            stderr_bytes: stderr.bytes,
+            started_at: fsutil::rfc3339(outcome.started_at),
+            finished_at: fsutil::rfc3339(outcome.finished_at),
+            wall_ms: run_ms,
+            image_ref: req.image.clone(),
+            image_id: prep.image.info.id.clone(),
+            repo_tags: prep.image.info.repo_tags.clone(),
+            repo_digests: prep.image.info.repo_digests.clone(),
+            input_path: match &req.input {
+                Input::Path(p) => Some(std::path::absolute(p).unwrap_or_else(|_| p.clone()).display().to_string()),
+                _ => None,
+            },
+            parameters_given: params_given(prep),
+            host: fsutil::hostname(),
+            user: fsutil::invoking_user(),
+            kliko_version: env!("CARGO_PKG_VERSION").to_string(),
+        };
+        if record {
+            let (s, r) = (store.clone(), result.clone());
+            blocking(move || {
+                let db = s.db()?;
+                Ok(s.put_result(&db, &r)?)
+            })
+            .await?;
+        }
+        if let Some(t) = target {
+            self.place(req, &result.output, t).await?;
+        }
+        let wall_ms = t0.elapsed().as_millis() as u64;
+        self.history(HistoryEntry {
+            key: prep.key,
+            cache: "miss".into(),
+            image_ref: req.image.clone(),
+            image_id: prep.image.info.id.clone(),
+            at: fsutil::now_rfc3339(),
+            wall_ms,
+            saved_ms: 0,
+            exit_code: Some(0),
+            host: fsutil::hostname(),
+            user: fsutil::invoking_user(),
+        })
+        .await;
+        obs.event(&Event::Finished { status, exit_code });
+        let mut report = self.base_report(req, prep, t0, status, 0);
+        report.output = Some(result.output);
+        report.output_path = target.clone();
+        report.recorded = record;
+        report.warnings = warnings;
+        report.result = Some(result);
+        Ok((report, None))
+    }
+}
+
+fn in_place(req: &RunRequest, target: &Path) -> bool {
+    matches!(&req.input, Input::Path(p) if p == target)
+}
+
+fn walk_dirs(dir: &Path) -> Vec<PathBuf> {
+    let mut out = vec![dir.to_path_buf()];
+    let mut i = 0;
+    while i < out.len() {
+        if let Ok(rd) = fs::read_dir(&out[i]) {
+            out.extend(rd.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_dir())).map(|e| e.path()));
+        }
+        i += 1;
+    }
+    out
+}
+
+/// Parameters as given, host paths included, for provenance.
+fn params_given(prep: &Prepared) -> serde_json::Value {
+    let mut m = serde_json::Map::new();
+    for (name, v) in prep.params.iter() {
+        m.insert(name.to_string(), serde_json::to_value(v).unwrap_or(serde_json::Value::Null));
+    }
+    serde_json::Value::Object(m)
+}
+
+fn lease_heartbeat(lease: &Lease) -> tokio::task::JoinHandle<()> {
+    let beat = lease.heartbeat_handle();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(lease::HEARTBEAT);
+        loop {
+            tick.tick().await;
+            if let Some(f) = &beat {
+                let _ = f.set_modified(std::time::SystemTime::now());
+            }
+        }
+    })
+}
+
+#[derive(Default)]
+struct Tail {
+    lines: VecDeque<String>,
+    partial: [Vec<u8>; 2],
+}
+
+impl Tail {
+    fn push(&mut self, stream: Stream, bytes: &[u8]) {
+        let buf = &mut self.partial[stream as usize];
+        buf.extend_from_slice(bytes);
+        while let Some(i) = buf.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=i).collect();
+            self.lines.push_back(String::from_utf8_lossy(&line[..line.len() - 1]).into_owned());
+            if self.lines.len() > TAIL_LINES {
+                self.lines.pop_front();
+            }
+        }
+    }
+
+    fn lines(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.lines.iter().cloned().collect();
+        for p in &self.partial {
+            if !p.is_empty() {
+                v.push(String::from_utf8_lossy(p).into_owned());
+            }
+        }
+        let skip = v.len().saturating_sub(TAIL_LINES);
+        v.into_iter().skip(skip).collect()
+    }
+}
+
+async fn pump_logs(
+    mut rx: mpsc::Receiver<LogChunk>,
+    obs: Arc<dyn Observer>,
+    stdout: PathBuf,
+    stderr: PathBuf,
+    tail: Arc<Mutex<Tail>>,
+) -> Result<()> {
+    let mut out = fs::File::create(&stdout).at(&stdout)?;
+    let mut err = fs::File::create(&stderr).at(&stderr)?;
+    while let Some(chunk) = rx.recv().await {
+        obs.log(chunk.stream, &chunk.bytes);
+        tail.lock().expect("tail lock").push(chunk.stream, &chunk.bytes);
+        match chunk.stream {
+            Stream::Stdout => out.write_all(&chunk.bytes).at(&stdout)?,
+            Stream::Stderr => err.write_all(&chunk.bytes).at(&stderr)?,
+        }
+    }
+    out.sync_all().at(&stdout)?;
+    err.sync_all().at(&stderr)?;
+    Ok(())
+}
+
