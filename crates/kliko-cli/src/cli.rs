@@ -31,6 +31,8 @@ pub enum Command {
     /// Inspect and maintain the store.
     #[command(subcommand)]
     Store(StoreCommand),
+    #[command(flatten)]
+    Cache(CacheCommand),
 }
 
 #[derive(Args, Debug)]
@@ -96,4 +98,57 @@ impl From<Placement> for kliko_store::MaterializeMode {
             Placement::Copy => kliko_store::MaterializeMode::Copy,
         }
     }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CacheCommand {
+    /// Every run that produced a result: ARG is a run key, an output tree or file digest, a
+    /// hex prefix (8+ characters), or a path (hashed to find it).
+    Provenance {
+        arg: String,
+        /// How many steps of lineage to follow back through the runs that produced inputs.
+        #[arg(long, default_value_t = 10)]
+        depth: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// A stored result and its logs.
+    Show {
+        /// Run key (or an unambiguous prefix).
+        key: String,
+        #[arg(long)]
+        json: bool,
+        /// Do not print the stored logs.
+        #[arg(long)]
+        no_logs: bool,
+    },
+    /// Runs, newest first: hits and misses, what each cost and saved.
+    History {
+        /// Only runs of this image (reference or ID).
+        #[arg(long)]
+        image: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Protect a result from `kliko gc`.
+    Pin { key: String },
+    /// Let `kliko gc` evict a result again.
+    Unpin { key: String },
+    /// Evict least recently used results, then delete objects nothing needs any more.
+    /// Safe while other runs read and write the store.
+    Gc {
+        /// Evict results until what remains fits, e.g. `50g`.
+        #[arg(long, value_name = "SIZE")]
+        max_size: Option<String>,
+        /// Evict results not used for this long, e.g. `30d`, `12h`.
+        #[arg(long, value_name = "AGE")]
+        older_than: Option<String>,
+        /// Show what would go; delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
 }

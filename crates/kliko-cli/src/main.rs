@@ -1,6 +1,7 @@
 //! The `kliko` binary: argument parsing, the one tokio runtime, and error rendering.
 
 mod cli;
+mod cmd_cache;
 mod cmd_hash;
 mod cmd_run;
 mod cmd_store;
@@ -30,6 +31,7 @@ fn dispatch(cli: cli::Cli) -> anyhow::Result<ExitCode> {
         cli::Command::Validate { files } => Ok(validate(&files)),
         cli::Command::Hash(a) => cmd_hash::run(&store_root, a),
         cli::Command::Store(a) => cmd_store::run(&store_root, a),
+        cli::Command::Cache(a) => cmd_cache::run(&store_root, a),
     }
 }
 

@@ -22,6 +22,7 @@ mod error;
 mod explain;
 mod fsutil;
 pub mod lease;
+pub mod provenance;
 mod run;
 
 use std::collections::BTreeMap;

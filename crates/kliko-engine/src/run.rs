@@ -239,9 +239,12 @@ impl Engine {
     ) -> Result<Option<RunReport>> {
         let store = self.store.clone();
         let key = prep.key;
-        let found = blocking(move || {
+        // gc.lock (shared) from lookup until the output is placed: gc cannot delete what
+        // we are about to hand out.
+        let (guard, found) = blocking(move || {
+            let guard = store.gc_shared()?;
             let db = store.db()?;
-            Ok(store.lookup(&db, &key)?)
+            Ok((guard, store.lookup(&db, &key)?))
         })
         .await?;
         let Some(result) = found else { return Ok(None) };
@@ -249,6 +252,7 @@ impl Engine {
         if let Some(t) = target {
             self.place(req, &result.output, t).await?;
         }
+        drop(guard);
         let wall_ms = t0.elapsed().as_millis() as u64;
         let entry = HistoryEntry {
             key,
@@ -446,7 +450,11 @@ impl Engine {
                     Input::None | Input::Tree(_) => {
                         let dir = scratch.join("input");
                         let (s, d, dir2) = (store.clone(), prep.input_digest, dir.clone());
-                        blocking(move || Ok(s.materialize(&d, &dir2, MaterializeMode::Link)?)).await?;
+                        blocking(move || {
+                            let _gc = s.gc_shared()?;
+                            Ok(s.materialize(&d, &dir2, MaterializeMode::Link)?)
+                        })
+                        .await?;
                         dir
                     }
                 };
@@ -459,6 +467,7 @@ impl Engine {
                 // the user's original stays recoverable by digest).
                 let (s, input, d, dir) = (store.clone(), req.input.clone(), prep.input_digest, output_dir.clone());
                 blocking(move || {
+                    let _gc = s.gc_shared()?;
                     if let Input::Path(p) = &input {
                         let ingested = s.ingest(p, IngestMode::Copy)?;
                         if ingested.digest != d {
@@ -561,11 +570,14 @@ impl Engine {
 
         obs.event(&Event::Ingesting);
         let (s, out, so, se) = (store.clone(), output_dir.clone(), stdout_path.clone(), stderr_path.clone());
-        let (ingested, stdout, stderr) = blocking(move || {
+        // gc.lock (shared) from the first published object until the result is recorded and
+        // placed: gc never sees published-but-unrecorded objects.
+        let (gc_guard, ingested, stdout, stderr) = blocking(move || {
+            let guard = s.gc_shared()?;
             let ingested = s.ingest(&out, IngestMode::Move)?;
             let stdout = s.ingest(&so, IngestMode::Move)?;
             let stderr = s.ingest(&se, IngestMode::Move)?;
-            Ok((ingested, stdout, stderr))
+            Ok((guard, ingested, stdout, stderr))
         })
         .await?;
 
@@ -621,6 +633,7 @@ impl Engine {
         if let Some(t) = target {
             self.place(req, &result.output, t).await?;
         }
+        drop(gc_guard);
         let wall_ms = t0.elapsed().as_millis() as u64;
         self.history(HistoryEntry {
             key: prep.key,

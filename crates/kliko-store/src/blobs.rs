@@ -13,7 +13,7 @@ use crate::error::{IoContext, Result, StoreError};
 use crate::{Store, BLOBS_DIR, TREES_DIR};
 
 /// Which kind of stored object a digest names.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ObjectKind {
     /// File content; its digest is plain BLAKE3.
     Blob,

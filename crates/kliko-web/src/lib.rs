@@ -1,1 +1,224 @@
-//! placeholder
+//! `kliko-web` owns the web interface: a list of the local kliko images, a form generated
+//! from each image's kliko.yml (validated by kliko-spec exactly as the command line is),
+//! runs in the background with live logs, the run history and provenance. It uses the
+//! same [`Engine`] and store as the command line, so a run in the browser and one in a
+//! terminal reuse each other's results. HTML is rendered on the server; every value that
+//! comes from an image, a log or a user goes through [`html::esc`].
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::sync::Arc;
+//! let store = Arc::new(kliko_store::Store::open("/tmp/kliko-store".as_ref())?);
+//! let engine = Arc::new(kliko_engine::Engine::new(store));
+//! let config = kliko_web::ServeConfig { data_roots: vec!["/data".into()], ..Default::default() };
+//! kliko_web::serve(engine, config).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! Security: the server binds to 127.0.0.1 by default. On any other address it requires a
+//! token (generated and printed when not given): a request without it (as `?token=` once,
+//! then an HttpOnly cookie) gets 401. The run form carries a per-server CSRF secret. Host
+//! folders are only those inside the `--data-root` folders, after canonicalization.
+//! Uploads are limited in size and kept in a private scratch folder of the store.
+
+pub mod auth;
+pub mod form;
+pub mod html;
+mod pages;
+pub mod paths;
+pub mod runs;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use axum::Router;
+use kliko_engine::Engine;
+use tokio_util::sync::CancellationToken;
+
+pub use paths::DataRoots;
+pub use runs::{RunEntry, RunState};
+
+/// Default upload limit: 1 GiB.
+pub const DEFAULT_UPLOAD_LIMIT: u64 = 1 << 30;
+pub const DEFAULT_BIND: &str = "127.0.0.1:8765";
+
+/// How to serve.
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    pub bind: SocketAddr,
+    /// The only host folders the browser may use as input, output or work folders.
+    pub data_roots: Vec<PathBuf>,
+    /// Required for every request when set; generated when binding to a non-loopback
+    /// address without one.
+    pub token: Option<String>,
+    /// Largest request body (the uploads of one form), in bytes.
+    pub upload_limit: u64,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        ServeConfig {
+            bind: DEFAULT_BIND.parse().expect("valid default address"),
+            data_roots: Vec::new(),
+            token: None,
+            upload_limit: DEFAULT_UPLOAD_LIMIT,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WebError {
+    #[error("cannot listen on `{addr}`")]
+    Bind { addr: SocketAddr, #[source] source: std::io::Error },
+    #[error("the data folder `{}` cannot be used", path.display())]
+    DataRoot { path: PathBuf, #[source] source: std::io::Error },
+    #[error("the web server failed")]
+    Serve(#[source] std::io::Error),
+}
+
+/// What every request handler shares.
+pub struct AppState {
+    pub engine: Arc<Engine>,
+    pub roots: DataRoots,
+    pub token: Option<String>,
+    /// The CSRF secret every form carries.
+    pub csrf: String,
+    pub upload_limit: u64,
+    pub runs: runs::Registry,
+    /// Image IDs without a (valid) kliko.yml, with the reason: not asked again.
+    pub not_kliko: Mutex<HashMap<String, Option<String>>>,
+    /// Ends live streams when the server stops.
+    pub shutdown: CancellationToken,
+}
+
+impl AppState {
+    /// The state for `config`: canonical data roots, and a token when the address is not
+    /// loopback and none was given.
+    pub fn new(engine: Arc<Engine>, config: &ServeConfig) -> Result<Arc<AppState>, WebError> {
+        let roots = DataRoots::new(&config.data_roots).map_err(|(path, source)| WebError::DataRoot { path, source })?;
+        let token = match &config.token {
+            Some(t) if !t.is_empty() => Some(t.clone()),
+            _ if !config.bind.ip().is_loopback() => Some(auth::random_hex(16)),
+            _ => None,
+        };
+        Ok(Arc::new(AppState {
+            engine,
+            roots,
+            token,
+            csrf: auth::random_hex(32),
+            upload_limit: config.upload_limit,
+            runs: runs::Registry::default(),
+            not_kliko: Mutex::new(HashMap::new()),
+            shutdown: CancellationToken::new(),
+        }))
+    }
+
+    /// The run with this id, started by this server.
+    pub fn run(&self, id: &str) -> Option<Arc<RunEntry>> {
+        self.runs.get(id)
+    }
+}
+
+/// Every page and endpoint.
+pub fn router(state: Arc<AppState>) -> Router {
+    let limit = usize::try_from(state.upload_limit).unwrap_or(usize::MAX);
+    Router::new()
+        .route("/", get(pages::index))
+        .route(
+            "/image/{*reference}",
+            get(pages::image_form).post(pages::submit).layer(DefaultBodyLimit::max(limit)),
+        )
+        .route("/run/{id}", get(pages::run_page))
+        .route("/run/{id}/events", get(pages::run_events))
+        .route("/run/{id}/cancel", post(pages::run_cancel))
+        .route("/run/{id}/file/{*path}", get(pages::run_file))
+        .route("/history", get(pages::history))
+        .route("/provenance", get(pages::provenance_query))
+        .route("/provenance/{q}", get(pages::provenance))
+        .route("/result/{key}/files", get(pages::result_files))
+        .route("/result/{key}/file/{*path}", get(pages::result_file))
+        .route("/result/{key}/log/{stream}", get(pages::result_log))
+        .fallback(pages::not_found)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_token))
+        .layer(axum::middleware::from_fn(auth::security_headers))
+        .with_state(state)
+}
+
+/// A bound, not yet running server.
+pub struct Server {
+    listener: tokio::net::TcpListener,
+    state: Arc<AppState>,
+    addr: SocketAddr,
+}
+
+impl Server {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn state(&self) -> &Arc<AppState> {
+        &self.state
+    }
+
+    /// The address to open, with the token when there is one.
+    pub fn url(&self) -> String {
+        match &self.state.token {
+            Some(t) => format!("http://{}/?token={}", self.addr, html::url_query(t)),
+            None => format!("http://{}/", self.addr),
+        }
+    }
+
+    /// Serve until `stop` is cancelled; then cancel the runs still going and wait for them.
+    pub async fn run_until(self, stop: CancellationToken) -> Result<(), WebError> {
+        let state = self.state.clone();
+        let app = router(state.clone());
+        let shutdown = state.shutdown.clone();
+        let stop2 = stop.clone();
+        let result = axum::serve(self.listener, app)
+            .with_graceful_shutdown(async move {
+                stop2.cancelled().await;
+                shutdown.cancel();
+            })
+            .await;
+        for run in state.runs.all() {
+            run.cancel.cancel();
+        }
+        for run in state.runs.all() {
+            run.wait().await;
+        }
+        result.map_err(WebError::Serve)
+    }
+}
+
+/// Bind the listener and build the state.
+pub async fn bind(engine: Arc<Engine>, config: ServeConfig) -> Result<Server, WebError> {
+    let state = AppState::new(engine, &config)?;
+    let listener =
+        tokio::net::TcpListener::bind(config.bind).await.map_err(|source| WebError::Bind { addr: config.bind, source })?;
+    let addr = listener.local_addr().map_err(|source| WebError::Bind { addr: config.bind, source })?;
+    Ok(Server { listener, state, addr })
+}
+
+/// Serve until Ctrl-C, printing the address to open.
+pub async fn serve(engine: Arc<Engine>, config: ServeConfig) -> Result<(), WebError> {
+    let server = bind(engine, config).await?;
+    eprintln!("kliko web interface: {}", server.url());
+    for r in server.state.roots.roots() {
+        eprintln!("  data folder: {}", r.display());
+    }
+    if !server.addr.ip().is_loopback() {
+        eprintln!("  reachable from other machines: only with the token above");
+    }
+    eprintln!("  stop with Ctrl-C");
+    let stop = CancellationToken::new();
+    let s2 = stop.clone();
+    tokio::spawn(async move {
+        let _ = tokio::signal::ctrl_c().await;
+        s2.cancel();
+    });
+    server.run_until(stop).await
+}

@@ -1,0 +1,329 @@
+//! The store through the `kliko` binary: ingest, materialize, fsck exit codes, the stat cache
+//! as `kliko hash --json` reports it, and crash safety: ingests killed with SIGKILL at random
+//! moments never leave a partial or writable object behind.
+
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+fn kliko(store: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_kliko"));
+    c.env_remove("KLIKO_STORE").arg("--store").arg(store);
+    c
+}
+
+fn run(c: &mut Command) -> Output {
+    c.output().expect("kliko runs")
+}
+
+fn ok(c: &mut Command) -> String {
+    let o = run(c);
+    assert!(o.status.success(), "{c:?} failed: {}\n{}", o.status, String::from_utf8_lossy(&o.stderr));
+    String::from_utf8(o.stdout).unwrap()
+}
+
+fn json(s: &str) -> serde_json::Value {
+    serde_json::from_str(s).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))
+}
+
+fn ingest(store: &Path, src: &Path) -> String {
+    let v = json(&ok(kliko(store).args(["store", "ingest", "--json"]).arg(src)));
+    v["digest"].as_str().unwrap().to_string()
+}
+
+/// The tree digest, computed without the store.
+fn hash_uncached(store: &Path, p: &Path) -> String {
+    let v = json(&ok(kliko(store).args(["hash", "--no-stat-cache", "--json"]).arg(p)));
+    v["digest"].as_str().unwrap().to_string()
+}
+
+fn fsck_json(store: &Path) -> (bool, serde_json::Value) {
+    let o = run(kliko(store).args(["store", "fsck", "--json"]));
+    (o.status.success(), json(&String::from_utf8_lossy(&o.stdout)))
+}
+
+/// A small PRNG (splitmix64): enough for test data and delays.
+struct Rng(u64);
+
+impl Rng {
+    fn from_time() -> Rng {
+        let t = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_nanos() as u64;
+        Rng(t ^ (u64::from(std::process::id()) << 32))
+    }
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        let mut v = Vec::with_capacity(n + 8);
+        while v.len() < n {
+            v.extend_from_slice(&self.next().to_le_bytes());
+        }
+        v.truncate(n);
+        v
+    }
+}
+
+/// 300 files in 10 folders: mostly 1–16 KiB, six of 4 MiB, a few executables. All content
+/// derives from `seed`, so each seed gives new blobs.
+fn write_tree(root: &Path, seed: u64) {
+    let mut rng = Rng(seed.wrapping_mul(0x2545_f491_4f6c_dd1d) ^ 0x5eed);
+    for i in 0..300u32 {
+        let dir = root.join(format!("d{:02}", i % 10));
+        fs::create_dir_all(&dir).unwrap();
+        let size = if i % 50 == 7 { 4 << 20 } else { 1024 + rng.below(15 * 1024) as usize };
+        let p = dir.join(format!("f{i:03}"));
+        fs::write(&p, rng.bytes(size)).unwrap();
+        let mode = if i % 37 == 0 { 0o755 } else { 0o644 };
+        fs::set_permissions(&p, fs::Permissions::from_mode(mode)).unwrap();
+    }
+}
+
+/// Every object file is a regular file without any write bit, in a two-hex-character shard.
+fn assert_objects_read_only(store: &Path) -> usize {
+    let mut n = 0;
+    for dir in ["blobs-v1", "trees-v1"] {
+        for shard in fs::read_dir(store.join(dir)).unwrap() {
+            let shard = shard.unwrap();
+            assert!(shard.file_type().unwrap().is_dir(), "{:?} in {dir}", shard.path());
+            for obj in fs::read_dir(shard.path()).unwrap() {
+                let p = obj.unwrap().path();
+                let m = fs::symlink_metadata(&p).unwrap();
+                assert!(m.is_file(), "{} is not a regular file", p.display());
+                assert_eq!(m.mode() & 0o222, 0, "{} is writable (mode {:o})", p.display(), m.mode());
+                n += 1;
+            }
+        }
+    }
+    n
+}
+
+fn assert_clean(store: &Path, when: &str) -> serde_json::Value {
+    let (success, r) = fsck_json(store);
+    assert!(success, "fsck not clean {when}: {r:#}");
+    assert_eq!(r["corrupt"], serde_json::json!([]), "{when}: {r:#}");
+    assert_eq!(r["stray"], serde_json::json!([]), "{when}: {r:#}");
+    let objects = assert_objects_read_only(store);
+    // fsck re-hashed every object, and each matched its name.
+    assert_eq!((r["blobs"].as_u64().unwrap() + r["trees"].as_u64().unwrap()) as usize, objects, "{when}");
+    r
+}
+
+#[test]
+fn killed_ingests_never_leave_partial_or_writable_objects() {
+    let t = tempfile::tempdir().unwrap();
+    let store = t.path().join("store");
+    let src = t.path().join("src");
+    let mut rng = Rng::from_time();
+    let run_seed = rng.next();
+    eprintln!("seed {run_seed:#x}");
+    let mut rng = Rng(run_seed);
+
+    // How long one ingest of a tree of new blobs takes (the fastest of three: the first, into
+    // an empty store, is slower than the rest).
+    let mut full = Duration::MAX;
+    for _ in 0..3 {
+        write_tree(&src, rng.next());
+        let started = Instant::now();
+        ingest(&store, &src);
+        full = full.min(started.elapsed());
+    }
+    assert_clean(&store, "after the first ingests");
+    eprintln!("one ingest takes {full:?}");
+
+    let budget = Instant::now();
+    let planned = 30u32;
+    let (mut killed, mut finished, mut iterations) = (0, 0, 0);
+    for i in 0..planned {
+        if i >= 10 && budget.elapsed() > Duration::from_secs(40) {
+            break;
+        }
+        iterations += 1;
+        write_tree(&src, rng.next());
+        // Stratified: iteration i kills somewhere in the i-th slice of the ingest's duration
+        // (10% past it for the last slices, in case this run is slower).
+        let slice = full.mul_f64(1.1) / planned;
+        let delay = slice * i + slice.mul_f64(rng.unit());
+        let mut child = kliko(&store)
+            .args(["store", "ingest"])
+            .arg(&src)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(delay);
+        match child.try_wait().unwrap() {
+            Some(_) => {
+                // Faster than measured (the measurement may have shared the cores with other
+                // tests): aim the remaining kills inside the shorter duration.
+                finished += 1;
+                full = full.min(delay.mul_f64(1.0 / 1.1));
+            }
+            None => {
+                child.kill().unwrap();
+                killed += 1;
+            }
+        }
+        child.wait().unwrap();
+        assert_clean(&store, &format!("after kill {i} at {delay:?}"));
+    }
+    eprintln!("{iterations} iterations: {killed} killed mid-ingest, {finished} had finished");
+    assert!(killed >= iterations / 3, "too few kills landed mid-ingest ({killed} of {iterations})");
+
+    // The last tree, ingested without interruption, is complete.
+    let want = hash_uncached(&store, &src);
+    assert_eq!(ingest(&store, &src), want);
+    assert_clean(&store, "after the final ingest");
+    let out = t.path().join("out");
+    ok(kliko(&store).args(["store", "materialize", &want]).arg(&out).args(["--mode", "copy"]));
+    assert_eq!(hash_uncached(&store, &out), want);
+}
+
+#[test]
+fn concurrent_ingests_of_overlapping_trees() {
+    let t = tempfile::tempdir().unwrap();
+    let store = t.path().join("store");
+    let (a, b) = (t.path().join("a"), t.path().join("b"));
+    // The same 300 files in both, plus a folder of its own in each.
+    write_tree(&a, 1);
+    write_tree(&b, 1);
+    write_tree(&a.join("own"), 2);
+    write_tree(&b.join("own"), 3);
+    let want_a = hash_uncached(&store, &a);
+    let want_b = hash_uncached(&store, &b);
+    let spawn = |src: &Path| {
+        kliko(&store).args(["store", "ingest", "--json"]).arg(src).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
+    };
+    let (ca, cb) = (spawn(&a), spawn(&b));
+    let (oa, ob) = (ca.wait_with_output().unwrap(), cb.wait_with_output().unwrap());
+    for (o, want) in [(&oa, &want_a), (&ob, &want_b)] {
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert_eq!(json(&String::from_utf8_lossy(&o.stdout))["digest"].as_str().unwrap(), want);
+    }
+    let r = assert_clean(&store, "after concurrent ingests");
+    // 300 shared + 2 × 300 own contents, each stored once (the seeds give distinct contents).
+    assert_eq!(r["blobs"].as_u64().unwrap(), 900, "{r:#}");
+    for (want, name) in [(&want_a, "out-a"), (&want_b, "out-b")] {
+        let out = t.path().join(name);
+        ok(kliko(&store).args(["store", "materialize", want]).arg(&out).args(["--mode", "link"]));
+        assert_eq!(&hash_uncached(&store, &out), want);
+    }
+}
+
+fn small_tree(root: &Path) -> u64 {
+    fs::create_dir_all(root.join("sub")).unwrap();
+    fs::write(root.join("a.txt"), b"hello\n").unwrap();
+    fs::write(root.join("victim"), b"this blob will be damaged\n").unwrap();
+    fs::write(root.join("sub/run.sh"), b"#!/bin/sh\n").unwrap();
+    fs::set_permissions(root.join("sub/run.sh"), fs::Permissions::from_mode(0o755)).unwrap();
+    std::os::unix::fs::symlink("nowhere", root.join("dangling")).unwrap();
+    fs::create_dir(root.join("empty")).unwrap();
+    6 + 26 + 10
+}
+
+fn blob_path(store: &Path, content: &[u8]) -> PathBuf {
+    let h = kliko_core::Digest::of_bytes(content).to_hex();
+    store.join("blobs-v1").join(&h[..2]).join(&h[2..])
+}
+
+#[test]
+fn cli_round_trip_in_every_mode_and_refuses_a_non_empty_destination() {
+    let t = tempfile::tempdir().unwrap();
+    let store = t.path().join("store");
+    let src = t.path().join("src");
+    small_tree(&src);
+    let d = ingest(&store, &src);
+    assert_eq!(d, hash_uncached(&store, &src));
+    for mode in ["auto", "link", "copy"] {
+        let out = t.path().join(format!("out-{mode}"));
+        ok(kliko(&store).args(["store", "materialize", &d]).arg(&out).args(["--mode", mode]));
+        assert_eq!(hash_uncached(&store, &out), d, "--mode {mode}");
+    }
+    let busy = t.path().join("busy");
+    fs::create_dir(&busy).unwrap();
+    fs::write(busy.join("keep"), b"mine").unwrap();
+    let o = run(kliko(&store).args(["store", "materialize", &d]).arg(&busy));
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("not empty"), "{err}");
+    assert_eq!(fs::read_dir(&busy).unwrap().count(), 1);
+    assert_eq!(fs::read(busy.join("keep")).unwrap(), b"mine");
+}
+
+#[test]
+fn cli_fsck_fails_on_a_corrupt_blob_then_is_clean() {
+    let t = tempfile::tempdir().unwrap();
+    let store = t.path().join("store");
+    let src = t.path().join("src");
+    small_tree(&src);
+    let d = ingest(&store, &src);
+    assert_clean(&store, "after ingest");
+    let blob = blob_path(&store, b"this blob will be damaged\n");
+    fs::set_permissions(&blob, fs::Permissions::from_mode(0o644)).unwrap();
+    fs::write(&blob, b"THIS BLOB WILL BE DAMAGED\n").unwrap();
+
+    // Copy-mode materialize refuses it and leaves nothing in its place.
+    let out = t.path().join("out");
+    let o = run(kliko(&store).args(["store", "materialize", &d]).arg(&out).args(["--mode", "copy"]));
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("corrupt"), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(fs::symlink_metadata(out.join("victim")).is_err());
+
+    let o = run(kliko(&store).args(["store", "fsck"]));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(1), "{text}");
+    assert!(text.contains("corrupt") && text.contains("quarantine"), "{text}");
+    assert!(!blob.exists());
+    let stats = json(&ok(kliko(&store).args(["store", "stats", "--json"])));
+    assert_eq!(stats["quarantined"], 1);
+    assert_clean(&store, "after quarantine");
+    let o = run(kliko(&store).args(["store", "fsck"]));
+    assert!(o.status.success() && String::from_utf8_lossy(&o.stdout).contains("store is consistent"));
+}
+
+#[test]
+fn cli_fsck_fails_on_garbage_in_the_blob_folder() {
+    let t = tempfile::tempdir().unwrap();
+    let store = t.path().join("store");
+    let src = t.path().join("src");
+    small_tree(&src);
+    ingest(&store, &src);
+    fs::write(store.join("blobs-v1").join("garbage"), b"junk").unwrap();
+    let (success, r) = fsck_json(&store);
+    assert!(!success);
+    assert_eq!(r["stray"].as_array().unwrap().len(), 1, "{r:#}");
+}
+
+#[test]
+fn cli_hash_json_reads_fresh_files_every_time() {
+    let t = tempfile::tempdir().unwrap();
+    let store = t.path().join("store");
+    let src = t.path().join("src");
+    let total = small_tree(&src);
+    let want = hash_uncached(&store, &src);
+    for pass in 0..2 {
+        let v = json(&ok(kliko(&store).args(["hash", "--json"]).arg(&src)));
+        assert_eq!(v["digest"], want.as_str());
+        assert_eq!(v["kind"], "tree");
+        assert_eq!(v["files"], 3);
+        // Written within the racy window: never trusted from the cache, on any pass.
+        assert_eq!(v["bytes_read"], total, "pass {pass}: {v}");
+        assert_eq!(v["bytes_cached"], 0, "pass {pass}: {v}");
+    }
+    let stats = json(&ok(kliko(&store).args(["store", "stats", "--json"])));
+    assert_eq!(stats["stat_cache_dirs"], 3, "{stats:#}");
+    // A file's digest is plain BLAKE3.
+    let v = json(&ok(kliko(&store).args(["hash", "--json"]).arg(src.join("a.txt"))));
+    assert_eq!(v["digest"], kliko_core::Digest::of_bytes(b"hello\n").to_hex().as_str());
+}

@@ -1,0 +1,134 @@
+//! Provenance by hash: from a run key, an output tree or file digest, a hex prefix, or a
+//! host path, to every run that produced it, and back through the runs that produced their
+//! inputs (lineage).
+
+use std::collections::{BTreeSet, VecDeque};
+use std::path::Path;
+
+use kliko_core::tree::Entry;
+use kliko_core::Digest;
+use kliko_store::records::{ActionResult, PROV_INPUT, PROV_OUTPUT};
+use kliko_store::{ObjectKind, Store, StoreError};
+use serde::Serialize;
+
+use crate::error::{EngineError, Result};
+
+/// The shortest hex prefix accepted.
+pub const MIN_PREFIX: usize = 8;
+
+/// One run in a provenance answer.
+#[derive(Clone, Debug, Serialize)]
+pub struct ProvRun {
+    /// 0: produced (or is) the object asked about; 1: produced the input of a depth-0 run; …
+    pub depth: usize,
+    /// The key of the run at depth − 1 whose input this run produced (none at depth 0).
+    pub feeds: Option<Digest>,
+    pub result: ActionResult,
+    /// Whether the result's objects are all still stored.
+    pub complete: bool,
+    pub pinned: bool,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Provenance {
+    pub query: String,
+    pub digest: Digest,
+    /// `key`, `tree` or `file`.
+    pub kind: String,
+    pub runs: Vec<ProvRun>,
+    /// Keys of runs that used the object as their input tree.
+    pub used_by: Vec<Digest>,
+}
+
+/// Resolve `arg` (key, digest, prefix of at least [`MIN_PREFIX`] hex characters, or a path).
+pub fn resolve(store: &Store, arg: &str) -> Result<(Digest, String)> {
+    let path = Path::new(arg);
+    let looks_hex = arg.len() >= MIN_PREFIX && arg.chars().all(|c| c.is_ascii_hexdigit());
+    if !looks_hex || path.exists() {
+        if !path.exists() {
+            return Err(EngineError::Invalid {
+                what: arg.to_string(),
+                message: format!(
+                    "not a path that exists, nor a hex digest or prefix of at least {MIN_PREFIX} characters"
+                ),
+            });
+        }
+        let h = store.hash_path(path, &kliko_core::hash::NoProgress)?;
+        return Ok((h.digest, if h.is_dir { "tree" } else { "file" }.to_string()));
+    }
+    let db = store.db()?;
+    let mut found = store.resolve_prefix(&db, arg)?;
+    if found.is_empty() {
+        return Err(EngineError::Invalid {
+            what: arg.to_string(),
+            message: "no stored run, tree or file has this digest or prefix".into(),
+        });
+    }
+    if found.len() > 1 {
+        found.truncate(10);
+        let candidates = found.iter().map(|(d, k)| format!("`{d}` ({k})")).collect::<Vec<_>>().join(", ");
+        return Err(StoreError::Ambiguous { prefix: arg.to_string(), candidates }.into());
+    }
+    let (d, kind) = found[0];
+    Ok((d, if kind == "blob" { "file" } else { kind }.to_string()))
+}
+
+/// Everything known about where `arg` came from, following inputs back `depth` levels.
+pub fn provenance(store: &Store, arg: &str, depth: usize) -> Result<Provenance> {
+    let (digest, kind) = resolve(store, arg)?;
+    let db = store.db()?;
+    let mut runs = Vec::new();
+    let mut seen = BTreeSet::new();
+    let mut queue: VecDeque<(Digest, usize, Option<Digest>)> = VecDeque::new();
+    let mut used_by = Vec::new();
+    if kind == "key" {
+        queue.push_back((digest, 0, None));
+    } else {
+        for (role, key) in store.provenance_of(&db, &digest)? {
+            if role == PROV_OUTPUT {
+                queue.push_back((key, 0, None));
+            } else if role == PROV_INPUT {
+                used_by.push(key);
+            }
+        }
+    }
+    while let Some((key, d, feeds)) = queue.pop_front() {
+        if !seen.insert(key) {
+            continue;
+        }
+        let Some(result) = store.get_result(&db, &key)? else { continue };
+        if d < depth {
+            if let Some(input) = result.preimage.input {
+                for producer in producers_of(store, &db, &input)? {
+                    queue.push_back((producer, d + 1, Some(key)));
+                }
+            }
+        }
+        let complete = store.is_complete(&result);
+        let pinned = store.is_pinned(&db, &key)?;
+        runs.push(ProvRun { depth: d, feeds, result, complete, pinned });
+    }
+    Ok(Provenance { query: arg.to_string(), digest, kind, runs, used_by })
+}
+
+/// Runs whose output contains `input`; if none (an input composed from several outputs, as
+/// a pipeline step that gathers other steps gets), the producers of its sub-folders.
+fn producers_of(store: &Store, db: &kliko_store::Db, input: &Digest) -> Result<Vec<Digest>> {
+    let direct: Vec<Digest> =
+        store.provenance_of(db, input)?.into_iter().filter(|(r, _)| *r == PROV_OUTPUT).map(|(_, k)| k).collect();
+    if !direct.is_empty() || !store.has_object(ObjectKind::Tree, input) {
+        return Ok(direct);
+    }
+    let mut out = Vec::new();
+    let tree = store.get_tree(input)?;
+    for e in tree.entries.values() {
+        if let Entry::Dir { digest } = e {
+            out.extend(
+                store.provenance_of(db, digest)?.into_iter().filter(|(r, _)| *r == PROV_OUTPUT).map(|(_, k)| k),
+            );
+        }
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
+}

@@ -1,0 +1,655 @@
+//! The pipeline file: parsing and the checks that need nothing but the file itself.
+//! Every problem carries its line; all problems are collected, not just the first.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::yaml::{self, Node};
+use crate::PipelineError;
+
+/// The only pipeline file version so far.
+pub const PIPELINE_VERSION: u32 = 1;
+
+/// A parsed pipeline file. Host paths are absolute (relative ones are taken relative to
+/// the file's folder).
+#[derive(Clone, Debug)]
+pub struct Pipeline {
+    pub file: PathBuf,
+    /// The folder relative paths are resolved against.
+    pub dir: PathBuf,
+    /// In file order.
+    pub steps: Vec<Step>,
+}
+
+/// One step: one image, run once, or once per entry with `foreach`.
+#[derive(Clone, Debug)]
+pub struct Step {
+    pub name: String,
+    /// Line of the step's name.
+    pub line: usize,
+    pub description: Option<String>,
+    pub image: String,
+    pub image_line: usize,
+    pub input: Option<InputSpec>,
+    pub input_line: usize,
+    pub foreach: Option<Source>,
+    pub foreach_line: usize,
+    /// Parameter values as given (scalars as their text), file parameters relative to [`Pipeline::dir`].
+    pub params: serde_json::Map<String, serde_json::Value>,
+    /// Line of each parameter's name.
+    pub param_lines: BTreeMap<String, usize>,
+    pub output: Option<PathBuf>,
+    pub output_line: usize,
+    pub timeout: Option<Duration>,
+}
+
+/// What `foreach` iterates over.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// The entries (files and folders) of a host folder.
+    Path(PathBuf),
+    /// The entries of a step's output.
+    Step(String),
+}
+
+/// What a step reads.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum InputSpec {
+    /// One thing becomes `/input` (or `/work`) itself.
+    One(Item),
+    /// Several things, each in its own subfolder `/input/<name>/`.
+    Gather(Vec<Named>),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Named {
+    pub name: String,
+    pub item: Item,
+    pub line: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Item {
+    /// A host file or folder.
+    Path(PathBuf),
+    /// A step's output (for a `foreach` step: one subfolder per entry).
+    Step(String),
+    /// The current `foreach` entry.
+    Each,
+}
+
+/// One problem found in a pipeline.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Problem {
+    pub line: Option<usize>,
+    pub step: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(l) = self.line {
+            write!(f, "line {l}: ")?;
+        }
+        if let Some(s) = &self.step {
+            write!(f, "step `{s}`: ")?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+impl Step {
+    /// The steps this one reads, each once, in the order they are named.
+    pub fn deps(&self) -> Vec<&str> {
+        let mut out: Vec<&str> = Vec::new();
+        let mut names: Vec<&str> = Vec::new();
+        if let Some(Source::Step(s)) = &self.foreach {
+            names.push(s);
+        }
+        match &self.input {
+            Some(InputSpec::One(Item::Step(s))) => names.push(s),
+            Some(InputSpec::Gather(items)) => {
+                for n in items {
+                    if let Item::Step(s) = &n.item {
+                        names.push(s);
+                    }
+                }
+            }
+            _ => {}
+        }
+        for n in names {
+            if !out.contains(&n) {
+                out.push(n);
+            }
+        }
+        out
+    }
+
+    /// Every reference to a step, with its line.
+    pub fn step_refs(&self) -> Vec<(&str, usize)> {
+        let mut out = Vec::new();
+        if let Some(Source::Step(s)) = &self.foreach {
+            out.push((s.as_str(), self.foreach_line));
+        }
+        match &self.input {
+            Some(InputSpec::One(Item::Step(s))) => out.push((s.as_str(), self.input_line)),
+            Some(InputSpec::Gather(items)) => {
+                for n in items {
+                    if let Item::Step(s) = &n.item {
+                        out.push((s.as_str(), n.line));
+                    }
+                }
+            }
+            _ => {}
+        }
+        out
+    }
+
+    /// Every host path the step reads, with its line.
+    pub fn host_paths(&self) -> Vec<(&Path, usize)> {
+        let mut out = Vec::new();
+        if let Some(Source::Path(p)) = &self.foreach {
+            out.push((p.as_path(), self.foreach_line));
+        }
+        match &self.input {
+            Some(InputSpec::One(Item::Path(p))) => out.push((p.as_path(), self.input_line)),
+            Some(InputSpec::Gather(items)) => {
+                for n in items {
+                    if let Item::Path(p) = &n.item {
+                        out.push((p.as_path(), n.line));
+                    }
+                }
+            }
+            _ => {}
+        }
+        out
+    }
+}
+
+impl Pipeline {
+    /// Read and parse a pipeline file.
+    pub fn load(path: &Path) -> Result<Pipeline, PipelineError> {
+        let text = std::fs::read_to_string(path).map_err(|source| PipelineError::Io { path: path.to_path_buf(), source })?;
+        let abs = std::path::absolute(path).map_err(|source| PipelineError::Io { path: path.to_path_buf(), source })?;
+        let dir = abs.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("/"));
+        Pipeline::parse(&abs, &dir, &text).map_err(|problems| PipelineError::Invalid { file: path.to_path_buf(), problems })
+    }
+
+    /// Parse pipeline text; `dir` is where relative paths start.
+    pub fn parse(file: &Path, dir: &Path, text: &str) -> Result<Pipeline, Vec<Problem>> {
+        let mut p = Parser { problems: Vec::new(), dir: dir.to_path_buf() };
+        let steps = p.document(text);
+        if !p.problems.is_empty() {
+            return Err(p.problems);
+        }
+        Ok(Pipeline { file: file.to_path_buf(), dir: dir.to_path_buf(), steps })
+    }
+
+    pub fn step(&self, name: &str) -> Option<&Step> {
+        self.steps.iter().find(|s| s.name == name)
+    }
+}
+
+struct Parser {
+    problems: Vec<Problem>,
+    dir: PathBuf,
+}
+
+const TOP_KEYS: &[&str] = &["version", "steps"];
+const STEP_KEYS: &[&str] = &["image", "description", "input", "foreach", "params", "output", "timeout"];
+
+/// Whether a string names a host path rather than a step: it contains `/` or starts with `.` or `~`.
+pub fn is_path_like(s: &str) -> bool {
+    s.contains('/') || s.starts_with('.') || s.starts_with('~')
+}
+
+/// Whether `s` can name a step.
+pub fn valid_step_name(s: &str) -> bool {
+    !s.is_empty() && !is_path_like(s) && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+}
+
+impl Parser {
+    fn problem(&mut self, line: usize, step: Option<&str>, message: impl Into<String>) {
+        self.problems.push(Problem { line: Some(line), step: step.map(str::to_string), message: message.into() });
+    }
+
+    fn document(&mut self, text: &str) -> Vec<Step> {
+        let root = match yaml::parse(text) {
+            Ok(Some(n)) => n,
+            Ok(None) => {
+                self.problems.push(Problem { line: None, step: None, message: "the file is empty: expected `version: 1` and `steps:`".into() });
+                return Vec::new();
+            }
+            Err(e) => {
+                let line = e.pos.map(|p| p.line);
+                self.problems.push(Problem { line, step: None, message: format!("invalid YAML: {}", e.message) });
+                return Vec::new();
+            }
+        };
+        let Node::Map { entries, pos } = &root else {
+            self.problem(root.pos().line, None, format!("expected a mapping with `version` and `steps`, found {}", root.kind()));
+            return Vec::new();
+        };
+        let mut version = None;
+        let mut steps_node = None;
+        for (k, v) in entries {
+            match k.as_scalar() {
+                Some("version") => version = Some(v),
+                Some("steps") => steps_node = Some(v),
+                Some(other) => {
+                    let other = other.to_string();
+                    self.problem(k.pos().line, None, format!("unknown key `{other}`; expected one of {}", list(TOP_KEYS)));
+                }
+                None => self.problem(k.pos().line, None, "expected a key".to_string()),
+            }
+        }
+        match version {
+            None => self.problem(pos.line, None, format!("missing `version: {PIPELINE_VERSION}`")),
+            Some(v) if v.as_scalar() == Some("1") => {}
+            Some(v) => self.problem(v.pos().line, None, format!("unsupported `version`: this kliko reads version {PIPELINE_VERSION}")),
+        }
+        let Some(steps_node) = steps_node else {
+            self.problem(pos.line, None, "missing `steps`");
+            return Vec::new();
+        };
+        let Node::Map { entries, .. } = steps_node else {
+            self.problem(steps_node.pos().line, None, format!("`steps` must be a mapping from step name to step, found {}", steps_node.kind()));
+            return Vec::new();
+        };
+        let mut steps: Vec<Step> = Vec::new();
+        for (k, v) in entries {
+            let line = k.pos().line;
+            let Some(name) = k.as_scalar().map(str::to_string) else {
+                self.problem(line, None, "expected a step name");
+                continue;
+            };
+            if !valid_step_name(&name) {
+                self.problem(line, Some(&name), "a step name may use letters, digits, `_`, `-` and `.`, and may not start with `.`");
+            }
+            if let Some(first) = steps.iter().find(|s| s.name == name) {
+                let first = first.line;
+                self.problem(line, Some(&name), format!("a second step of this name (the first is on line {first})"));
+                continue;
+            }
+            if let Some(step) = self.step(&name, line, v) {
+                steps.push(step);
+            }
+        }
+        if steps.is_empty() && self.problems.is_empty() {
+            self.problem(steps_node.pos().line, None, "`steps` is empty");
+        }
+        steps
+    }
+
+    fn step(&mut self, name: &str, line: usize, node: &Node) -> Option<Step> {
+        let Node::Map { entries, .. } = node else {
+            self.problem(node.pos().line, Some(name), format!("expected a mapping with at least `image`, found {}", node.kind()));
+            return None;
+        };
+        let mut step = Step {
+            name: name.to_string(),
+            line,
+            description: None,
+            image: String::new(),
+            image_line: line,
+            input: None,
+            input_line: line,
+            foreach: None,
+            foreach_line: line,
+            params: serde_json::Map::new(),
+            param_lines: BTreeMap::new(),
+            output: None,
+            output_line: line,
+            timeout: None,
+        };
+        let mut has_image = false;
+        let mut input_node = None;
+        for (k, v) in entries {
+            let kl = k.pos().line;
+            let Some(key) = k.as_scalar() else {
+                self.problem(kl, Some(name), "expected a key");
+                continue;
+            };
+            if v.is_null() {
+                continue;
+            }
+            match key {
+                "image" => match self.string(v, name, "image") {
+                    Some(s) => {
+                        step.image = s;
+                        step.image_line = v.pos().line;
+                        has_image = true;
+                    }
+                    None => has_image = true,
+                },
+                "description" => step.description = self.string(v, name, "description"),
+                "input" => {
+                    step.input_line = v.pos().line;
+                    input_node = Some(v);
+                }
+                "foreach" => {
+                    step.foreach_line = v.pos().line;
+                    step.foreach = self.source(v, name);
+                }
+                "params" => self.params(v, name, &mut step),
+                "output" => {
+                    step.output_line = v.pos().line;
+                    step.output = self.string(v, name, "output").map(|s| self.path(&s));
+                }
+                "timeout" => {
+                    if let Some(s) = self.string(v, name, "timeout") {
+                        match parse_duration(&s) {
+                            Some(d) => step.timeout = Some(d),
+                            None => self.problem(v.pos().line, Some(name), format!("`timeout: {s}` is not a duration (examples: `90s`, `10m`, `2h`)")),
+                        }
+                    }
+                }
+                other => {
+                    let other = other.to_string();
+                    self.problem(kl, Some(name), format!("unknown key `{other}`; a step takes {}", list(STEP_KEYS)));
+                }
+            }
+        }
+        if !has_image {
+            self.problem(line, Some(name), "missing `image`");
+        }
+        if let Some(v) = input_node {
+            step.input = self.input(v, name, step.foreach.is_some());
+        } else if step.foreach.is_some() {
+            // A foreach step reads its entry unless it says otherwise.
+            step.input = Some(InputSpec::One(Item::Each));
+        }
+        Some(step)
+    }
+
+    fn string(&mut self, v: &Node, step: &str, key: &str) -> Option<String> {
+        match v.as_scalar() {
+            Some(s) if !s.is_empty() => Some(s.to_string()),
+            _ => {
+                self.problem(v.pos().line, Some(step), format!("`{key}` must be a non-empty string, found {}", v.kind()));
+                None
+            }
+        }
+    }
+
+    fn path(&self, s: &str) -> PathBuf {
+        let expanded = match s.strip_prefix("~/") {
+            Some(rest) => std::env::var_os("HOME").map(|h| PathBuf::from(h).join(rest)).unwrap_or_else(|| PathBuf::from(s)),
+            None => PathBuf::from(s),
+        };
+        let joined = self.dir.join(expanded);
+        // Lexically clean `.` and `a/..`, so the same folder always has the same name.
+        let mut out = PathBuf::new();
+        for c in joined.components() {
+            match c {
+                std::path::Component::CurDir => {}
+                std::path::Component::ParentDir => {
+                    out.pop();
+                }
+                c => out.push(c),
+            }
+        }
+        out
+    }
+
+    /// A string: a host path if path-like, else a step name.
+    fn item_from_str(&self, s: &str) -> Item {
+        if is_path_like(s) {
+            Item::Path(self.path(s))
+        } else {
+            Item::Step(s.to_string())
+        }
+    }
+
+    fn source(&mut self, v: &Node, step: &str) -> Option<Source> {
+        match self.item(v, step, false)? {
+            (Item::Path(p), _) => Some(Source::Path(p)),
+            (Item::Step(s), _) => Some(Source::Step(s)),
+            (Item::Each, _) => {
+                self.problem(v.pos().line, Some(step), "`foreach` takes a host folder or `{step: NAME}`, not `each`");
+                None
+            }
+        }
+    }
+
+    /// One input item: `"name"`, `"path/"`, `{step: NAME}`, `{path: P}`, `{each: true}`, with
+    /// an optional `as` when `named`.
+    fn item(&mut self, v: &Node, step: &str, named: bool) -> Option<(Item, Option<String>)> {
+        match v {
+            Node::Scalar { text, .. } => {
+                if text.is_empty() {
+                    self.problem(v.pos().line, Some(step), "an empty input");
+                    return None;
+                }
+                Some((self.item_from_str(text), None))
+            }
+            Node::Map { entries, pos } => {
+                let mut item = None;
+                let mut alias = None;
+                for (k, val) in entries {
+                    let key = k.as_scalar().unwrap_or("");
+                    let what = match key {
+                        "step" => self.string(val, step, "step").map(Item::Step),
+                        "path" => self.string(val, step, "path").map(|s| Item::Path(self.path(&s))),
+                        "each" => match val.as_scalar() {
+                            Some("true" | "yes" | "on") => Some(Item::Each),
+                            _ => {
+                                self.problem(val.pos().line, Some(step), "`each` takes `true`");
+                                None
+                            }
+                        },
+                        "as" if named => {
+                            alias = self.string(val, step, "as");
+                            continue;
+                        }
+                        other => {
+                            let other = other.to_string();
+                            let keys = if named { "`step`, `path` or `each` (and `as`)" } else { "`step`, `path` or `each`" };
+                            self.problem(k.pos().line, Some(step), format!("unknown key `{other}`; expected {keys}"));
+                            continue;
+                        }
+                    };
+                    if item.is_some() {
+                        self.problem(k.pos().line, Some(step), "give only one of `step`, `path` and `each`");
+                    } else if let Some(w) = what {
+                        item = Some(w);
+                    }
+                }
+                match item {
+                    Some(i) => Some((i, alias)),
+                    None => {
+                        self.problem(pos.line, Some(step), "expected one of `step`, `path` or `each`");
+                        None
+                    }
+                }
+            }
+            Node::Seq { .. } => {
+                self.problem(v.pos().line, Some(step), "expected a step name, a path or a mapping, found a list");
+                None
+            }
+        }
+    }
+
+    fn input(&mut self, v: &Node, step: &str, foreach: bool) -> Option<InputSpec> {
+        let spec = match v {
+            Node::Seq { items, .. } => {
+                let mut named: Vec<Named> = Vec::new();
+                for it in items {
+                    let line = it.pos().line;
+                    let Some((item, alias)) = self.item(it, step, true) else { continue };
+                    let name = match (&alias, &item) {
+                        (Some(a), _) => a.clone(),
+                        (None, Item::Step(s)) => s.clone(),
+                        (None, Item::Path(p)) => p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+                        (None, Item::Each) => {
+                            self.problem(line, Some(step), "name the entry's subfolder: `{each: true, as: NAME}`");
+                            continue;
+                        }
+                    };
+                    if !kliko_core::tree::valid_name(name.as_bytes()) {
+                        self.problem(line, Some(step), format!("`{name}` cannot name a subfolder of `/input`"));
+                        continue;
+                    }
+                    if let Some(first) = named.iter().find(|n| n.name == name) {
+                        let first = first.line;
+                        self.problem(line, Some(step), format!("two inputs would both be `/input/{name}` (the first on line {first}); rename one with `as: NAME`"));
+                        continue;
+                    }
+                    named.push(Named { name, item, line });
+                }
+                InputSpec::Gather(named)
+            }
+            _ => {
+                let (item, alias) = self.item(v, step, false)?;
+                let _ = alias;
+                InputSpec::One(item)
+            }
+        };
+        let uses_each = match &spec {
+            InputSpec::One(i) => *i == Item::Each,
+            InputSpec::Gather(items) => items.iter().any(|n| n.item == Item::Each),
+        };
+        if uses_each && !foreach {
+            self.problem(v.pos().line, Some(step), "`each` is the current `foreach` entry, but this step has no `foreach`");
+        }
+        Some(spec)
+    }
+
+    fn params(&mut self, v: &Node, step: &str, out: &mut Step) {
+        let Node::Map { entries, .. } = v else {
+            self.problem(v.pos().line, Some(step), format!("`params` must be a mapping from parameter name to value, found {}", v.kind()));
+            return;
+        };
+        for (k, val) in entries {
+            let Some(name) = k.as_scalar() else {
+                self.problem(k.pos().line, Some(step), "expected a parameter name");
+                continue;
+            };
+            if out.param_lines.contains_key(name) {
+                self.problem(k.pos().line, Some(step), format!("parameter `{name}` is given twice"));
+                continue;
+            }
+            let value = match json_value(val) {
+                Ok(j) => j,
+                Err(()) => {
+                    self.problem(val.pos().line, Some(step), format!("parameter `{name}`: expected a value or a list of values, found a mapping"));
+                    continue;
+                }
+            };
+            out.param_lines.insert(name.to_string(), k.pos().line);
+            out.params.insert(name.to_string(), value);
+        }
+    }
+}
+
+/// Scalars keep their text (the image's kliko.yml decides what they mean, as it does for a
+/// parameters file); a plain null unsets.
+fn json_value(n: &Node) -> Result<serde_json::Value, ()> {
+    match n {
+        _ if n.is_null() => Ok(serde_json::Value::Null),
+        Node::Scalar { text, .. } => Ok(serde_json::Value::String(text.clone())),
+        Node::Seq { items, .. } => items.iter().map(json_value).collect::<Result<Vec<_>, _>>().map(serde_json::Value::Array),
+        Node::Map { .. } => Err(()),
+    }
+}
+
+fn list(keys: &[&str]) -> String {
+    keys.iter().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(", ")
+}
+
+/// `90s`, `10m`, `2h`, `1d`, or plain seconds.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let t = s.trim();
+    let (num, mult) = match t.chars().last()? {
+        's' => (&t[..t.len() - 1], 1.0),
+        'm' => (&t[..t.len() - 1], 60.0),
+        'h' => (&t[..t.len() - 1], 3600.0),
+        'd' => (&t[..t.len() - 1], 86400.0),
+        _ => (t, 1.0),
+    };
+    let n: f64 = num.trim().parse().ok()?;
+    (n > 0.0 && n.is_finite()).then(|| Duration::from_secs_f64(n * mult))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Pipeline, Vec<Problem>> {
+        Pipeline::parse(Path::new("/p/pipeline.yml"), Path::new("/p"), text)
+    }
+
+    #[test]
+    fn the_documented_forms_parse() {
+        let p = parse(
+            "version: 1
+steps:
+  calibrate:
+    image: flagger:latest
+    input: data/
+    params: {threshold: 4.0, files: [a.txt, b.txt]}
+  per_obs:
+    image: flagger:latest
+    foreach: observations/
+    timeout: 10m
+  again:
+    image: x
+    foreach: {step: per_obs}
+    input: [{each: true, as: obs}, calibrate, {path: ../cal, as: cal2}]
+  combine:
+    image: combine
+    input: per_obs
+    output: results/final
+",
+        )
+        .unwrap();
+        assert_eq!(p.steps.len(), 4);
+        let c = &p.steps[0];
+        assert_eq!(c.input, Some(InputSpec::One(Item::Path("/p/data".into()))));
+        assert_eq!(c.params["threshold"], serde_json::json!("4.0"));
+        assert_eq!(c.params["files"], serde_json::json!(["a.txt", "b.txt"]));
+        assert_eq!(c.param_lines["threshold"], 6);
+        let per = &p.steps[1];
+        assert_eq!(per.foreach, Some(Source::Path("/p/observations".into())));
+        assert_eq!(per.input, Some(InputSpec::One(Item::Each)));
+        assert_eq!(per.timeout, Some(Duration::from_secs(600)));
+        let again = &p.steps[2];
+        assert_eq!(again.deps(), vec!["per_obs", "calibrate"]);
+        let Some(InputSpec::Gather(items)) = &again.input else { panic!() };
+        assert_eq!(items.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(), ["obs", "calibrate", "cal2"]);
+        assert_eq!(items[2].item, Item::Path("/cal".into()));
+        assert_eq!(p.steps[3].output, Some(PathBuf::from("/p/results/final")));
+        assert_eq!(p.steps[3].input, Some(InputSpec::One(Item::Step("per_obs".into()))));
+    }
+
+    #[test]
+    fn problems_name_step_and_line() {
+        let e = parse(
+            "version: 2
+steps:
+  a:
+    image: x
+    colour: red
+  b:
+    input: [a, {each: true}]
+  a:
+    image: y
+",
+        )
+        .unwrap_err();
+        let text: Vec<String> = e.iter().map(|p| p.to_string()).collect();
+        assert!(text.contains(&"line 1: unsupported `version`: this kliko reads version 1".to_string()), "{text:?}");
+        assert!(text.iter().any(|t| t.starts_with("line 5: step `a`: unknown key `colour`")), "{text:?}");
+        assert!(text.iter().any(|t| t.starts_with("line 6: step `b`: missing `image`")), "{text:?}");
+        assert!(text.iter().any(|t| t.starts_with("line 7: step `b`: name the entry's subfolder")), "{text:?}");
+        assert!(text.iter().any(|t| t.starts_with("line 8: step `a`: a second step")), "{text:?}");
+    }
+
+    #[test]
+    fn syntax_errors_have_lines() {
+        let e = parse("version: 1\nsteps:\n  a: [\n").unwrap_err();
+        assert!(e[0].line.is_some() && e[0].message.starts_with("invalid YAML"), "{e:?}");
+    }
+}

@@ -1,0 +1,203 @@
+//! Garbage collection and the lock that makes it safe while other processes run.
+//!
+//! `gc.lock` in the store is held *shared* by every section that creates or reads objects a
+//! result will name (ingest → record; lookup → materialize) and *exclusively* by `gc`, so gc
+//! never sees a blob that is published but not yet recorded, and never deletes a blob that a
+//! reader is placing. The lock is always taken before the index (`db.lock`), never after, so
+//! the two cannot deadlock. Results are deleted before their objects.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fs::{self, File};
+use std::os::fd::AsRawFd;
+use std::path::Path;
+
+use kliko_core::Digest;
+use serde::Serialize;
+
+use crate::blobs::ObjectKind;
+use crate::error::{IoContext, Result};
+use crate::records::{now_ms, ActionResult};
+use crate::Store;
+
+/// A held `gc.lock` (shared or exclusive); released on drop.
+pub struct GcGuard {
+    _file: File,
+}
+
+fn lock(path: &Path, op: i32) -> Result<GcGuard> {
+    let file = File::options().create(true).truncate(false).write(true).open(path).at(path)?;
+    loop {
+        // SAFETY: flock on an fd we own.
+        if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
+            return Ok(GcGuard { _file: file });
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e).at(path);
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct GcOptions {
+    /// Evict least recently used results until the objects of the remaining ones fit.
+    pub max_bytes: Option<u64>,
+    /// Evict results not used for this many milliseconds.
+    pub older_than_ms: Option<u64>,
+    /// Report, delete nothing.
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct GcReport {
+    pub results_before: u64,
+    pub evicted: Vec<Digest>,
+    pub pinned_kept: u64,
+    pub objects_deleted: u64,
+    pub bytes_deleted: u64,
+    pub bytes_before: u64,
+    pub bytes_after: u64,
+    pub dry_run: bool,
+}
+
+impl Store {
+    /// Hold `gc.lock` shared: gc waits until this guard is dropped.
+    pub fn gc_shared(&self) -> Result<GcGuard> {
+        lock(&self.root().join("gc.lock"), libc::LOCK_SH)
+    }
+
+    fn gc_exclusive(&self) -> Result<GcGuard> {
+        lock(&self.root().join("gc.lock"), libc::LOCK_EX)
+    }
+
+    /// Every object a result needs: its output trees and blobs, its logs, and its input tree
+    /// (with what it holds) when that is stored.
+    fn objects_of(&self, r: &ActionResult) -> Vec<(ObjectKind, Digest, u64)> {
+        let mut out = Vec::new();
+        let add_tree = |d: &Digest, out: &mut Vec<(ObjectKind, Digest, u64)>| {
+            if let Ok((trees, files)) = self.walk_tree(d) {
+                for t in trees {
+                    let size = fs::metadata(self.object_path(ObjectKind::Tree, &t)).map(|m| m.len()).unwrap_or(0);
+                    out.push((ObjectKind::Tree, t, size));
+                }
+                out.extend(files.into_iter().map(|(f, s)| (ObjectKind::Blob, f, s)));
+            }
+        };
+        add_tree(&r.output, &mut out);
+        if let Some(input) = r.preimage.input {
+            if self.has_object(ObjectKind::Tree, &input) {
+                add_tree(&input, &mut out);
+            }
+        }
+        out.push((ObjectKind::Blob, r.stdout, r.stdout_bytes));
+        out.push((ObjectKind::Blob, r.stderr, r.stderr_bytes));
+        out
+    }
+
+    pub fn gc(&self, opts: &GcOptions) -> Result<GcReport> {
+        let _guard = self.gc_exclusive()?;
+        let db = self.db()?;
+        let results = self.results(&db)?;
+        let mut report = GcReport { results_before: results.len() as u64, dry_run: opts.dry_run, ..Default::default() };
+
+        // Reference counts of every object that some result needs.
+        let mut refs: HashMap<(ObjectKind, Digest), (u64, u64)> = HashMap::new();
+        let mut per_result = Vec::with_capacity(results.len());
+        for r in &results {
+            let objs: BTreeSet<(ObjectKind, Digest, u64)> = self.objects_of(r).into_iter().collect();
+            for (k, d, s) in &objs {
+                refs.entry((*k, *d)).or_insert((*s, 0)).1 += 1;
+            }
+            let access = self.last_access_ms(&db, &r.key)?.unwrap_or(0);
+            let pinned = self.is_pinned(&db, &r.key)?;
+            per_result.push((access, pinned, r, objs));
+        }
+        let stored: Vec<(ObjectKind, Digest, u64, std::path::PathBuf)> = self.all_objects();
+        report.bytes_before = stored.iter().map(|o| o.2).sum();
+        let mut live_bytes: u64 = refs.values().map(|(s, _)| *s).sum();
+
+        // Least recently used first.
+        per_result.sort_by_key(|(access, _, r, _)| (*access, r.key));
+        let now = now_ms();
+        let mut evict = Vec::new();
+        for (access, pinned, r, objs) in &per_result {
+            let too_old = opts.older_than_ms.is_some_and(|age| now.saturating_sub(*access) > age);
+            let too_big = opts.max_bytes.is_some_and(|max| live_bytes > max);
+            if !(too_old || too_big) {
+                continue;
+            }
+            if *pinned {
+                report.pinned_kept += 1;
+                continue;
+            }
+            for (k, d, _) in objs {
+                if let Some(e) = refs.get_mut(&(*k, *d)) {
+                    e.1 -= 1;
+                    if e.1 == 0 {
+                        live_bytes -= e.0;
+                    }
+                }
+            }
+            evict.push(*r);
+        }
+        for r in &evict {
+            report.evicted.push(r.key);
+            if !opts.dry_run {
+                self.delete_result(&db, r)?;
+            }
+        }
+        // Sweep: every object no remaining result needs.
+        for (kind, d, size, path) in stored {
+            let live = refs.get(&(kind, d)).is_some_and(|(_, n)| *n > 0);
+            if live {
+                continue;
+            }
+            report.objects_deleted += 1;
+            report.bytes_deleted += size;
+            if !opts.dry_run {
+                match fs::remove_file(&path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e).at(&path),
+                }
+            }
+        }
+        report.bytes_after = report.bytes_before - report.bytes_deleted;
+        if !opts.dry_run {
+            self.clean_tmp(24 * 3600 * 1000);
+        }
+        Ok(report)
+    }
+
+    fn all_objects(&self) -> Vec<(ObjectKind, Digest, u64, std::path::PathBuf)> {
+        let mut out = Vec::new();
+        for kind in [ObjectKind::Blob, ObjectKind::Tree] {
+            let dir = self.root().join(kind.dir());
+            for e in walkdir::WalkDir::new(&dir).min_depth(2).max_depth(2).into_iter().flatten() {
+                let p = e.path();
+                let name = format!(
+                    "{}{}",
+                    p.parent().and_then(|s| s.file_name()).map(|s| s.to_string_lossy()).unwrap_or_default(),
+                    p.file_name().map(|s| s.to_string_lossy()).unwrap_or_default()
+                );
+                if let Ok(d) = name.parse::<Digest>() {
+                    let size = e.metadata().map(|m| m.len()).unwrap_or(0);
+                    out.push((kind, d, size, p.to_path_buf()));
+                }
+            }
+        }
+        out
+    }
+
+    /// Remove temporary files older than `age_ms` (left by interrupted writes).
+    fn clean_tmp(&self, age_ms: u64) {
+        let cutoff = std::time::SystemTime::now() - std::time::Duration::from_millis(age_ms);
+        if let Ok(rd) = fs::read_dir(self.tmp_dir()) {
+            for e in rd.flatten() {
+                if e.metadata().and_then(|m| m.modified()).is_ok_and(|t| t < cutoff) {
+                    let _ = fs::remove_file(e.path());
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The test command: install what is missing, then run every test (release profile everywhere,
+# so RocksDB's C++ is compiled once for tests, benches and the binary).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+cargo test --release --workspace "$@"
