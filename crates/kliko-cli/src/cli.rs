@@ -31,6 +31,11 @@ pub enum Command {
     /// Inspect and maintain the store.
     #[command(subcommand)]
     Store(StoreCommand),
+    /// Run a pipeline of kliko images (a YAML file), or show its graph and what is cached.
+    #[command(subcommand)]
+    Pipeline(PipelineCommand),
+    /// Serve the web interface: a form per kliko image, live runs, history and provenance.
+    Serve(ServeArgs),
     #[command(flatten)]
     Cache(CacheCommand),
 }
@@ -148,6 +153,49 @@ pub enum CacheCommand {
         /// Show what would go; delete nothing.
         #[arg(long)]
         dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Address to listen on. Any non-loopback address requires the access token.
+    #[arg(long, default_value = "127.0.0.1:8765", value_name = "ADDR")]
+    pub bind: String,
+    /// A folder the browser may use for inputs and outputs (repeatable). Default: the current folder.
+    #[arg(long, value_name = "DIR")]
+    pub data_root: Vec<PathBuf>,
+    /// Access token required on every request (generated and printed for a non-loopback `--bind`).
+    #[arg(long, env = "KLIKO_WEB_TOKEN", value_name = "TOKEN")]
+    pub token: Option<String>,
+    /// Largest upload of one form (`500M`, `1G`, ...).
+    #[arg(long, default_value = "1G", value_name = "SIZE")]
+    pub upload_limit: String,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PipelineCommand {
+    /// Run every step; unchanged steps are cache hits and start no container.
+    Run {
+        /// The pipeline file (see `crates/kliko-pipeline/README.md`).
+        file: PathBuf,
+        /// Runs (steps or foreach entries) at once. Default: the number of CPUs.
+        #[arg(long, short = 'j', value_name = "N")]
+        jobs: Option<usize>,
+        /// After a step fails, keep running the steps that do not depend on it.
+        #[arg(long, short = 'k')]
+        keep_going: bool,
+        /// Print one JSON object with every step's result on stdout.
+        #[arg(long)]
+        json: bool,
+        /// Show the containers' logs, each line prefixed with its step.
+        #[arg(long, short = 'v')]
+        verbose: bool,
+    },
+    /// Print the graph and, where the inputs are known, each step's key and whether it would hit.
+    Show {
+        file: PathBuf,
         #[arg(long)]
         json: bool,
     },

@@ -3,7 +3,9 @@
 mod cli;
 mod cmd_cache;
 mod cmd_hash;
+mod cmd_pipeline;
 mod cmd_run;
+mod cmd_serve;
 mod cmd_store;
 mod progress;
 mod render;
@@ -31,6 +33,8 @@ fn dispatch(cli: cli::Cli) -> anyhow::Result<ExitCode> {
         cli::Command::Validate { files } => Ok(validate(&files)),
         cli::Command::Hash(a) => cmd_hash::run(&store_root, a),
         cli::Command::Store(a) => cmd_store::run(&store_root, a),
+        cli::Command::Pipeline(a) => cmd_pipeline::run(&store_root, a),
+        cli::Command::Serve(a) => cmd_serve::run(&store_root, a),
         cli::Command::Cache(a) => cmd_cache::run(&store_root, a),
     }
 }

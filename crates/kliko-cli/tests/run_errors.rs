@@ -40,7 +40,7 @@ fn a_bad_kliko_yml_in_an_image_is_reported_with_its_place() {
     let o = w.run(&[&img.tag, &"--input", &input, &"--output", &w.path("out")]);
     o.expect_code(2);
     assert!(o.stderr.contains("kliko.yml"), "{}", o.stderr);
-    assert!(o.stderr.contains("8:"), "the message gives the line: {}", o.stderr);
+    assert!(o.stderr.contains("line 8, column 15"), "the message gives the line and column: {}", o.stderr);
     assert!(o.stderr.contains("integer"), "{}", o.stderr);
     assert!(!w.path("out").exists());
 
@@ -52,7 +52,7 @@ fn a_bad_kliko_yml_in_an_image_is_reported_with_its_place() {
     );
     let o = w.run(&[&img2.tag, &"--help"]);
     o.expect_code(2);
-    assert!(o.stderr.contains("sectoins") && o.stderr.contains("3:"), "{}", o.stderr);
+    assert!(o.stderr.contains("sectoins") && o.stderr.contains("line 3, column"), "{}", o.stderr);
 
     // No kliko.yml at all.
     let img3 = build(ImageBuilder::new("errors-no-yml").kliko_script("true"));
@@ -120,7 +120,7 @@ fn validate_accepts_good_files_and_explains_bad_ones() {
         assert!(o.stderr.contains(&name), "the message names the file: {}", o.stderr);
     }
     let o = Out::of(w.kliko().arg("validate").arg(&bad_type));
-    assert!(o.stderr.contains("char") && o.stderr.contains("8:"), "{}", o.stderr);
+    assert!(o.stderr.contains("char") && o.stderr.contains("line 8, column 15"), "{}", o.stderr);
     // One bad file among good ones fails the whole command.
     Out::of(w.kliko().arg("validate").arg(&good).arg(&bad_io)).expect_code(1);
     Out::of(w.kliko().arg("validate").arg(w.path("missing.yml"))).expect_code(1);

@@ -154,6 +154,12 @@ impl Engine {
             };
             match attempt {
                 Attempt::Leader(lease) => {
+                    if waited_on.is_some() {
+                        // We took over from a leader that died: its container may still be
+                        // running, with nobody to remove it. We hold the key's lease now, so
+                        // any container labelled with the key is an orphan.
+                        self.remove_orphans(&prep.key).await;
+                    }
                     if !req.no_cache {
                         if let Some(report) = self.try_hit(&req, &prep, &target, t0, &obs, waited_on.clone()).await? {
                             lease.release();
@@ -187,6 +193,15 @@ impl Engine {
                         )));
                     }
                 }
+            }
+        }
+    }
+
+    async fn remove_orphans(&self, key: &Digest) {
+        let Ok(docker) = self.docker().await else { return };
+        if let Ok(ids) = docker.containers_with_label(KEY_LABEL, &key.to_hex()).await {
+            for id in ids {
+                let _ = docker.remove(&id).await;
             }
         }
     }

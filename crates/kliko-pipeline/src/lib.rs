@@ -38,7 +38,7 @@ mod yaml;
 use std::path::PathBuf;
 
 pub use check::{check, Checked};
-pub use exec::{run, NoReporter, Options, PipelineReport, Reporter, RunOutcome, StepCache, StepReport, StepState};
+pub use exec::{run, NoReporter, Options, PipelineReport, Progress, Reporter, RunOutcome, StepCache, StepReport, StepState, Stream, PIPELINE_LABEL, STEP_LABEL};
 pub use file::{is_path_like, parse_duration, InputSpec, Item, Named, Pipeline, Problem, Source, Step, PIPELINE_VERSION};
 pub use show::{show, PlannedRun, StepPlan};
 

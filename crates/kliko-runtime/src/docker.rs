@@ -273,7 +273,7 @@ impl Docker {
     }
 
     /// Force-remove a container and its anonymous volumes; gone already is fine.
-    pub(crate) async fn remove(&self, id: &str) -> Result<(), RuntimeError> {
+    pub async fn remove(&self, id: &str) -> Result<(), RuntimeError> {
         remove_container(&self.inner, id)
             .await
             .map_err(|e| RuntimeError::docker(format!("remove container `{id}`"), e))

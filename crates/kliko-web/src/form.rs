@@ -145,12 +145,12 @@ pub fn render(
     let s = submitted.cloned().unwrap_or_default();
     match spec.io {
         IoMode::Split => {
-            folder_field(&mut b, "input", "Input folder", &s.input, "Mounted read-only at /input. Leave empty for no input.", errors, true);
-            folder_field(&mut b, "output", "Output folder", &s.output, "Receives /output (created if absent; must be empty). Leave empty to keep the output in the store only: it is listed and downloadable on the run page.", errors, false);
+            folder_field(&mut b, "input", "Input folder", &s.input, "Mounted read-only at /input. Leave empty for no input.", errors);
+            folder_field(&mut b, "output", "Output folder", &s.output, "Receives /output (created if absent; must be empty). Leave empty to keep the output in the store only: it is listed and downloadable on the run page.", errors);
         }
         IoMode::Join => {
-            folder_field(&mut b, "work", "Work folder", &s.work, "The image changes a private copy of it (/work); your folder is only replaced once the result is safely stored.", errors, true);
-            folder_field(&mut b, "output", "Result folder", &s.output, "Where the changed work folder goes. Leave empty to put it back into the work folder.", errors, false);
+            folder_field(&mut b, "work", "Work folder", &s.work, "The image changes a private copy of it (/work); your folder is only replaced once the result is safely stored.", errors);
+            folder_field(&mut b, "output", "Result folder", &s.output, "Where the changed work folder goes. Leave empty to put it back into the work folder.", errors);
         }
     }
     b.push_str(&format!(
@@ -180,14 +180,13 @@ pub fn render(
     b
 }
 
-fn folder_field(b: &mut String, name: &str, label: &str, value: &str, help: &str, errors: &Errors, suggest: bool) {
+fn folder_field(b: &mut String, name: &str, label: &str, value: &str, help: &str, errors: &Errors) {
     let errs = errors.by_field.get(name);
     b.push_str(&format!(
-        "<div class=\"field{}\"><label for=\"folder-{name}\">{}</label><input type=\"text\" id=\"folder-{name}\" name=\"{name}\" value=\"{}\"{} autocomplete=\"off\" placeholder=\"folder\"><div class=\"help\">{}</div>",
+        "<div class=\"field{}\" data-field=\"folder:{name}\"><label for=\"folder-{name}\">{}</label><input type=\"text\" id=\"folder-{name}\" name=\"{name}\" value=\"{}\" list=\"folders\" autocomplete=\"off\" placeholder=\"folder\"><div class=\"help\">{}</div>",
         if errs.is_some() { " invalid" } else { "" },
         esc(label),
         esc(value),
-        if suggest { " list=\"folders\"" } else { " list=\"folders\"" },
         esc(help)
     ));
     for e in errs.into_iter().flatten() {

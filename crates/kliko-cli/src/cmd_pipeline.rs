@@ -1,0 +1,245 @@
+//! `kliko pipeline run|show FILE`: live status per step on stderr, a summary table at the end,
+//! `--json` for scripts.
+
+use std::io::{IsTerminal, Write};
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
+use kliko_engine::Engine;
+use kliko_pipeline::{Options, Pipeline, PipelineReport, Progress, Reporter, StepCache, StepState, Stream};
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::PipelineCommand;
+use crate::cmd_run::human_ms;
+
+pub fn run(store_root: &Path, cmd: PipelineCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        PipelineCommand::Run { file, jobs, keep_going, json, verbose } => {
+            let jobs = jobs.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)).max(1);
+            run_pipeline(store_root, &file, Options { jobs, keep_going }, json, verbose)
+        }
+        PipelineCommand::Show { file, json } => show(store_root, &file, json),
+    }
+}
+
+fn open(store_root: &Path) -> anyhow::Result<Arc<Engine>> {
+    let store = kliko_store::Store::open(store_root).with_context(|| format!("cannot open the store at `{}`", store_root.display()))?;
+    Ok(Arc::new(Engine::new(Arc::new(store))))
+}
+
+fn run_pipeline(store_root: &Path, file: &Path, opts: Options, json: bool, verbose: bool) -> anyhow::Result<ExitCode> {
+    let pipeline = Pipeline::load(file)?;
+    let rt = crate::runtime()?;
+    rt.block_on(async move {
+        let engine = open(store_root)?;
+        let checked = kliko_pipeline::check(&engine, &pipeline).await?;
+        let cancel = CancellationToken::new();
+        spawn_signal_handler(cancel.clone());
+        let names: Vec<String> = pipeline.steps.iter().map(|s| s.name.clone()).collect();
+        let term = Arc::new(Term::new(names, verbose));
+        let report = kliko_pipeline::run(engine, &pipeline, &checked, opts, term.clone(), cancel).await?;
+        term.finish();
+        summary(&report);
+        if json {
+            println!("{}", serde_json::to_string(&report)?);
+        }
+        Ok(if report.cancelled {
+            ExitCode::from(130)
+        } else if report.ok {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(1)
+        })
+    })
+}
+
+fn spawn_signal_handler(cancel: CancellationToken) {
+    tokio::spawn(async move {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => return,
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        eprintln!("kliko: stopping: running containers are being stopped and removed; finished steps stay cached");
+        cancel.cancel();
+    });
+}
+
+/// Live status on stderr: a table redrawn in place on a terminal, else a line per change.
+struct Term {
+    rows: Mutex<Rows>,
+    tty: bool,
+    verbose: bool,
+}
+
+struct Rows {
+    steps: Vec<(String, StepState, Progress)>,
+    drawn: usize,
+    width: usize,
+}
+
+impl Term {
+    fn new(names: Vec<String>, verbose: bool) -> Term {
+        let width = names.iter().map(|n| n.len()).max().unwrap_or(4).max(4);
+        let steps = names.into_iter().map(|n| (n, StepState::Waiting, Progress::default())).collect();
+        // Logs interleave with a redrawn table badly: with `--verbose`, lines only.
+        let tty = std::io::stderr().is_terminal() && !verbose;
+        Term { rows: Mutex::new(Rows { steps, drawn: 0, width }), tty, verbose }
+    }
+
+    fn finish(&self) {
+        let mut rows = self.rows.lock().expect("rows lock");
+        rows.drawn = 0;
+    }
+}
+
+fn status_text(state: StepState, p: &Progress) -> String {
+    let mut s = state.as_str().to_string();
+    if p.total > 1 || (p.total == 1 && state == StepState::Running && p.running > 0) {
+        let mut parts = vec![format!("{}/{}", p.done, p.total)];
+        if p.cached > 0 {
+            parts.push(format!("{} cached", p.cached));
+        }
+        if p.running > 0 {
+            parts.push(format!("{} running", p.running));
+        }
+        if p.failed > 0 {
+            parts.push(format!("{} failed", p.failed));
+        }
+        s.push_str(&format!(" ({})", parts.join(", ")));
+    }
+    s
+}
+
+impl Reporter for Term {
+    fn update(&self, step: &str, state: StepState, progress: Progress) {
+        let mut rows = self.rows.lock().expect("rows lock");
+        let width = rows.width;
+        let Some(i) = rows.steps.iter().position(|(n, _, _)| n == step) else { return };
+        let changed = rows.steps[i].1 != state || rows.steps[i].2 != progress;
+        rows.steps[i].1 = state;
+        rows.steps[i].2 = progress;
+        let mut err = std::io::stderr().lock();
+        if self.tty {
+            let mut out = String::new();
+            if rows.drawn > 0 {
+                out.push_str(&format!("\x1b[{}A", rows.drawn));
+            }
+            for (n, s, p) in &rows.steps {
+                out.push_str(&format!("\x1b[2K  {n:<width$}  {}\n", status_text(*s, p)));
+            }
+            rows.drawn = rows.steps.len();
+            let _ = err.write_all(out.as_bytes());
+        } else if changed && state != StepState::Waiting {
+            let _ = writeln!(err, "kliko: {step}: {}", status_text(state, &progress));
+        }
+    }
+
+    fn log(&self, step: &str, entry: Option<&str>, _stream: Stream, bytes: &[u8]) {
+        if !self.verbose {
+            return;
+        }
+        let prefix = match entry {
+            Some(e) => format!("[{step} {e}] "),
+            None => format!("[{step}] "),
+        };
+        let text = String::from_utf8_lossy(bytes);
+        let mut err = std::io::stderr().lock();
+        for line in text.lines() {
+            let _ = writeln!(err, "{prefix}{line}");
+        }
+    }
+}
+
+fn summary(r: &PipelineReport) {
+    let width = r.steps.iter().map(|s| s.name.len()).max().unwrap_or(4).max(4);
+    let mut e = std::io::stderr().lock();
+    let _ = writeln!(e, "\n  {:<width$}  {:<10}  {:<16}  {:>9}  {:>9}", "step", "state", "runs", "took", "saved");
+    for s in &r.steps {
+        let hits = s.runs.iter().filter(|x| x.cache == Some(kliko_engine::Cache::Hit)).count();
+        let runs = match (s.runs.len(), hits) {
+            (0, _) => "-".to_string(),
+            (n, 0) => format!("{n}"),
+            (n, h) if h == n => format!("{n} (cached)"),
+            (n, h) => format!("{n} ({h} cached)"),
+        };
+        let saved = if s.saved_ms > 0 { human_ms(s.saved_ms) } else { "-".into() };
+        let took = if s.runs.is_empty() { "-".into() } else { human_ms(s.wall_ms) };
+        let _ = writeln!(e, "  {:<width$}  {:<10}  {:<16}  {:>9}  {:>9}", s.name, s.state.as_str(), runs, took, saved);
+    }
+    let cached = r.steps.iter().filter(|s| s.cache == Some(StepCache::Hit)).count();
+    let _ = writeln!(
+        e,
+        "kliko: {} steps, {} fully cached; {} container{} started; {} (saved {})",
+        r.steps.len(),
+        cached,
+        r.containers,
+        if r.containers == 1 { "" } else { "s" },
+        human_ms(r.wall_ms),
+        human_ms(r.saved_ms)
+    );
+    for s in &r.steps {
+        if let Some(p) = &s.output_path {
+            let _ = writeln!(e, "kliko: `{}` output in `{}`", s.name, p.display());
+        }
+    }
+    for s in r.steps.iter().filter(|s| s.state == StepState::Failed || s.state == StepState::Skipped) {
+        let _ = writeln!(e, "{}: step `{}` {}: {}", if s.state == StepState::Failed { "error" } else { "note" }, s.name, s.state.as_str(), s.reason.as_deref().unwrap_or("?"));
+        for run in s.runs.iter().filter(|x| !x.log_tail.is_empty()) {
+            let _ = writeln!(e, "  last log lines{}:", run.entry.as_ref().map(|n| format!(" of `{n}`")).unwrap_or_default());
+            for l in &run.log_tail {
+                let _ = writeln!(e, "  | {l}");
+            }
+        }
+    }
+}
+
+fn show(store_root: &Path, file: &Path, json: bool) -> anyhow::Result<ExitCode> {
+    let pipeline = Pipeline::load(file)?;
+    let rt = crate::runtime()?;
+    rt.block_on(async move {
+        let engine = open(store_root)?;
+        let checked = kliko_pipeline::check(&engine, &pipeline).await?;
+        let plans = kliko_pipeline::show(&engine, &pipeline, &checked).await?;
+        if json {
+            println!("{}", serde_json::json!({ "file": pipeline.file, "steps": plans }));
+            return Ok(ExitCode::SUCCESS);
+        }
+        println!("pipeline `{}`: {} steps", file.display(), plans.len());
+        for p in &plans {
+            println!("\n{} (line {}): image `{}` (io {})", p.name, p.line, p.image, p.io);
+            if !p.depends_on.is_empty() {
+                println!("  after: {}", p.depends_on.iter().map(|d| format!("`{d}`")).collect::<Vec<_>>().join(", "));
+            }
+            if let Some(f) = &p.foreach {
+                println!("  foreach: {f}");
+            }
+            println!("  input: {}", p.input);
+            if let Some(o) = &p.output {
+                println!("  output: `{}`", o.display());
+            }
+            match (&p.runs, &p.unknown) {
+                (Some(runs), _) => {
+                    if runs.is_empty() {
+                        println!("  no entries");
+                    }
+                    for r in runs {
+                        let what = if r.hit { "cached" } else { "would run" };
+                        match &r.entry {
+                            Some(e) => println!("  {e}: key {} {what}", r.key.short(16)),
+                            None => println!("  key {} {what}", r.key.short(16)),
+                        }
+                    }
+                }
+                (None, Some(why)) => println!("  key: not known yet: {why}"),
+                (None, None) => {}
+            }
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}

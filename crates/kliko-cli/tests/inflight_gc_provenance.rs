@@ -1,0 +1,253 @@
+//! Identical runs in flight execute once; a dead leader's lease expires; gc is safe while
+//! runs and hits happen; provenance by every kind of argument, with lineage.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+/// Containers created between `since` and `until` from `image` that carry kliko's key label.
+fn run_containers_created(image: &TestImage, since: &str, until: &str) -> usize {
+    let out = std::process::Command::new("docker")
+        .args(["events", "--since", since, "--until", until])
+        .args(["--filter", "type=container", "--filter", "event=create", "--filter", "label=io.kliko.key"])
+        .args(["--format", "{{.Actor.Attributes.image}}"])
+        .output()
+        .expect("docker events");
+    String::from_utf8_lossy(&out.stdout).lines().filter(|l| *l == image.id || *l == image.tag).count()
+}
+
+const SLOW: &str = "sleep 3\ncat /input/* > /output/all.txt\necho finished";
+
+#[test]
+fn eight_identical_runs_at_once_execute_one_container() {
+    let w = World::new();
+    let img = split_image("dedup8", "", SLOW);
+    let input = w.folder("in", &[("a.txt", "alpha\n"), ("b.txt", "beta\n")]);
+    let since = docker_now();
+    let children: Vec<_> = (0..8)
+        .map(|i| {
+            let mut c = w.kliko();
+            c.args(["run", &img.tag, "--json", "--quiet", "--input"]).arg(&input).arg("--output").arg(w.path(&format!("out{i}")));
+            c.stdout(Stdio::piped()).stderr(Stdio::piped());
+            (format!("{c:?}"), c.spawn().expect("spawn kliko"))
+        })
+        .collect();
+    let outs: Vec<Out> =
+        children.into_iter().map(|(cmd, ch)| Out::from_output(cmd, ch.wait_with_output().expect("wait"))).collect();
+    let until = docker_now();
+    for o in &outs {
+        o.ok();
+    }
+    // Containers that ran the image (they carry the key label); each process may also have
+    // created, never started, one container to copy /kliko.yml out of the image the first time.
+    assert_eq!(run_containers_created(&img, &since, &until), 1, "exactly one container ran for 8 identical runs");
+    let misses = outs.iter().filter(|o| o.cache() == "miss").count();
+    assert_eq!(misses, 1, "one leader ran, the others took its result");
+    assert!(outs.iter().filter(|o| o.json()["waited"] == Value::Bool(true)).count() >= 1);
+    let first = read_tree(&w.path("out0"));
+    assert_eq!(first.get("all.txt").map(|b| b.as_slice()), Some(&b"alpha\nbeta\n"[..]));
+    for i in 1..8 {
+        assert_eq!(read_tree(&w.path(&format!("out{i}"))), first, "output {i} differs");
+    }
+    assert_no_containers(&img);
+}
+
+#[test]
+fn a_waiter_takes_over_when_the_leader_is_killed() {
+    let w = World::new();
+    let img = split_image("takeover", "", SLOW);
+    let input = w.folder("in", &[("a.txt", "alpha\n")]);
+    let mut leader = w.kliko();
+    leader.args(["run", &img.tag, "--quiet", "--input"]).arg(&input).arg("--output").arg(w.path("out-leader"));
+    let mut leader = leader.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("spawn leader");
+    wait_for("the leader's container", Duration::from_secs(30), || !running_kliko_containers(&img).is_empty());
+
+    let mut waiter = w.kliko();
+    waiter.args(["run", &img.tag, "--json", "--input"]).arg(&input).arg("--output").arg(w.path("out-waiter"));
+    let mut waiter = waiter.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn waiter");
+    // Wait for the event "waiting" on the waiter's stderr, then kill the leader.
+    let mut err = BufReader::new(waiter.stderr.take().expect("stderr"));
+    let mut seen = String::new();
+    loop {
+        let mut line = String::new();
+        assert!(err.read_line(&mut line).expect("read stderr") > 0, "waiter ended before waiting: {seen}");
+        seen.push_str(&line);
+        if line.contains("waiting for its result") {
+            break;
+        }
+    }
+    // SAFETY: sending a signal to our own child.
+    unsafe { libc::kill(leader.id() as i32, libc::SIGKILL) };
+    leader.wait().expect("reap leader");
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut err, &mut rest).expect("stderr");
+    let o = Out::from_output("waiter".into(), {
+        let out = waiter.wait_with_output().expect("waiter");
+        std::process::Output { status: out.status, stdout: out.stdout, stderr: format!("{seen}{rest}").into_bytes() }
+    });
+    o.ok();
+    assert_eq!(o.cache(), "miss", "the waiter ran it itself");
+    assert_eq!(read(&w.path("out-waiter/all.txt")), "alpha\n");
+    // The dead leader's container was removed by the one that took over.
+    assert_no_containers(&img);
+    let fsck = Out::of(w.kliko().args(["store", "fsck"]));
+    fsck.ok();
+    assert!(fsck.stdout.contains("store is consistent"), "{}", fsck.stdout);
+}
+
+#[test]
+fn gc_in_a_loop_while_runs_and_hits_happen() {
+    let w = Arc::new(World::new());
+    let img = Arc::new(split_image(
+        "gcloop",
+        "      - name: n\n        type: int\n",
+        "n=$(sed -n 's/.*\"n\": *\\([0-9]*\\).*/\\1/p' /parameters.json)\ncat /input/* > /output/all.txt\necho \"$n\" > /output/n.txt",
+    ));
+    let input = w.folder("in", &[("a.txt", "alpha\n")]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let gc = {
+        let (w, stop) = (w.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut rounds = 0;
+            while !stop.load(Ordering::Relaxed) || rounds == 0 {
+                Out::of(w.kliko().args(["gc", "--max-size", "1"])).ok();
+                rounds += 1;
+            }
+            rounds
+        })
+    };
+    let workers: Vec<_> = (0..3)
+        .map(|t| {
+            let (w, img, input) = (w.clone(), img.clone(), input.clone());
+            std::thread::spawn(move || {
+                for i in 0..6 {
+                    let n = (t + i) % 3;
+                    let out = w.path(&format!("out-{t}-{i}"));
+                    let o = w.run(&[&img.tag, &"--quiet", &"--input", &input, &"--output", &out, &"--n", &n.to_string()]);
+                    o.ok();
+                    assert_eq!(read(&out.join("n.txt")), format!("{n}\n"));
+                    assert_eq!(read(&out.join("all.txt")), "alpha\n");
+                }
+            })
+        })
+        .collect();
+    for t in workers {
+        t.join().expect("worker");
+    }
+    stop.store(true, Ordering::Relaxed);
+    let rounds = gc.join().expect("gc thread");
+    assert!(rounds >= 1);
+    let fsck = Out::of(w.kliko().args(["store", "fsck"]));
+    fsck.ok();
+    assert!(fsck.stdout.contains("store is consistent"), "{}", fsck.stdout);
+    assert_no_containers(&img);
+}
+
+fn prov(w: &World, arg: &str, extra: &[&str]) -> Value {
+    let o = Out::of(w.kliko().args(["provenance", arg, "--json"]).args(extra));
+    o.ok();
+    serde_json::from_str(&o.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", o.stdout))
+}
+
+fn run_keys(v: &Value) -> Vec<(u64, String)> {
+    v["runs"]
+        .as_array()
+        .expect("runs")
+        .iter()
+        .map(|r| (r["depth"].as_u64().expect("depth"), r["result"]["key"].as_str().expect("key").to_string()))
+        .collect()
+}
+
+#[test]
+fn provenance_by_every_kind_of_argument_with_lineage() {
+    let w = World::new();
+    let step1 = split_image(
+        "prov-step1",
+        "      - name: scale\n        type: int\n        initial: 2\n",
+        "for f in /input/*; do cat \"$f\"; done > /output/data.txt\necho step1 log",
+    );
+    let step2 = split_image("prov-step2", "", "wc -l < /input/data.txt > /output/summary.txt\necho step2 log");
+    let input = w.folder("raw", &[("a.txt", "1\n2\n"), ("b.txt", "3\n")]);
+    let r1 = w.run(&[&step1.tag, &"--json", &"--input", &input, &"--output", &w.path("out1"), &"--scale", &"3"]);
+    r1.ok();
+    let r2 = w.run(&[&step2.tag, &"--json", &"--input", &w.path("out1"), &"--output", &w.path("out2")]);
+    r2.ok();
+    let (k1, k2) = (r1.key(), r2.key());
+    assert_eq!(read(&w.path("out2/summary.txt")).trim(), "3");
+
+    // A path to a file: produced by step2, whose input came from step1.
+    let v = prov(&w, &w.path("out2/summary.txt").to_string_lossy(), &[]);
+    assert_eq!(v["kind"], "file");
+    assert_eq!(run_keys(&v), vec![(0, k2.clone()), (1, k1.clone())]);
+    let step1_run = &v["runs"][1];
+    assert_eq!(step1_run["feeds"], Value::String(k2.clone()));
+    assert_eq!(step1_run["result"]["parameters_given"]["scale"], 3);
+    assert_eq!(step1_run["result"]["input_path"], Value::String(input.to_string_lossy().into_owned()));
+    assert_eq!(step1_run["result"]["image_ref"], Value::String(step1.tag.clone()));
+    assert_eq!(step1_run["result"]["image_id"], Value::String(step1.id.clone()));
+
+    // --depth 0: no lineage.
+    assert_eq!(run_keys(&prov(&w, &w.path("out2/summary.txt").to_string_lossy(), &["--depth", "0"])), vec![(0, k2.clone())]);
+    // A path to a folder.
+    let v = prov(&w, &w.path("out2").to_string_lossy(), &[]);
+    assert_eq!(v["kind"], "tree");
+    assert_eq!(run_keys(&v)[0], (0, k2.clone()));
+    // The run key, and a prefix of it.
+    assert_eq!(run_keys(&prov(&w, &k2, &["--depth", "0"])), vec![(0, k2.clone())]);
+    assert_eq!(prov(&w, &k1[..10], &[])["kind"], "key");
+    // The output tree digest and a file digest (full and as a prefix).
+    let tree = r2.json()["output"].as_str().expect("output").to_string();
+    assert_eq!(run_keys(&prov(&w, &tree, &["--depth", "0"])), vec![(0, k2.clone())]);
+    let h = Out::of(w.kliko().args(["hash", "--json"]).arg(w.path("out1/data.txt")));
+    h.ok();
+    let file_digest = serde_json::from_str::<Value>(&h.stdout).expect("json")["digest"].as_str().expect("digest").to_string();
+    let v = prov(&w, &file_digest[..12], &[]);
+    assert_eq!(v["kind"], "file");
+    assert_eq!(run_keys(&v)[0], (0, k1.clone()));
+    // step1's output tree was step2's input.
+    let v = prov(&w, r1.json()["output"].as_str().expect("output"), &["--depth", "0"]);
+    assert_eq!(v["used_by"], Value::Array(vec![Value::String(k2.clone())]));
+
+    // Unknown things are errors, not empty answers.
+    let o = Out::of(w.kliko().args(["provenance", "0123456789abcdef"]));
+    o.expect_code(2);
+    assert!(o.stderr.contains("no stored run"), "{}", o.stderr);
+    let o = Out::of(w.kliko().args(["provenance", "no-such-file.txt"]));
+    o.expect_code(2);
+
+    // show: the result and its stored logs; history: both runs.
+    let o = Out::of(w.kliko().args(["show", &k1[..12]]));
+    o.ok();
+    assert!(o.stdout.contains("step1 log") && o.stdout.contains(&step1.id), "{}", o.stdout);
+    let o = Out::of(w.kliko().args(["history", "--json"]));
+    o.ok();
+    let hist: Value = serde_json::from_str(&o.stdout).expect("json");
+    assert_eq!(hist.as_array().expect("list").len(), 2);
+    assert_eq!(hist[0]["key"], Value::String(k2.clone()), "newest first");
+
+    // pin protects from gc; the unpinned result is evicted and its rerun is a miss.
+    Out::of(w.kliko().args(["pin", &k1])).ok();
+    let dry = Out::of(w.kliko().args(["gc", "--max-size", "1", "--dry-run", "--json"]));
+    dry.ok();
+    let dry: Value = serde_json::from_str(&dry.stdout).expect("json");
+    assert_eq!(dry["evicted"], Value::Array(vec![Value::String(k2.clone())]));
+    assert!(stored(&w, &[&step2.tag, &"--input", &w.path("out1")]), "dry run deleted nothing");
+    Out::of(w.kliko().args(["gc", "--max-size", "1"])).ok();
+    assert!(!stored(&w, &[&step2.tag, &"--input", &w.path("out1")]));
+    assert!(stored(&w, &[&step1.tag, &"--input", &input, &"--scale", &"3"]), "pinned result kept");
+    Out::of(w.kliko().args(["unpin", &k1])).ok();
+    Out::of(w.kliko().args(["gc", "--max-size", "1"])).ok();
+    assert!(!stored(&w, &[&step1.tag, &"--input", &input, &"--scale", &"3"]));
+    let fsck = Out::of(w.kliko().args(["store", "fsck"]));
+    fsck.ok();
+    assert_no_containers(&step1);
+    assert_no_containers(&step2);
+}
+

@@ -1,0 +1,340 @@
+//! HTTP-level tests of every page and every refusal, through the router (no sockets),
+//! against the real Docker daemon with tiny images built here.
+
+mod common;
+
+use axum::body::Body;
+use axum::http::{header, Request, StatusCode};
+use common::*;
+
+fn csrf(f: &Fixture) -> Part {
+    text("csrf", f.state.csrf.clone())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn index_lists_kliko_images_and_skips_others() {
+    let image = full_image();
+    let plain = kliko_testkit::ImageBuilder::new("web-plain").kliko_script("true").build().expect("build");
+    let f = Fixture::new();
+    let r = f.get("/").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert!(r.body.contains(&format!("href=\"/image/{}\"", image.tag)), "kliko image not listed");
+    assert!(r.body.contains("Web test &lt;b&gt;image&lt;/b&gt;"));
+    assert!(r.body.contains("Counts &lt;things&gt; &amp; writes them"));
+    assert!(r.body.contains("Test Author"));
+    assert!(r.body.contains("io <b>split</b>"));
+    assert!(!r.body.contains(&plain.tag), "an image without kliko.yml was listed");
+    // The second time the image without kliko.yml is not even asked about.
+    assert!(f.state.not_kliko.lock().unwrap().contains_key(&plain.id));
+    assert_eq!(f.get("/").await.status, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn form_has_a_widget_per_type_and_escapes_kliko_yml() {
+    let image = full_image();
+    let f = Fixture::new();
+    let r = f.get(&format!("/image/{}", image.tag)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let html = &r.body;
+    // Nothing from kliko.yml is rendered as markup.
+    assert!(!html.contains("<script>alert(1)</script>"));
+    assert!(html.contains("&lt;script&gt;alert(1)&lt;/script&gt;"));
+    assert!(html.contains("How many &quot;items&quot; to &lt;make&gt;"));
+    assert!(html.contains("Main &lt;i&gt;settings&lt;/i&gt;"));
+    assert!(!html.contains("<b>image</b>"));
+    // Our own scripts carry the nonce the Content-Security-Policy allows; no other script tag.
+    let csp = r.headers[header::CONTENT_SECURITY_POLICY].to_str().unwrap();
+    let nonce = csp.split("'nonce-").nth(1).unwrap().split('\'').next().unwrap();
+    assert_eq!(html.matches("<script").count(), html.matches(&format!("<script nonce=\"{nonce}\">")).count());
+    assert_eq!(r.headers[header::X_FRAME_OPTIONS], "DENY");
+
+    let count = field_block(html, "count");
+    assert!(count.contains("type=\"number\" step=\"1\"") && count.contains("value=\"3\""), "{count}");
+    assert!(count.contains("class=\"req\""), "required int is marked: {count}");
+    let ratio = field_block(html, "ratio");
+    assert!(ratio.contains("step=\"any\"") && ratio.contains("value=\"0.5\"") && !ratio.contains("class=\"req\""));
+    let verbose = field_block(html, "verbose");
+    assert!(verbose.contains("type=\"checkbox\"") && !verbose.contains("checked"));
+    let mode = field_block(html, "mode");
+    assert!(mode.contains("<select") && mode.contains("<option value=\"fast\" selected>Fast mode</option>"));
+    assert!(mode.contains("<option value=\"exact\">Exact mode</option>"));
+    let tag = field_block(html, "tag");
+    assert!(tag.contains("maxlength=\"5\""));
+    let sizes = field_block(html, "sizes");
+    assert!(sizes.contains("<textarea") && sizes.contains("name=\"csv.sizes\"") && sizes.contains("1, 2"), "{sizes}");
+    let upload = field_block(html, "upload");
+    assert!(upload.contains("type=\"file\"") && upload.contains("name=\"f.upload\""));
+    assert!(html.contains("class=\"listfield\"") && html.contains("+ add"), "the list widget's script is there");
+    // Folders: input and output, suggestions from the data root.
+    assert!(html.contains("name=\"input\"") && html.contains("name=\"output\"") && !html.contains("name=\"work\""));
+    assert!(html.contains(&format!("<option value=\"{}\">", f.data_path().display())));
+    // The CSRF secret is the first field.
+    let form = &html[html.find("<form method=\"post\"").unwrap()..];
+    assert!(form.find("name=\"csrf\"").unwrap() < form.find("name=\"input\"").unwrap());
+
+    // A join image asks for a work folder instead.
+    let join = kliko_testkit::ImageBuilder::new("web-join")
+        .kliko_yml("schema_version: 3\nio: join\nsections: []\n")
+        .kliko_script("true")
+        .build()
+        .expect("build");
+    let r = f.get(&format!("/image/{}", join.tag)).await;
+    assert!(r.body.contains("name=\"work\"") && !r.body.contains("name=\"input\""));
+    // Unknown images and images without kliko.yml are 404.
+    assert_eq!(f.get("/image/kliko-test-no-such-image:nope").await.status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn invalid_values_are_shown_beside_their_fields_with_the_users_values() {
+    let image = full_image();
+    let f = Fixture::new();
+    let path = format!("/image/{}", image.tag);
+    let r = f
+        .post_form(
+            &path,
+            &[
+                csrf(&f),
+                text("p.count", "abc"),
+                text("p.ratio", "0.25"),
+                text("p.mode", "slow"),
+                text("p.tag", "toolong"),
+                text("csv.sizes", "1, x"),
+                text("p.verbose", "true"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
+    let html = &r.body;
+    let count = field_block(html, "count");
+    assert!(count.contains("class=\"error\"") && count.contains("invalid value `abc` for `count`"), "{count}");
+    assert!(count.contains("value=\"abc\""), "the user's value is kept");
+    assert!(field_block(html, "tag").contains("at most 5 characters"));
+    assert!(field_block(html, "mode").contains("class=\"error\""));
+    assert!(field_block(html, "sizes").contains("item 2"));
+    assert!(field_block(html, "sizes").contains("1, x"));
+    assert!(!field_block(html, "ratio").contains("class=\"error\""));
+    assert!(field_block(html, "ratio").contains("value=\"0.25\""));
+    assert!(field_block(html, "verbose").contains("checked"));
+    // A cleared required field is missing, as on the command line.
+    let r = f.post_form(&path, &[csrf(&f), text("p.count", ""), text("p.mode", "fast")]).await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(field_block(&r.body, "count").contains("missing required parameter `count`"));
+    assert!(f.state.runs.all().is_empty(), "nothing ran");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_shows_logs_and_outputs_and_the_same_run_is_a_cache_hit() {
+    let image = full_image();
+    let f = Fixture::new();
+    let path = format!("/image/{}", image.tag);
+    std::fs::create_dir(f.data.path().join("in")).unwrap();
+    std::fs::write(f.data.path().join("in/a.txt"), "input data").unwrap();
+    let parts = |out: &str| {
+        vec![
+            csrf(&f),
+            text("input", "in"),
+            text("output", out.to_string()),
+            text("p.count", "7"),
+            text("p.ratio", "0.25"),
+            text("p.verbose", "true"),
+            text("p.mode", "exact"),
+            text("p.tag", "abc"),
+            text("listjs.sizes", "1"),
+            text("p.sizes", "4"),
+            text("p.sizes", ""),
+            text("p.sizes", "5"),
+            Part::File("f.upload", "my data.txt", b"uploaded bytes".to_vec()),
+        ]
+    };
+    let id = f.run(&path, &parts("out1")).await;
+    let st = f.state.run(&id).unwrap().snapshot();
+    let report = st.report.as_ref().unwrap_or_else(|| panic!("run failed: {:?}", st.error));
+    assert_eq!(report.exit_code, 0);
+    let out = f.data_path().join("out1");
+    let params: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("parameters.json")).unwrap()).unwrap();
+    assert_eq!(params["count"], 7);
+    assert_eq!(params["ratio"], 0.25);
+    assert_eq!(params["verbose"], true);
+    assert_eq!(params["mode"], "exact");
+    assert_eq!(params["sizes"], serde_json::json!([4, 5]));
+    assert_eq!(params["upload"], "/param_files/upload");
+    assert_eq!(std::fs::read_to_string(out.join("upload.txt")).unwrap(), "uploaded bytes");
+
+    let page = f.get(&format!("/run/{id}")).await;
+    assert_eq!(page.status, StatusCode::OK);
+    assert!(page.body.contains("succeeded"));
+    assert!(page.body.contains("id=\"exit-code\">0<"));
+    assert!(page.body.contains("computed"));
+    assert!(page.body.contains("hello from the container &lt;b&gt;"), "logs are shown, escaped");
+    assert!(page.body.contains("<span class=\"err\">a warning line"));
+    assert!(page.body.contains(&format!("href=\"/run/{id}/file/sub/deep.txt\"")));
+    assert!(page.body.contains(&format!("/provenance/{}", report.key)));
+    // Downloads come from the store; traversal finds nothing.
+    let file = f.get(&format!("/run/{id}/file/sub/deep.txt")).await;
+    assert_eq!((file.status, file.body.as_str()), (StatusCode::OK, "nested\n"));
+    assert!(file.headers[header::CONTENT_SECURITY_POLICY].to_str().unwrap().contains("sandbox"));
+    let json = f.get(&format!("/run/{id}/file/parameters.json")).await;
+    assert_eq!(json.headers[header::CONTENT_TYPE], "application/json");
+    for bad in ["../../etc/passwd", "sub/../parameters.json", "%2e%2e/%2e%2e/etc/passwd", "nope.txt"] {
+        assert_eq!(f.get(&format!("/run/{id}/file/{bad}")).await.status, StatusCode::NOT_FOUND, "{bad}");
+    }
+    // The live stream of a finished run replays its logs and ends.
+    let events = f.get(&format!("/run/{id}/events")).await;
+    assert_eq!(events.headers[header::CONTENT_TYPE], "text/event-stream");
+    assert!(events.body.contains("event: log") && events.body.contains("hello from the container"));
+    assert!(events.body.trim_end().ends_with("event: done\ndata: {}"), "{}", events.body);
+
+    // The same run again (another output folder, the same upload content): a cache hit.
+    let id2 = f.run(&path, &parts("out2")).await;
+    let st2 = f.state.run(&id2).unwrap().snapshot();
+    assert_eq!(st2.report.as_ref().unwrap().cache, kliko_engine::Cache::Hit);
+    assert_eq!(st2.key, st.key);
+    let page2 = f.get(&format!("/run/{id2}")).await;
+    assert!(page2.body.contains("badge hit\">cache hit"), "{}", page2.body);
+    assert_eq!(std::fs::read_to_string(f.data_path().join("out2/sub/deep.txt")).unwrap(), "nested\n");
+
+    // History lists both; provenance of the key and of the output tree shows the run.
+    let key = report.key.to_hex();
+    let hist = f.get("/history").await;
+    assert!(hist.body.matches(&format!("/provenance/{key}")).count() >= 2, "{}", hist.body);
+    assert!(hist.body.contains("badge hit") && hist.body.contains("badge miss"));
+    let prov = f.get(&format!("/provenance/{}", &key[..10])).await;
+    assert_eq!(prov.status, StatusCode::OK);
+    assert!(prov.body.contains(&image.tag) && prov.body.contains(&image.id));
+    assert!(prov.body.contains("&quot;count&quot;: 7"), "parameters given are shown");
+    assert!(prov.body.contains(&f.data_path().join("in").display().to_string()), "input path");
+    let out_tree = report.output.unwrap().to_hex();
+    let prov = f.get(&format!("/provenance/{out_tree}")).await;
+    assert!(prov.body.contains("produced by") && prov.body.contains(&key[..16]));
+    let q = f.get(&format!("/provenance?q={}", &key[..8])).await;
+    assert_eq!(q.status, StatusCode::SEE_OTHER);
+    let log = f.get(&format!("/result/{key}/log/stdout")).await;
+    assert_eq!(log.body, "hello from the container <b>\n");
+    assert_eq!(log.headers[header::CONTENT_TYPE], "text/plain; charset=utf-8");
+    let files = f.get(&format!("/result/{key}/files")).await;
+    assert!(files.body.contains(&format!("/result/{key}/file/upload.txt")));
+    assert_eq!(f.get(&format!("/result/{key}/file/upload.txt")).await.body, "uploaded bytes");
+    assert!(f.get("/provenance/zz").await.body.contains("at least 6 hexadecimal"));
+    assert!(f.get("/provenance/abcdef0123").await.body.contains("Nothing in the store"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn posts_without_the_csrf_secret_are_refused() {
+    let image = full_image();
+    let f = Fixture::new();
+    let path = format!("/image/{}", image.tag);
+    let r = f.post_form(&path, &[text("p.count", "1")]).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    let r = f.post_form(&path, &[text("csrf", "0".repeat(64)), text("p.count", "1")]).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    // Not first: refused too (nothing is read before the secret).
+    let r = f.post_form(&path, &[text("p.count", "1"), csrf(&f)]).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    assert!(f.state.runs.all().is_empty());
+    // Cancelling needs it as well.
+    let id = f.run(&path, &[csrf(&f)]).await;
+    let req = Request::post(format!("/run/{id}/cancel"))
+        .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+        .body(Body::from("csrf=wrong"))
+        .unwrap();
+    assert_eq!(f.send(req).await.status, StatusCode::FORBIDDEN);
+    let req = Request::post(format!("/run/{id}/cancel"))
+        .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+        .body(Body::from(format!("csrf={}", f.state.csrf)))
+        .unwrap();
+    assert_eq!(f.send(req).await.status, StatusCode::SEE_OTHER);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn off_loopback_every_request_needs_the_token() {
+    // No token given for a non-loopback address: one is generated.
+    let f = Fixture::with(|c| c.bind = "0.0.0.0:0".parse().unwrap());
+    let token = f.state.token.clone().expect("a generated token");
+    assert!(token.len() >= 32);
+    for path in ["/", "/history", "/provenance", "/image/x", "/run/x", "/run/x/events", "/result/x/files", "/nope"] {
+        let r = f.get(path).await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{path}");
+        assert!(!r.body.contains(&token));
+    }
+    let r = f.post_form("/image/x", &[text("csrf", f.state.csrf.clone())]).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(f.get("/history?token=wrong").await.status, StatusCode::UNAUTHORIZED);
+    // The right token once: a cookie, and the token leaves the address.
+    let r = f.get(&format!("/history?a=1&token={token}")).await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER);
+    assert_eq!(r.headers[header::LOCATION], "/history?a=1");
+    let cookie = r.headers[header::SET_COOKIE].to_str().unwrap().to_string();
+    assert!(cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"), "{cookie}");
+    assert!(!cookie.contains(&token), "the cookie holds a derived value, not the token");
+    let pair = cookie.split(';').next().unwrap().to_string();
+    let req = Request::get("/history").header(header::COOKIE, format!("other=1; {pair}")).body(Body::empty()).unwrap();
+    assert_eq!(f.send(req).await.status, StatusCode::OK);
+    let req = Request::get("/history").header(header::COOKIE, "kliko_auth=forged").body(Body::empty()).unwrap();
+    assert_eq!(f.send(req).await.status, StatusCode::UNAUTHORIZED);
+
+    // A given token is used as given; loopback without one needs none.
+    let g = Fixture::with(|c| {
+        c.bind = "0.0.0.0:0".parse().unwrap();
+        c.token = Some("s3cret/+?".into());
+    });
+    assert_eq!(g.get("/history?token=s3cret%2F%2B%3F").await.status, StatusCode::SEE_OTHER);
+    let h = Fixture::new();
+    assert!(h.state.token.is_none());
+    assert_eq!(h.get("/history").await.status, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn folders_outside_the_data_roots_are_refused() {
+    let image = full_image();
+    let f = Fixture::new();
+    let outside = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(outside.path(), f.data.path().join("link-out")).unwrap();
+    std::fs::create_dir(f.data.path().join("full")).unwrap();
+    std::fs::write(f.data.path().join("full/x"), "x").unwrap();
+    let path = format!("/image/{}", image.tag);
+    for (input, output, bad_field, msg) in [
+        ("../", "", "input", "outside the data folders"),
+        ("/etc", "", "input", "outside the data folders"),
+        ("link-out", "", "input", "outside the data folders"),
+        ("", "link-out/new", "output", "outside the data folders"),
+        ("", "../../tmp/x", "output", "outside the data folders"),
+        ("", "new/../../x", "output", ""),
+        ("missing", "", "input", "no such folder"),
+        ("", "full", "output", "not empty"),
+        ("", "full/x", "output", "not a folder"),
+    ] {
+        let r = f.post_form(&path, &[csrf(&f), text("input", input), text("output", output)]).await;
+        assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{input} {output}");
+        let block = field_block(&r.body, &format!("folder:{bad_field}"));
+        assert!(block.contains("class=\"error\"") && block.contains(msg), "{input} {output}: {block}");
+    }
+    assert!(f.state.runs.all().is_empty(), "nothing ran");
+    assert_eq!(std::fs::read_dir(outside.path()).unwrap().count(), 0, "nothing was written outside");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn uploads_over_the_limit_are_refused() {
+    let image = full_image();
+    let f = Fixture::with(|c| c.upload_limit = 4096);
+    let path = format!("/image/{}", image.tag);
+    let r = f.post_form(&path, &[csrf(&f), Part::File("f.upload", "big.bin", vec![7u8; 64 * 1024])]).await;
+    assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE, "{}", r.body);
+    assert!(f.state.runs.all().is_empty());
+    // A small one is fine.
+    let r = f.post_form(&path, &[csrf(&f), Part::File("f.upload", "small.bin", vec![7u8; 100])]).await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    let id = r.headers[header::LOCATION].to_str().unwrap().trim_start_matches("/run/").to_string();
+    f.state.run(&id).unwrap().wait().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pages_that_do_not_exist_are_404() {
+    let f = Fixture::new();
+    assert_eq!(f.get("/run/nope").await.status, StatusCode::NOT_FOUND);
+    assert_eq!(f.get("/run/nope/events").await.status, StatusCode::NOT_FOUND);
+    assert_eq!(f.get("/result/xyz/files").await.status, StatusCode::NOT_FOUND);
+    assert_eq!(f.get(&format!("/result/{}/log/stdout", "ab".repeat(32))).await.status, StatusCode::NOT_FOUND);
+    assert_eq!(f.get("/elsewhere").await.status, StatusCode::NOT_FOUND);
+    let h = f.get("/history").await;
+    assert!(h.body.contains("Nothing has run yet"));
+}
