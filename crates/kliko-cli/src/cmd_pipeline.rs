@@ -121,7 +121,7 @@ impl Reporter for Term {
         let mut rows = self.rows.lock().expect("rows lock");
         let width = rows.width;
         let Some(i) = rows.steps.iter().position(|(n, _, _)| n == step) else { return };
-        let changed = rows.steps[i].1 != state || rows.steps[i].2 != progress;
+        let changed = status_text(rows.steps[i].1, &rows.steps[i].2) != status_text(state, &progress);
         rows.steps[i].1 = state;
         rows.steps[i].2 = progress;
         let mut err = std::io::stderr().lock();

@@ -1,36 +1,13 @@
 //! Small filesystem and host helpers.
 
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use crate::error::{IoContext, Result};
 
 /// Remove a folder tree even where a container left read-only folders in it.
 pub fn force_remove(dir: &Path) {
-    if fs::remove_dir_all(dir).is_ok() || !dir.exists() {
-        return;
-    }
-    for e in walkdir_dirs(dir) {
-        let _ = fs::set_permissions(&e, fs::Permissions::from_mode(0o700));
-    }
-    let _ = fs::remove_dir_all(dir);
-}
-
-fn walkdir_dirs(dir: &Path) -> Vec<PathBuf> {
-    let mut out = vec![dir.to_path_buf()];
-    let mut i = 0;
-    while i < out.len() {
-        if let Ok(rd) = fs::read_dir(&out[i]) {
-            for e in rd.flatten() {
-                if e.file_type().is_ok_and(|t| t.is_dir()) {
-                    out.push(e.path());
-                }
-            }
-        }
-        i += 1;
-    }
-    out
+    kliko_store::remove_tree(dir);
 }
 
 /// Whether `dir` is absent or an empty folder.
@@ -43,16 +20,20 @@ pub fn absent_or_empty(dir: &Path) -> Result<bool> {
     }
 }
 
-/// Fill `target` with what `fill` writes into a fresh folder, replacing its old contents
-/// only once the new ones are complete: fill a sibling, rename the old folder aside, rename
-/// the new one in, remove the old one. A crash leaves both copies, never neither.
+/// Fill `target` with what `fill` writes into a fresh sibling folder, so that `target` never
+/// shows a partial result: an absent or empty `target` is replaced by one rename; a non-empty
+/// one is renamed aside, the new one renamed in, the old one removed. A crash leaves both
+/// copies, never neither.
 pub fn replace_dir(target: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let parent = target.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
     let staging = tempfile::Builder::new().prefix(&format!(".{name}.kliko-new-")).tempdir_in(parent).at(parent)?;
     let new = staging.path().join("t");
     fill(&new)?;
-    if target.exists() {
+    // rename(2) replaces an empty folder atomically; a non-empty one is swapped.
+    if absent_or_empty(target)? {
+        fs::rename(&new, target).at(target)?;
+    } else {
         let old = staging.path().join("old");
         fs::rename(target, &old).at(target)?;
         if let Err(e) = fs::rename(&new, target) {
@@ -60,8 +41,6 @@ pub fn replace_dir(target: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Res
             return Err(e).at(target);
         }
         force_remove(&old);
-    } else {
-        fs::rename(&new, target).at(target)?;
     }
     Ok(())
 }

@@ -302,20 +302,12 @@ impl Engine {
         }))
     }
 
-    /// Put stored tree `tree` at `target`: directly if it is absent or empty, else by
-    /// replacing its contents once the new ones are complete.
+    /// Put stored tree `tree` at `target`, which shows either its old contents or the
+    /// complete new ones, never a partial tree.
     async fn place(&self, req: &RunRequest, tree: &Digest, target: &Path) -> Result<()> {
         let store = self.store.clone();
         let (tree, target, mode) = (*tree, target.to_path_buf(), req.materialize);
-        blocking(move || {
-            if fsutil::absent_or_empty(&target)? {
-                store.materialize(&tree, &target, mode)?;
-            } else {
-                fsutil::replace_dir(&target, |new| Ok(store.materialize(&tree, new, mode)?))?;
-            }
-            Ok(())
-        })
-        .await
+        blocking(move || fsutil::replace_dir(&target, |new| Ok(store.materialize(&tree, new, mode)?))).await
     }
 
     async fn history(&self, entry: HistoryEntry) {
@@ -395,10 +387,17 @@ impl Engine {
             }
         };
         let scratch_path = scratch.path().to_path_buf();
+        // Held while the run uses the folder: gc removes scratch folders whose lock is free
+        // (left by a killed process).
+        let scratch_lock = kliko_store::lock_scratch(&scratch_path);
         let result = self.execute_in(req, prep, target, &scratch_path, obs, cancel, t0).await;
         heartbeat.abort();
         let keep = scratch.keep();
-        tokio::task::spawn_blocking(move || fsutil::force_remove(&keep));
+        let _ = tokio::task::spawn_blocking(move || {
+            fsutil::force_remove(&keep);
+            drop(scratch_lock);
+        })
+        .await;
         match result {
             Ok((report, None)) => {
                 if report.status == Status::Cancelled {

@@ -82,7 +82,12 @@ pub async fn check(engine: &Engine, p: &Pipeline) -> Result<Checked> {
         }
     }
 
-    // Images and their parameters.
+    // Images and their parameters. Nothing here waits for another process: keep the index
+    // open throughout rather than reopening it per image.
+    let _db = {
+        let store = engine.store().clone();
+        crate::blocking(move || Ok(store.db()?)).await?
+    };
     let mut images: HashMap<String, ImageMeta> = HashMap::new();
     let mut bad_images: HashMap<String, String> = HashMap::new();
     for s in &p.steps {

@@ -220,6 +220,52 @@ struct Ctx {
     step: Arc<Step>,
     outputs: Arc<HashMap<String, Digest>>,
     progress: Arc<Mutex<Progress>>,
+    keeper: Arc<DbKeeper>,
+}
+
+/// Keeps the store's index open between runs. Every store access opens and closes RocksDB
+/// unless a handle is alive (tens of milliseconds each time), which would dominate an
+/// all-cached pipeline. But the index is one process's at a time and must never be held
+/// while waiting for another process, so the handle is let go as soon as any run starts a
+/// container or waits for another's lease, and taken again when none does.
+struct DbKeeper {
+    store: Arc<Store>,
+    /// Runs now running a container or waiting on a lease; the handle while there are none.
+    state: Mutex<(usize, Option<kliko_store::Db>)>,
+}
+
+impl DbKeeper {
+    fn block(&self) {
+        let old = {
+            let mut s = self.state.lock().expect("keeper lock");
+            s.0 += 1;
+            s.1.take()
+        };
+        drop(old);
+    }
+
+    fn unblock(&self) {
+        let mut s = self.state.lock().expect("keeper lock");
+        s.0 = s.0.saturating_sub(1);
+    }
+
+    fn release(&self) {
+        let old = self.state.lock().expect("keeper lock").1.take();
+        drop(old);
+    }
+
+    /// Take a handle if no run is blocked (may wait for another process's use of the index).
+    async fn hold(self: Arc<Self>) {
+        if self.state.lock().expect("keeper lock").0 > 0 {
+            return;
+        }
+        let store = self.store.clone();
+        let Ok(Ok(db)) = tokio::task::spawn_blocking(move || store.db()).await else { return };
+        let mut s = self.state.lock().expect("keeper lock");
+        if s.0 == 0 && s.1.is_none() {
+            s.1 = Some(db);
+        }
+    }
 }
 
 impl Ctx {
@@ -239,6 +285,8 @@ pub async fn run(
     cancel: CancellationToken,
 ) -> Result<PipelineReport> {
     let t0 = Instant::now();
+    let keeper = Arc::new(DbKeeper { store: engine.store().clone(), state: Mutex::new((0, None)) });
+    keeper.clone().hold().await;
     let resolver = Arc::new(Resolver::new(engine.store().clone(), Stage::Store));
     let sem = Arc::new(Semaphore::new(opts.jobs.max(1)));
     let stop = cancel.child_token();
@@ -283,6 +331,7 @@ pub async fn run(
                 step: Arc::new(step.clone()),
                 outputs: Arc::new(outputs.clone()),
                 progress: Arc::default(),
+                keeper: keeper.clone(),
             };
             tasks.spawn(async move { (i, run_step(ctx).await) });
         }
@@ -310,6 +359,7 @@ pub async fn run(
             })
         })
         .collect();
+    keeper.release();
     Ok(PipelineReport {
         file: p.file.clone(),
         ok: steps.iter().all(|s| s.state.succeeded()),
@@ -440,6 +490,8 @@ struct RunObs {
     ctx: Ctx,
     entry: Option<String>,
     started: AtomicBool,
+    /// Whether this run made the [`DbKeeper`] let go.
+    blocked: AtomicBool,
 }
 
 impl Observer for RunObs {
@@ -448,7 +500,15 @@ impl Observer for RunObs {
     }
     fn event(&self, event: &Event) {
         match event {
+            Event::Waiting { .. } => {
+                if !self.blocked.swap(true, Ordering::SeqCst) {
+                    self.ctx.keeper.block();
+                }
+            }
             Event::Starting => {
+                if !self.blocked.swap(true, Ordering::SeqCst) {
+                    self.ctx.keeper.block();
+                }
                 self.started.store(true, Ordering::SeqCst);
                 self.ctx.progress.lock().expect("progress lock").running += 1;
                 self.ctx.report(StepState::Running);
@@ -516,8 +576,13 @@ async fn run_one_inner(ctx: &Ctx, entry: Option<(String, EntryRef)>, name: Optio
     req.timeout = step.timeout;
     req.labels.insert(PIPELINE_LABEL.into(), ctx.pipeline_file.display().to_string());
     req.labels.insert(STEP_LABEL.into(), step.name.clone());
-    let obs = Arc::new(RunObs { ctx: ctx.clone(), entry: name.clone(), started: AtomicBool::new(false) });
-    let report = ctx.engine.run(req, obs.clone(), ctx.cancel.clone()).await?;
+    let obs = Arc::new(RunObs { ctx: ctx.clone(), entry: name.clone(), started: AtomicBool::new(false), blocked: AtomicBool::new(false) });
+    let report = ctx.engine.run(req, obs.clone(), ctx.cancel.clone()).await;
+    if obs.blocked.load(Ordering::SeqCst) {
+        ctx.keeper.unblock();
+        ctx.keeper.clone().hold().await;
+    }
+    let report = report?;
     let status = match report.status {
         Status::Succeeded => "succeeded",
         Status::Failed => "failed",

@@ -73,6 +73,11 @@ pub async fn show(engine: &Arc<Engine>, p: &Pipeline, checked: &Checked) -> Resu
     let resolver = Arc::new(Resolver::new(engine.store().clone(), Stage::DigestOnly));
     let mut outputs: HashMap<String, Digest> = HashMap::new();
     let mut plans: Vec<Option<StepPlan>> = vec![None; p.steps.len()];
+    // Nothing here waits for another process: keep the index open throughout.
+    let db = {
+        let store = engine.store().clone();
+        blocking(move || Ok(store.db()?)).await?
+    };
     for &i in &checked.order {
         let step = &p.steps[i];
         let meta = &checked.images[&step.image];
@@ -105,7 +110,6 @@ pub async fn show(engine: &Arc<Engine>, p: &Pipeline, checked: &Checked) -> Resu
                 blocking(move || r.entries(&src, &o)).await?.into_iter().map(Some).collect()
             }
         };
-        let db = engine.store().db()?;
         let mut runs = Vec::new();
         let mut run_outputs = Vec::new();
         for entry in entries {

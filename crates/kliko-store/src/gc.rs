@@ -58,6 +58,20 @@ pub struct GcReport {
     pub bytes_before: u64,
     pub bytes_after: u64,
     pub dry_run: bool,
+    /// Scratch folders of runs that died (their lock was free).
+    pub scratch_removed: u64,
+}
+
+/// The lock file a run holds inside its scratch folder.
+pub const SCRATCH_LOCK: &str = ".kliko-lock";
+
+/// Lock a run's scratch folder for as long as the returned file lives (None if it cannot be
+/// locked: the folder is then only collected once it is a day old).
+pub fn lock_scratch(dir: &Path) -> Option<File> {
+    let p = dir.join(SCRATCH_LOCK);
+    let f = File::options().create(true).truncate(false).write(true).open(p).ok()?;
+    // SAFETY: flock on an fd we own.
+    (unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0).then_some(f)
 }
 
 impl Store {
@@ -165,6 +179,7 @@ impl Store {
         report.bytes_after = report.bytes_before - report.bytes_deleted;
         if !opts.dry_run {
             self.clean_tmp(24 * 3600 * 1000);
+            report.scratch_removed = self.clean_scratch(24 * 3600 * 1000);
         }
         Ok(report)
     }
@@ -189,6 +204,29 @@ impl Store {
         out
     }
 
+    /// Remove scratch folders left by runs that died: those whose lock is free, and those
+    /// without a lock older than `age_ms`. Returns how many were removed.
+    fn clean_scratch(&self, age_ms: u64) -> u64 {
+        let cutoff = std::time::SystemTime::now() - std::time::Duration::from_millis(age_ms);
+        let mut removed = 0;
+        let Ok(rd) = fs::read_dir(self.root().join(crate::SCRATCH_DIR)) else { return 0 };
+        for e in rd.flatten() {
+            let dir = e.path();
+            let lock = dir.join(SCRATCH_LOCK);
+            let orphan = if let Ok(m) = fs::metadata(&lock) {
+                // A minute's grace covers a run between creating its lock file and locking it.
+                let settled = m.modified().is_ok_and(|t| t < std::time::SystemTime::now() - std::time::Duration::from_secs(60));
+                settled && lock_scratch(&dir).is_some()
+            } else {
+                e.metadata().and_then(|m| m.modified()).is_ok_and(|t| t < cutoff)
+            };
+            if orphan && remove_tree(&dir) {
+                removed += 1;
+            }
+        }
+        removed
+    }
+
     /// Remove temporary files older than `age_ms` (left by interrupted writes).
     fn clean_tmp(&self, age_ms: u64) {
         let cutoff = std::time::SystemTime::now() - std::time::Duration::from_millis(age_ms);
@@ -200,4 +238,18 @@ impl Store {
             }
         }
     }
+}
+
+/// Remove a folder tree, making read-only folders (a container may leave them) writable.
+pub fn remove_tree(dir: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    if fs::remove_dir_all(dir).is_ok() {
+        return true;
+    }
+    for e in walkdir::WalkDir::new(dir).into_iter().flatten() {
+        if e.file_type().is_dir() {
+            let _ = fs::set_permissions(e.path(), fs::Permissions::from_mode(0o700));
+        }
+    }
+    fs::remove_dir_all(dir).is_ok()
 }

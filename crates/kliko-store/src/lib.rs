@@ -34,7 +34,7 @@ pub use blobs::ObjectKind;
 pub use db::Db;
 pub use error::{Result, StoreError};
 pub use fsck::{FsckOptions, FsckReport, StoreStats};
-pub use gc::{GcGuard, GcOptions, GcReport};
+pub use gc::{lock_scratch, remove_tree, GcGuard, GcOptions, GcReport, SCRATCH_LOCK};
 pub use ingest::{IngestMode, Ingested};
 pub use materialize::MaterializeMode;
 pub use statcache::DbStatCache;

@@ -70,7 +70,9 @@ impl Submitted {
                         s.trim().to_string()
                     })),
                     // A cleared field is unset, even when kliko.yml gives an initial value.
-                    _ => Some(J::Null),
+                    Some(_) => Some(J::Null),
+                    // Not in the submission at all: the initial value applies.
+                    None => None,
                 },
             };
             if let Some(v) = v {
