@@ -64,34 +64,11 @@ fn a_waiter_takes_over_when_the_leader_is_killed() {
     let w = World::new();
     let img = split_image("takeover", "", SLOW);
     let input = w.folder("in", &[("a.txt", "alpha\n")]);
-    let mut leader = w.kliko();
-    leader.args(["run", &img.tag, "--quiet", "--input"]).arg(&input).arg("--output").arg(w.path("out-leader"));
-    let mut leader = leader.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("spawn leader");
-    wait_for("the leader's container", Duration::from_secs(30), || !running_kliko_containers(&img).is_empty());
-
-    let mut waiter = w.kliko();
-    waiter.args(["run", &img.tag, "--json", "--input"]).arg(&input).arg("--output").arg(w.path("out-waiter"));
-    let mut waiter = waiter.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn waiter");
-    // Wait for the event "waiting" on the waiter's stderr, then kill the leader.
-    let mut err = BufReader::new(waiter.stderr.take().expect("stderr"));
-    let mut seen = String::new();
-    loop {
-        let mut line = String::new();
-        assert!(err.read_line(&mut line).expect("read stderr") > 0, "waiter ended before waiting: {seen}");
-        seen.push_str(&line);
-        if line.contains("waiting for its result") {
-            break;
-        }
-    }
+    let (mut leader, waiter, err, seen) = leader_and_waiter(&w, &img, &input, &["--json"]);
     // SAFETY: sending a signal to our own child.
     unsafe { libc::kill(leader.id() as i32, libc::SIGKILL) };
     leader.wait().expect("reap leader");
-    let mut rest = String::new();
-    std::io::Read::read_to_string(&mut err, &mut rest).expect("stderr");
-    let o = Out::from_output("waiter".into(), {
-        let out = waiter.wait_with_output().expect("waiter");
-        std::process::Output { status: out.status, stdout: out.stdout, stderr: format!("{seen}{rest}").into_bytes() }
-    });
+    let o = finish(waiter, err, seen);
     o.ok();
     assert_eq!(o.cache(), "miss", "the waiter ran it itself");
     assert_eq!(read(&w.path("out-waiter/all.txt")), "alpha\n");
@@ -251,3 +228,75 @@ fn provenance_by_every_kind_of_argument_with_lineage() {
     assert_no_containers(&step2);
 }
 
+
+/// Start a leader on `img` and a waiter; return the waiter once it reports that it waits.
+fn leader_and_waiter(w: &World, img: &TestImage, input: &std::path::Path, waiter_args: &[&str]) -> (std::process::Child, std::process::Child, BufReader<std::process::ChildStderr>, String) {
+    let mut leader = w.kliko();
+    leader.args(["run", &img.tag, "--quiet", "--input"]).arg(input).arg("--output").arg(w.path("out-leader"));
+    let leader = leader.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("spawn leader");
+    wait_for("the leader's container", Duration::from_secs(30), || !running_kliko_containers(img).is_empty());
+    let mut waiter = w.kliko();
+    waiter.args(["run", &img.tag, "--input"]).arg(input).arg("--output").arg(w.path("out-waiter")).args(waiter_args);
+    let mut waiter = waiter.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn waiter");
+    let mut err = BufReader::new(waiter.stderr.take().expect("stderr"));
+    let mut seen = String::new();
+    loop {
+        let mut line = String::new();
+        assert!(err.read_line(&mut line).expect("read stderr") > 0, "waiter ended before waiting: {seen}");
+        seen.push_str(&line);
+        if line.contains("waiting for its result") {
+            return (leader, waiter, err, seen);
+        }
+    }
+}
+
+fn finish(child: std::process::Child, mut err: BufReader<std::process::ChildStderr>, seen: String) -> Out {
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut err, &mut rest).expect("stderr");
+    let out = child.wait_with_output().expect("wait");
+    Out::from_output("waiter".into(), std::process::Output { status: out.status, stdout: out.stdout, stderr: format!("{seen}{rest}").into_bytes() })
+}
+
+#[test]
+fn a_failed_leader_is_reported_to_its_waiters_with_its_log() {
+    let w = World::new();
+    let img = split_image("leaderfail", "", "echo 'calibration diverged' >&2\nsleep 3\nexit 3");
+    let input = w.folder("in", &[("a.txt", "alpha\n")]);
+
+    // Default: the waiter reports the leader's failure and its log; it runs nothing itself.
+    let since = docker_now();
+    let (leader, waiter, err, seen) = leader_and_waiter(&w, &img, &input, &[]);
+    let o = finish(waiter, err, seen);
+    let lo = leader.wait_with_output().expect("leader");
+    assert_eq!(lo.status.code(), Some(3));
+    o.expect_code(3);
+    assert!(o.stderr.contains("waited on failed") && o.stderr.contains("calibration diverged"), "{}", o.stderr);
+    assert!(o.stderr.contains("--retry-failed"), "{}", o.stderr);
+    assert_eq!(run_containers_created(&img, &since, &docker_now()), 1);
+
+    // --retry-failed: the waiter runs it once more itself (and it fails again).
+    let since = docker_now();
+    let (leader, waiter, err, seen) = leader_and_waiter(&w, &img, &input, &["--retry-failed"]);
+    let o = finish(waiter, err, seen);
+    leader.wait_with_output().expect("leader");
+    o.expect_code(3);
+    assert_eq!(run_containers_created(&img, &since, &docker_now()), 2);
+    assert_no_containers(&img);
+}
+
+#[test]
+fn ctrl_c_on_a_waiter_stops_only_that_waiter() {
+    let w = World::new();
+    let img = split_image("waitercancel", "", SLOW);
+    let input = w.folder("in", &[("a.txt", "alpha\n")]);
+    let (leader, waiter, err, seen) = leader_and_waiter(&w, &img, &input, &[]);
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(waiter.id() as i32, libc::SIGINT) };
+    let o = finish(waiter, err, seen);
+    assert_eq!(o.code, 130, "{}", o.stderr);
+    let lo = leader.wait_with_output().expect("leader");
+    assert!(lo.status.success(), "the leader went on: {}", String::from_utf8_lossy(&lo.stderr));
+    assert_eq!(read(&w.path("out-leader/all.txt")), "alpha\n");
+    assert!(!w.path("out-waiter").exists());
+    assert_no_containers(&img);
+}
