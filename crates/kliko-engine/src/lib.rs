@@ -41,6 +41,7 @@ use tokio::sync::OnceCell;
 pub use error::{EngineError, Result};
 pub use explain::Explanation;
 pub use lease::Holder;
+pub use run::IndexHold;
 
 /// The command every kliko image is run with (its ENTRYPOINT, if any, stays in place).
 pub const KLIKO_CMD: &str = "/kliko";
@@ -242,24 +243,12 @@ impl Engine {
     pub async fn image(&self, reference: &str) -> Result<ImageMeta> {
         let docker = self.docker().await?;
         let info = docker.inspect_image(reference).await?;
-        let store = self.store.clone();
-        let id = info.id.clone();
-        let cached = error::blocking(move || {
-            let db = store.db()?;
-            Ok(store.image_file(&db, &id, "/kliko.yml")?)
-        })
-        .await?;
+        let cached = self.store.image_file(&info.id, "/kliko.yml")?;
         let yml = match cached {
             Some(b) => b,
             None => {
                 let bytes = docker.read_file(&info.id, "/kliko.yml").await?;
-                let store = self.store.clone();
-                let (id, b) = (info.id.clone(), bytes.clone());
-                error::blocking(move || {
-                    let db = store.db()?;
-                    Ok(store.put_image_file(&db, &id, "/kliko.yml", &b)?)
-                })
-                .await?;
+                self.store.put_image_file(&info.id, "/kliko.yml", &bytes)?;
                 bytes
             }
         };

@@ -28,6 +28,18 @@ use crate::{
 /// Log lines kept for the message of a failed run.
 const TAIL_LINES: usize = 20;
 
+/// The index kept open across the steps of a run that each call `store.db()` (image,
+/// hashing, lookup, record, history): opening RocksDB replays its log and writes a new
+/// manifest, tens of milliseconds each time, which made a hit slower than a plain
+/// `docker run`. The index lock is exclusive between processes, so a hold is dropped
+/// before a container runs and before waiting on another process's lease. It holds
+/// gc.lock (shared) too, taken first: gc takes gc.lock and then the index.
+pub struct IndexHold {
+    // Fields drop in order: the index before gc.lock.
+    _db: kliko_store::Db,
+    _gc: kliko_store::GcGuard,
+}
+
 /// The environment every kliko container gets (the in-image kliko library reads it).
 pub fn base_env() -> Vec<(String, String)> {
     [
@@ -128,7 +140,36 @@ impl Engine {
 
     /// Run (or reuse) one invocation.
     pub async fn run(&self, req: RunRequest, obs: Arc<dyn Observer>, cancel: CancellationToken) -> Result<RunReport> {
+        self.run_holding(req, obs, cancel, None).await
+    }
+
+    /// Holds the index open (see [`IndexHold`]) until released: while it lives, every
+    /// `store.db()` in this process shares one handle instead of opening RocksDB again.
+    pub async fn hold_index(&self) -> Result<IndexHold> {
+        let store = self.store.clone();
+        blocking(move || {
+            // gc.lock before the index, in the order gc itself takes them.
+            let gc = store.gc_shared()?;
+            let db = store.db()?;
+            Ok(IndexHold { _db: db, _gc: gc })
+        })
+        .await
+    }
+
+    /// [`Engine::run`], continuing with an [`IndexHold`] the caller took (for example around
+    /// [`Engine::image`]); it is released before a container runs or the run waits for another.
+    pub async fn run_holding(
+        &self,
+        req: RunRequest,
+        obs: Arc<dyn Observer>,
+        cancel: CancellationToken,
+        hold: Option<IndexHold>,
+    ) -> Result<RunReport> {
         let t0 = Instant::now();
+        let mut hold = match hold {
+            Some(h) => Some(h),
+            None => Some(self.hold_index().await?),
+        };
         let prep = self.prepare(&req).await?;
         obs.event(&Event::Prepared { key: prep.key });
         let target = self.output_target(&req, &prep);
@@ -166,6 +207,7 @@ impl Engine {
                             return Ok(report);
                         }
                     }
+                    drop(hold.take());
                     let mut report = self.execute(&req, &prep, &target, lease, &obs, &cancel, t0).await?;
                     report.waited_on = waited_on;
                     return Ok(report);
@@ -178,6 +220,8 @@ impl Engine {
                         obs.event(&Event::Waiting { holder: holder.clone() });
                     }
                     waited_on = Some(holder);
+                    // The leader needs the index to record its result.
+                    drop(hold.take());
                     self.wait_for_lease(&leases, &prep.key, &cancel).await?;
                     if cancel.is_cancelled() {
                         return Ok(self.cancelled_report(&req, &prep, t0, waited_on));
@@ -594,6 +638,8 @@ impl Engine {
             Ok((guard, ingested, stdout, stderr))
         })
         .await?;
+        // One index handle for the input re-check, the record and the history (see IndexHold).
+        let _index = self.hold_index().await?;
 
         // A split input is mounted from the user's folder: if it changed during the run, the
         // output may not belong to the key's input. Keep the output, but do not cache it.

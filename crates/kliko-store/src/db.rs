@@ -23,8 +23,7 @@ pub const CF_PROV: &str = "provenance";
 pub const CF_ACCESS: &str = "access";
 pub const CF_HISTORY: &str = "history";
 pub const CF_PINS: &str = "pins";
-pub const CF_IMAGES: &str = "images";
-pub const ALL_CFS: &[&str] = &[CF_ACTIONS, CF_STAT, CF_PROV, CF_ACCESS, CF_HISTORY, CF_PINS, CF_IMAGES];
+pub const ALL_CFS: &[&str] = &[CF_ACTIONS, CF_STAT, CF_PROV, CF_ACCESS, CF_HISTORY, CF_PINS];
 
 pub struct DbInner {
     // Field order matters: the database closes before the lock file is released.

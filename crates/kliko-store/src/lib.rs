@@ -50,6 +50,7 @@ pub const TMP_DIR: &str = "tmp";
 pub const SCRATCH_DIR: &str = "scratch";
 pub const QUARANTINE_DIR: &str = "quarantine";
 pub const LEASES_DIR: &str = "leases";
+pub const IMAGES_DIR: &str = "images-v1";
 
 /// A kliko store on disk.
 pub struct Store {
@@ -73,7 +74,7 @@ impl Store {
             }
             Err(e) => return Err(e).at(&format),
         }
-        for d in [BLOBS_DIR, TREES_DIR, TMP_DIR, SCRATCH_DIR, QUARANTINE_DIR, LEASES_DIR] {
+        for d in [BLOBS_DIR, TREES_DIR, TMP_DIR, SCRATCH_DIR, QUARANTINE_DIR, LEASES_DIR, IMAGES_DIR] {
             let p = root.join(d);
             fs_err::create_dir_all(&p).at(&p)?;
         }

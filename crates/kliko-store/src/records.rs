@@ -273,14 +273,24 @@ pub fn now_ms() -> u64 {
 }
 
 impl Store {
-    /// A file read out of an image earlier (`/kliko.yml`), by image ID.
-    pub fn image_file(&self, db: &Db, image_id: &str, path: &str) -> Result<Option<Vec<u8>>> {
-        let k = format!("{image_id}\0{path}");
-        db.get_cf(db.cf(crate::db::CF_IMAGES), k.as_bytes()).map_err(db.err(self))
+    fn image_file_path(&self, image_id: &str, path: &str) -> std::path::PathBuf {
+        let id = image_id.strip_prefix("sha256:").unwrap_or(image_id);
+        let name: String = path.trim_start_matches('/').chars().map(|c| if c == '/' { '%' } else { c }).collect();
+        self.root().join(crate::IMAGES_DIR).join(format!("{id}-{name}"))
     }
 
-    pub fn put_image_file(&self, db: &Db, image_id: &str, path: &str, bytes: &[u8]) -> Result<()> {
-        let k = format!("{image_id}\0{path}");
-        db.put_cf(db.cf(crate::db::CF_IMAGES), k.as_bytes(), bytes).map_err(db.err(self))
+    /// A file read out of an image earlier (`/kliko.yml`), by image ID. Kept as a plain file
+    /// (`images-v1/<id>-<path>`), so reading it needs no index.
+    pub fn image_file(&self, image_id: &str, path: &str) -> Result<Option<Vec<u8>>> {
+        let p = self.image_file_path(image_id, path);
+        match std::fs::read(&p) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(StoreError::Io { path: p, source }),
+        }
+    }
+
+    pub fn put_image_file(&self, image_id: &str, path: &str, bytes: &[u8]) -> Result<()> {
+        crate::blobs::write_atomic(&self.tmp_dir(), &self.image_file_path(image_id, path), bytes, 0o444)
     }
 }
