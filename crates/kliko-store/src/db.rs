@@ -79,12 +79,48 @@ pub(crate) fn open(store: &Store) -> Result<DbInner> {
     opts.create_if_missing(true);
     opts.create_missing_column_families(true);
     opts.set_max_open_files(512);
-    opts.set_keep_log_file_num(3);
-    opts.set_max_log_file_size(4 << 20);
-    let db = DB::open_cf(&opts, &path, ALL_CFS).map_err(|source| StoreError::Db { path: path.clone(), source })?;
+    // kliko opens the index once per process, so opening must be cheap: no statistics pass
+    // over the table files, one thread to open them, no options dump into the info log.
+    opts.set_skip_stats_update_on_db_open(true);
+    opts.set_max_file_opening_threads(1);
+    opts.set_log_level(rocksdb::LogLevel::Warn);
+    opts.set_keep_log_file_num(2);
+    opts.set_max_log_file_size(1 << 20);
+    // Column families this build does not know (from a newer or older kliko) must still be
+    // opened, or RocksDB refuses the database.
+    let mut cfs: Vec<String> = ALL_CFS.iter().map(|s| s.to_string()).collect();
+    if let Ok(existing) = DB::list_cf(&opts, &path) {
+        for cf in existing {
+            if !cfs.contains(&cf) {
+                cfs.push(cf);
+            }
+        }
+    }
+    let db = DB::open_cf(&opts, &path, &cfs).map_err(|source| StoreError::Db { path: path.clone(), source })?;
     Ok(DbInner { db, _lock: lock })
 }
 
 pub(crate) fn exists(root: &Path) -> bool {
     root.join(crate::DB_DIR).join("CURRENT").exists()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_index_with_column_families_this_build_does_not_know_still_opens() {
+        let root = tempfile::tempdir().unwrap();
+        let store = Store::open(root.path()).unwrap();
+        {
+            let mut opts = Options::default();
+            opts.create_if_missing(true);
+            opts.create_missing_column_families(true);
+            let mut cfs: Vec<&str> = ALL_CFS.to_vec();
+            cfs.push("from-another-version");
+            DB::open_cf(&opts, store.db_path(), cfs).unwrap();
+        }
+        let db = store.db().unwrap();
+        db.put_cf(db.cf(CF_PINS), b"k", b"").unwrap();
+    }
 }
