@@ -198,8 +198,6 @@ pub fn run(store_root: &Path, args: Vec<OsString>) -> anyhow::Result<ExitCode> {
     rt.block_on(async move {
         let store = Arc::new(kliko_store::Store::open(store_root).with_context(|| format!("cannot open the store at `{}`", store_root.display()))?);
         let engine = Engine::new(store);
-        // One index handle from here until the run lets go of it (before its container runs).
-        let hold = engine.hold_index().await?;
         let meta = engine.image(&image).await?;
         let cmd = full_command(&meta.spec);
         let m = match cmd.try_get_matches_from(&args) {
@@ -247,7 +245,7 @@ pub fn run(store_root: &Path, args: Vec<OsString>) -> anyhow::Result<ExitCode> {
         let cancel = CancellationToken::new();
         spawn_signal_handler(cancel.clone());
         let obs = Arc::new(Term { json: a.json, quiet: a.quiet });
-        let report = engine.run_holding(req, obs, cancel, Some(hold)).await?;
+        let report = engine.run(req, obs, cancel).await?;
         finish(&a, &report)
     })
 }

@@ -59,6 +59,11 @@ impl Engine {
     /// Everything up to the key: image, parameters, digests of the input and file parameters.
     pub async fn prepare(&self, req: &RunRequest) -> Result<Prepared> {
         let image = self.image(&req.image).await?;
+        self.prepare_with(req, image).await
+    }
+
+    /// [`Engine::prepare`] for an image already resolved.
+    pub async fn prepare_with(&self, req: &RunRequest, image: crate::ImageMeta) -> Result<Prepared> {
         let io = image.spec.io;
         if let Some(flags) = req.io_flags {
             if flags != io {
@@ -166,11 +171,13 @@ impl Engine {
         hold: Option<IndexHold>,
     ) -> Result<RunReport> {
         let t0 = Instant::now();
+        // Talk to Docker before taking the index: never hold it while waiting on the daemon.
+        let image = self.image(&req.image).await?;
         let mut hold = match hold {
             Some(h) => Some(h),
             None => Some(self.hold_index().await?),
         };
-        let prep = self.prepare(&req).await?;
+        let prep = self.prepare_with(&req, image).await?;
         obs.event(&Event::Prepared { key: prep.key });
         let target = self.output_target(&req, &prep);
         if let Some(t) = &target {
