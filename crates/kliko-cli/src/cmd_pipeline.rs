@@ -36,7 +36,7 @@ fn run_pipeline(store_root: &Path, file: &Path, opts: Options, json: bool, verbo
         let engine = open(store_root)?;
         let checked = kliko_pipeline::check(&engine, &pipeline).await?;
         let cancel = CancellationToken::new();
-        spawn_signal_handler(cancel.clone());
+        crate::cancel_on_signal(cancel.clone(), "kliko: stopping: running containers are being stopped and removed; finished steps stay cached");
         let names: Vec<String> = pipeline.steps.iter().map(|s| s.name.clone()).collect();
         let term = Arc::new(Term::new(names, verbose));
         let report = kliko_pipeline::run(engine, &pipeline, &checked, opts, term.clone(), cancel).await?;
@@ -53,21 +53,6 @@ fn run_pipeline(store_root: &Path, file: &Path, opts: Options, json: bool, verbo
             ExitCode::from(1)
         })
     })
-}
-
-fn spawn_signal_handler(cancel: CancellationToken) {
-    tokio::spawn(async move {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => return,
-        };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-        eprintln!("kliko: stopping: running containers are being stopped and removed; finished steps stay cached");
-        cancel.cancel();
-    });
 }
 
 /// Live status on stderr: a table redrawn in place on a terminal, else a line per change.

@@ -243,7 +243,7 @@ pub fn run(store_root: &Path, args: Vec<OsString>) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::SUCCESS);
         }
         let cancel = CancellationToken::new();
-        spawn_signal_handler(cancel.clone());
+        crate::cancel_on_signal(cancel.clone(), "kliko: stopping: the container is being stopped and removed; nothing is cached");
         let obs = Arc::new(Term { json: a.json, quiet: a.quiet });
         let report = engine.run(req, obs, cancel).await?;
         finish(&a, &report)
@@ -350,21 +350,6 @@ pub fn parse_duration(s: &str) -> anyhow::Result<Duration> {
         bail!("`{s}` is not a positive duration");
     }
     Ok(Duration::from_secs_f64(n * mult))
-}
-
-fn spawn_signal_handler(cancel: CancellationToken) {
-    tokio::spawn(async move {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => return,
-        };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-        eprintln!("kliko: stopping: the container is being stopped and removed; nothing is cached");
-        cancel.cancel();
-    });
 }
 
 /// Live logs and status on the terminal.

@@ -69,3 +69,16 @@ fn validate(files: &[std::path::PathBuf]) -> ExitCode {
         ExitCode::from(1)
     }
 }
+
+/// Cancel `cancel` on the first SIGINT (Ctrl-C) or SIGTERM, saying `message` on stderr.
+pub fn cancel_on_signal(cancel: tokio_util::sync::CancellationToken, message: &'static str) {
+    tokio::spawn(async move {
+        let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) else { return };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        eprintln!("{message}");
+        cancel.cancel();
+    });
+}

@@ -33,7 +33,7 @@ mod exec;
 mod file;
 mod inputs;
 mod show;
-mod yaml;
+pub(crate) use kliko_spec::yaml;
 
 use std::path::PathBuf;
 

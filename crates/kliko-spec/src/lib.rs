@@ -68,7 +68,7 @@ mod help;
 mod params;
 mod spec;
 mod suggest;
-mod yaml;
+pub mod yaml;
 
 pub use help::field_flags_help;
 pub use params::{

@@ -14,7 +14,7 @@ use yaml_rust2::scanner::{Marker, TScalarStyle};
 
 /// A 1-based line and column in the source text.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Pos {
+pub struct Pos {
     pub line: usize,
     pub column: usize,
 }
@@ -36,7 +36,7 @@ impl fmt::Display for Pos {
 }
 
 #[derive(Debug, Clone)]
-pub(crate) enum Node {
+pub enum Node {
     /// `plain` is false for quoted, block and `!!str`-tagged scalars: those are always
     /// strings, never null.
     Scalar {
@@ -87,7 +87,7 @@ impl Node {
 
 /// A YAML syntax error: where and what.
 #[derive(Debug, Clone)]
-pub(crate) struct SyntaxError {
+pub struct SyntaxError {
     pub pos: Option<Pos>,
     pub message: String,
 }
@@ -103,7 +103,7 @@ impl MarkedEventReceiver for Collector {
 }
 
 /// Parses one YAML document. `Ok(None)` for an empty stream.
-pub(crate) fn parse(text: &str) -> Result<Option<Node>, SyntaxError> {
+pub fn parse(text: &str) -> Result<Option<Node>, SyntaxError> {
     let mut collector = Collector { events: Vec::new() };
     let mut parser = Parser::new_from_str(text);
     parser.load(&mut collector, true).map_err(|e| SyntaxError {
