@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cli::Placement;
 
-/// Options of `kliko run` itself (the image's fields are added at run time).
+// Options of `kliko run` itself (the image's fields are added at run time).
 #[derive(Args, Debug, Clone)]
 pub struct RunArgs {
     /// The image: a tag (`name:tag`), an image ID, or `name@sha256:…`.
@@ -87,13 +87,7 @@ pub struct RunArgs {
 const FIELD_PREFIX: &str = "field:";
 
 fn base_command() -> Command {
-    RunArgs::augment_args(
-        Command::new("kliko run")
-            .no_binary_name(true)
-            .about("Run a kliko image; an identical earlier run is reused instead (no container is started).")
-            .after_help("The image's own parameters are listed by `kliko run IMAGE --help`.")
-            .max_term_width(100),
-    )
+    RunArgs::augment_args(base_info())
 }
 
 /// Static flags that take a value (so the image can be found before the image is known).
@@ -125,9 +119,18 @@ fn find_image(cmd: &Command, args: &[OsString]) -> Option<String> {
     None
 }
 
+fn base_info() -> Command {
+    Command::new("kliko run")
+        .no_binary_name(true)
+        .about("Run a kliko image; an identical earlier run is reused instead (no container is started).")
+        .after_help("The image's own parameters are listed by `kliko run IMAGE --help`.")
+        .max_term_width(100)
+}
+
+/// The image's parameters first (what a user looks for in `--help`), then kliko's options.
 fn full_command(spec: &Spec) -> Command {
-    let mut cmd = base_command();
-    let taken: Vec<String> = cmd.get_arguments().filter_map(|a| a.get_long().map(str::to_string)).collect();
+    let taken: Vec<String> = base_command().get_arguments().filter_map(|a| a.get_long().map(str::to_string)).collect();
+    let mut cmd = base_info();
     let mut shadowed = Vec::new();
     for section in &spec.sections {
         let heading = format!("Image parameters: {}", section.name);
@@ -175,6 +178,7 @@ fn full_command(spec: &Spec) -> Command {
             cmd = cmd.arg(arg);
         }
     }
+    let mut cmd = RunArgs::augment_args(cmd);
     if !shadowed.is_empty() {
         cmd = cmd.after_help(format!(
             "These image parameters share a name with a kliko option; give them as `--param NAME=VALUE`: {}",

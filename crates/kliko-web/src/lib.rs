@@ -178,12 +178,21 @@ impl Server {
         let app = router(state.clone());
         let shutdown = state.shutdown.clone();
         let stop2 = stop.clone();
-        let result = axum::serve(self.listener, app)
-            .with_graceful_shutdown(async move {
+        let serving = std::future::IntoFuture::into_future(axum::serve(self.listener, app).with_graceful_shutdown(
+            async move {
                 stop2.cancelled().await;
                 shutdown.cancel();
-            })
-            .await;
+            },
+        ));
+        // A browser may keep connections open indefinitely: give requests in flight a
+        // moment, then stop regardless.
+        let result = tokio::select! {
+            r = serving => r,
+            _ = async {
+                stop.cancelled().await;
+                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            } => Ok(()),
+        };
         for run in state.runs.all() {
             run.cancel.cancel();
         }
