@@ -120,8 +120,7 @@ impl DirRecord {
             rest = b;
             Some(a)
         };
-        loop {
-            let Some(len) = take(4) else { break };
+        while let Some(len) = take(4) {
             let len = u32::from_le_bytes(len.try_into().ok()?) as usize;
             let name = take(len)?.to_vec();
             let mut nums = [0u64; 6];
@@ -289,7 +288,8 @@ impl Walk<'_> {
         }
         let cached = self.opts.cache.load(dir);
         let now = now_ns();
-        let results: Vec<Result<(Vec<u8>, Entry, Option<FileStat>), HashError>> = children
+        type Child = (Vec<u8>, Entry, Option<FileStat>);
+        let results: Vec<Result<Child, HashError>> = children
             .into_par_iter()
             .map(|(name, path, kind)| match kind {
                 Kind::Dir => Ok((name, Entry::Dir { digest: self.dir(&path)? }, None)),

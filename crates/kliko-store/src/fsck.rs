@@ -13,6 +13,10 @@ use crate::blobs::ObjectKind;
 use crate::error::{IoContext, Result};
 use crate::{Store, QUARANTINE_DIR};
 
+/// One object file as fsck saw it: path, the digest its name gives (if any), whether its
+/// content matches, its size.
+type Checked = (PathBuf, Option<Digest>, bool, u64);
+
 #[derive(Clone, Debug, Default)]
 pub struct FsckOptions {
     /// Delete results that name missing objects, and temporary files older than an hour.
@@ -68,7 +72,7 @@ impl Store {
                 }
                 paths.push(e.into_path());
             }
-            let checked: Vec<Result<(PathBuf, Option<Digest>, bool, u64)>> = paths
+            let checked: Vec<Result<Checked>> = paths
                 .into_par_iter()
                 .map(|p| {
                     let name = p

@@ -67,6 +67,9 @@ pub struct HistoryEntry {
     pub user: String,
 }
 
+/// Every tree digest under a tree (the root included), and every file digest with its size.
+pub type TreeObjects = (BTreeSet<Digest>, BTreeSet<(Digest, u64)>);
+
 /// Why a provenance entry points at a result.
 pub const PROV_OUTPUT: u8 = b'o';
 pub const PROV_INPUT: u8 = b'i';
@@ -81,7 +84,7 @@ fn prov_key(object: &Digest, role: u8, key: &Digest) -> Vec<u8> {
 
 impl Store {
     /// Every tree and file digest under `tree` (trees including the root).
-    pub fn walk_tree(&self, tree: &Digest) -> Result<(BTreeSet<Digest>, BTreeSet<(Digest, u64)>)> {
+    pub fn walk_tree(&self, tree: &Digest) -> Result<TreeObjects> {
         let mut trees = BTreeSet::new();
         let mut files = BTreeSet::new();
         let mut stack = vec![*tree];
