@@ -153,6 +153,9 @@ pub enum CacheCommand {
         /// Show what would go; delete nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Never delete objects younger than this (work of runs in progress), e.g. `1h`, `0s`.
+        #[arg(long, value_name = "AGE", default_value = "1h")]
+        grace: String,
         #[arg(long)]
         json: bool,
     },

@@ -96,7 +96,7 @@ pub fn run(store_root: &Path, cmd: CacheCommand) -> anyhow::Result<ExitCode> {
         }
         CacheCommand::Pin { key } => pin(&store, &key, true),
         CacheCommand::Unpin { key } => pin(&store, &key, false),
-        CacheCommand::Gc { max_size, older_than, dry_run, json } => {
+        CacheCommand::Gc { max_size, older_than, dry_run, grace, json } => {
             if max_size.is_none() && older_than.is_none() {
                 bail!("say what to evict: `--max-size SIZE` (e.g. `50g`) and/or `--older-than AGE` (e.g. `30d`)");
             }
@@ -104,6 +104,11 @@ pub fn run(store_root: &Path, cmd: CacheCommand) -> anyhow::Result<ExitCode> {
                 max_bytes: max_size.as_deref().map(crate::cmd_run::parse_size).transpose()?.map(|b| b as u64),
                 older_than_ms: older_than.as_deref().map(parse_duration).transpose()?.map(|d| d.as_millis() as u64),
                 dry_run,
+                grace_ms: if grace.trim_end_matches(|c: char| c.is_alphabetic()) == "0" {
+                    0
+                } else {
+                    parse_duration(&grace)?.as_millis() as u64
+                },
             };
             let r = store.gc(&opts)?;
             if json {

@@ -94,7 +94,8 @@ fn gc_in_a_loop_while_runs_and_hits_happen() {
         std::thread::spawn(move || {
             let mut rounds = 0;
             while !stop.load(Ordering::Relaxed) || rounds == 0 {
-                Out::of(w.kliko().args(["gc", "--max-size", "1"])).ok();
+                // No grace period: sweep everything unnamed, as hard as gc can.
+                Out::of(w.kliko().args(["gc", "--max-size", "1", "--grace", "0s"])).ok();
                 rounds += 1;
             }
             rounds

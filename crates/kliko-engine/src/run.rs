@@ -181,7 +181,7 @@ impl Engine {
         obs.event(&Event::Prepared { key: prep.key });
         let target = self.output_target(&req, &prep);
         if let Some(t) = &target {
-            if !req.overwrite && !in_place(&req, t) && !fsutil::absent_or_empty(t)? {
+            if !req.overwrite && !in_place(&req, &prep, t) && !fsutil::absent_or_empty(t)? {
                 return Err(EngineError::OutputNotEmpty { path: t.clone() });
             }
         }
@@ -202,12 +202,10 @@ impl Engine {
             };
             match attempt {
                 Attempt::Leader(lease) => {
-                    if waited_on.is_some() {
-                        // We took over from a leader that died: its container may still be
-                        // running, with nobody to remove it. We hold the key's lease now, so
-                        // any container labelled with the key is an orphan.
-                        self.remove_orphans(&prep.key).await;
-                    }
+                    // A leader that died (SIGKILL) leaves its container running with nobody
+                    // to remove it. We hold the key's lease now, so any container labelled
+                    // with the key is such an orphan.
+                    self.remove_orphans(&prep.key).await;
                     if !req.no_cache {
                         if let Some(report) = self.try_hit(&req, &prep, &target, t0, &obs, waited_on.clone()).await? {
                             lease.release();
@@ -316,7 +314,7 @@ impl Engine {
         let Some(result) = found else { return Ok(None) };
         obs.event(&Event::Hit { key });
         if let Some(t) = target {
-            self.place(req, &result.output, t).await?;
+            self.place(req, prep, &result.output, t).await?;
         }
         drop(guard);
         let wall_ms = t0.elapsed().as_millis() as u64;
@@ -355,10 +353,34 @@ impl Engine {
 
     /// Put stored tree `tree` at `target`, which shows either its old contents or the
     /// complete new ones, never a partial tree.
-    async fn place(&self, req: &RunRequest, tree: &Digest, target: &Path) -> Result<()> {
+    async fn place(&self, req: &RunRequest, prep: &Prepared, tree: &Digest, target: &Path) -> Result<()> {
         let store = self.store.clone();
         let (tree, target, mode) = (*tree, target.to_path_buf(), req.materialize);
-        blocking(move || fsutil::replace_dir(&target, |new| Ok(store.materialize(&tree, new, mode)?))).await
+        let in_place = in_place(req, prep, &target);
+        let (overwrite, input) = (req.overwrite, prep.input_digest);
+        blocking(move || {
+            if in_place {
+                // The work folder is about to be replaced: store what it holds now, and
+                // replace it only if that is exactly the tree this run started from.
+                let now = store.ingest(&target, IngestMode::Copy)?;
+                if now.digest != input {
+                    return Err(EngineError::Invalid {
+                        what: target.display().to_string(),
+                        message: format!(
+                            "the work folder changed while the run went on, so it was left as it is; the result is \
+                             stored as tree `{tree}` (`kliko store materialize {tree} DIR` writes it out), and the \
+                             folder's current contents as tree `{}`",
+                            now.digest
+                        ),
+                    });
+                }
+            } else if !overwrite && !fsutil::absent_or_empty(&target)? {
+                // Someone wrote into the output folder while the run went on.
+                return Err(EngineError::OutputNotEmpty { path: target });
+            }
+            fsutil::replace_dir(&target, |new| Ok(store.materialize(&tree, new, mode)?))
+        })
+        .await
     }
 
     async fn history(&self, entry: HistoryEntry) {
@@ -698,7 +720,7 @@ impl Engine {
             .await?;
         }
         if let Some(t) = target {
-            self.place(req, &result.output, t).await?;
+            self.place(req, prep, &result.output, t).await?;
         }
         drop(gc_guard);
         let wall_ms = t0.elapsed().as_millis() as u64;
@@ -726,8 +748,9 @@ impl Engine {
     }
 }
 
-fn in_place(req: &RunRequest, target: &Path) -> bool {
-    matches!(&req.input, Input::Path(p) if p == target)
+/// A join run whose result goes back into its own work folder.
+fn in_place(req: &RunRequest, prep: &Prepared, target: &Path) -> bool {
+    prep.image.spec.io == IoMode::Join && matches!(&req.input, Input::Path(p) if p == target)
 }
 
 fn walk_dirs(dir: &Path) -> Vec<PathBuf> {
@@ -751,9 +774,25 @@ fn params_given(prep: &Prepared) -> serde_json::Value {
     serde_json::Value::Object(m)
 }
 
-fn lease_heartbeat(lease: &Lease) -> tokio::task::JoinHandle<()> {
+/// Aborts its task when dropped, so a dropped run future never leaves a heartbeat renewing a
+/// lease nobody holds.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl AbortOnDrop {
+    fn abort(&self) {
+        self.0.abort();
+    }
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn lease_heartbeat(lease: &Lease) -> AbortOnDrop {
     let beat = lease.heartbeat_handle();
-    tokio::spawn(async move {
+    AbortOnDrop(tokio::spawn(async move {
         let mut tick = tokio::time::interval(lease::HEARTBEAT);
         loop {
             tick.tick().await;
@@ -761,7 +800,7 @@ fn lease_heartbeat(lease: &Lease) -> tokio::task::JoinHandle<()> {
                 let _ = f.set_modified(std::time::SystemTime::now());
             }
         }
-    })
+    }))
 }
 
 #[derive(Default)]

@@ -65,9 +65,13 @@ impl Store {
         self.root().join(kind.dir()).join(rel_path(d))
     }
 
-    /// Whether a blob is present with the expected size (a cheap check that catches truncation).
+    /// Whether a blob is present with the expected size and still read-only (cheap checks that
+    /// catch truncation, and a blob made writable through a hard link, which may have been
+    /// edited: such a blob is treated as absent, and the next ingest replaces it).
     pub fn has_blob(&self, d: &Digest, size: u64) -> bool {
-        fs::symlink_metadata(self.object_path(ObjectKind::Blob, d)).is_ok_and(|m| m.is_file() && m.len() == size)
+        use std::os::unix::fs::PermissionsExt;
+        fs::symlink_metadata(self.object_path(ObjectKind::Blob, d))
+            .is_ok_and(|m| m.is_file() && m.len() == size && m.permissions().mode() & 0o222 == 0)
     }
 
     pub fn has_object(&self, kind: ObjectKind, d: &Digest) -> bool {

@@ -4,6 +4,8 @@
 //! kernel if the holder dies), opens the database and shares the handle between the threads
 //! of the process; when the last handle is dropped the database is closed and the lock freed.
 //! Never hold a handle while waiting for another process (a lease, a container).
+//! Opening the index also takes `gc.lock` shared (first), so the two locks are always taken
+//! in the same order and gc cannot start while a process has the index open.
 
 use std::fs::File;
 use std::ops::Deref;
@@ -26,9 +28,13 @@ pub const CF_PINS: &str = "pins";
 pub const ALL_CFS: &[&str] = &[CF_ACTIONS, CF_STAT, CF_PROV, CF_ACCESS, CF_HISTORY, CF_PINS];
 
 pub struct DbInner {
-    // Field order matters: the database closes before the lock file is released.
+    // Field order matters: the database closes, then db.lock is released, then gc.lock.
     db: DB,
     _lock: File,
+    /// gc.lock, shared, taken before db.lock: a process that has the index open can never be
+    /// waiting for gc.lock while gc (holding it exclusively) waits for the index. `None` only
+    /// for gc itself, which holds gc.lock exclusively.
+    _gc: Option<crate::GcGuard>,
 }
 
 /// A shared, open handle on the store's index.
@@ -61,6 +67,12 @@ pub fn durable() -> WriteOptions {
 }
 
 pub(crate) fn open(store: &Store) -> Result<DbInner> {
+    let gc = store.gc_shared()?;
+    open_locked(store, Some(gc))
+}
+
+/// Open the index under a gc.lock the caller already holds (gc, exclusively).
+pub(crate) fn open_locked(store: &Store, gc: Option<crate::GcGuard>) -> Result<DbInner> {
     let lock_path = store.root().join("db.lock");
     let lock = File::options().create(true).truncate(false).write(true).open(&lock_path).at(&lock_path)?;
     // SAFETY: flock on an fd we own.
@@ -97,7 +109,7 @@ pub(crate) fn open(store: &Store) -> Result<DbInner> {
         }
     }
     let db = DB::open_cf(&opts, &path, &cfs).map_err(|source| StoreError::Db { path: path.clone(), source })?;
-    Ok(DbInner { db, _lock: lock })
+    Ok(DbInner { db, _lock: lock, _gc: gc })
 }
 
 pub(crate) fn exists(root: &Path) -> bool {

@@ -25,7 +25,9 @@ pub struct GcGuard {
 }
 
 fn lock(path: &Path, op: i32) -> Result<GcGuard> {
-    let file = File::options().create(true).truncate(false).write(true).open(path).at(path)?;
+    // Read and write: on NFS a shared flock is emulated by a read lock, which needs a file
+    // opened for reading.
+    let file = File::options().create(true).truncate(false).read(true).write(true).open(path).at(path)?;
     loop {
         // SAFETY: flock on an fd we own.
         if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
@@ -38,7 +40,7 @@ fn lock(path: &Path, op: i32) -> Result<GcGuard> {
     }
 }
 
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct GcOptions {
     /// Evict least recently used results until the objects of the remaining ones fit.
     pub max_bytes: Option<u64>,
@@ -46,6 +48,19 @@ pub struct GcOptions {
     pub older_than_ms: Option<u64>,
     /// Report, delete nothing.
     pub dry_run: bool,
+    /// Objects whose ctime is newer than this many milliseconds are never swept, even when no
+    /// result names them: they may be a run's work in progress (a pipeline's composed input,
+    /// a join run's stored work folder) that no result names yet.
+    pub grace_ms: u64,
+}
+
+/// The default [`GcOptions::grace_ms`]: one hour.
+pub const DEFAULT_GRACE_MS: u64 = 3_600_000;
+
+impl Default for GcOptions {
+    fn default() -> Self {
+        GcOptions { max_bytes: None, older_than_ms: None, dry_run: false, grace_ms: DEFAULT_GRACE_MS }
+    }
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -86,31 +101,42 @@ impl Store {
 
     /// Every object a result needs: its output trees and blobs, its logs, and its input tree
     /// (with what it holds) when that is stored.
-    fn objects_of(&self, r: &ActionResult) -> Vec<(ObjectKind, Digest, u64)> {
+    /// An I/O error aborts gc: guessing would sweep a live result's objects. A missing or
+    /// corrupt tree only makes the result incomplete (a miss); its other objects are counted
+    /// through the results that share them.
+    fn objects_of(&self, r: &ActionResult) -> Result<Vec<(ObjectKind, Digest, u64)>> {
         let mut out = Vec::new();
-        let add_tree = |d: &Digest, out: &mut Vec<(ObjectKind, Digest, u64)>| {
-            if let Ok((trees, files)) = self.walk_tree(d) {
-                for t in trees {
-                    let size = fs::metadata(self.object_path(ObjectKind::Tree, &t)).map(|m| m.len()).unwrap_or(0);
-                    out.push((ObjectKind::Tree, t, size));
+        let add_tree = |d: &Digest, out: &mut Vec<(ObjectKind, Digest, u64)>| -> Result<()> {
+            match self.walk_tree(d) {
+                Ok((trees, files)) => {
+                    for t in trees {
+                        let size = fs::metadata(self.object_path(ObjectKind::Tree, &t)).map(|m| m.len()).unwrap_or(0);
+                        out.push((ObjectKind::Tree, t, size));
+                    }
+                    out.extend(files.into_iter().map(|(f, s)| (ObjectKind::Blob, f, s)));
+                    Ok(())
                 }
-                out.extend(files.into_iter().map(|(f, s)| (ObjectKind::Blob, f, s)));
+                Err(e @ crate::StoreError::Io { .. }) => Err(e),
+                Err(_) => Ok(()),
             }
         };
-        add_tree(&r.output, &mut out);
+        add_tree(&r.output, &mut out)?;
         if let Some(input) = r.preimage.input {
             if self.has_object(ObjectKind::Tree, &input) {
-                add_tree(&input, &mut out);
+                add_tree(&input, &mut out)?;
             }
         }
         out.push((ObjectKind::Blob, r.stdout, r.stdout_bytes));
         out.push((ObjectKind::Blob, r.stderr, r.stderr_bytes));
-        out
+        Ok(out)
     }
 
+    /// Collect garbage. Call it with no index handle alive in this process (gc takes
+    /// gc.lock exclusively, and an open index holds it shared).
     pub fn gc(&self, opts: &GcOptions) -> Result<GcReport> {
-        let _guard = self.gc_exclusive()?;
-        let db = self.db()?;
+        let guard = self.gc_exclusive()?;
+        // The index under our exclusive gc.lock (the usual way takes it shared).
+        let db = self.db_under(guard)?;
         let results = self.results(&db)?;
         let mut report = GcReport { results_before: results.len() as u64, dry_run: opts.dry_run, ..Default::default() };
 
@@ -118,7 +144,7 @@ impl Store {
         let mut refs: HashMap<(ObjectKind, Digest), (u64, u64)> = HashMap::new();
         let mut per_result = Vec::with_capacity(results.len());
         for r in &results {
-            let objs: BTreeSet<(ObjectKind, Digest, u64)> = self.objects_of(r).into_iter().collect();
+            let objs: BTreeSet<(ObjectKind, Digest, u64)> = self.objects_of(r)?.into_iter().collect();
             for (k, d, s) in &objs {
                 refs.entry((*k, *d)).or_insert((*s, 0)).1 += 1;
             }
@@ -160,10 +186,11 @@ impl Store {
                 self.delete_result(&db, r)?;
             }
         }
-        // Sweep: every object no remaining result needs.
+        // Sweep: every object no remaining result needs, unless it is young.
+        let young = std::time::SystemTime::now() - std::time::Duration::from_millis(opts.grace_ms);
         for (kind, d, size, path) in stored {
             let live = refs.get(&(kind, d)).is_some_and(|(_, n)| *n > 0);
-            if live {
+            if live || ctime(&path).is_some_and(|t| t > young) {
                 continue;
             }
             report.objects_deleted += 1;
@@ -252,4 +279,11 @@ pub fn remove_tree(dir: &Path) -> bool {
         }
     }
     fs::remove_dir_all(dir).is_ok()
+}
+
+fn ctime(path: &Path) -> Option<std::time::SystemTime> {
+    use std::os::unix::fs::MetadataExt;
+    let m = fs::symlink_metadata(path).ok()?;
+    let secs = u64::try_from(m.ctime()).ok()?;
+    Some(std::time::UNIX_EPOCH + std::time::Duration::new(secs, m.ctime_nsec() as u32))
 }

@@ -34,7 +34,7 @@ pub use blobs::ObjectKind;
 pub use db::Db;
 pub use error::{Result, StoreError};
 pub use fsck::{FsckOptions, FsckReport, StoreStats};
-pub use gc::{lock_scratch, remove_tree, GcGuard, GcOptions, GcReport, SCRATCH_LOCK};
+pub use gc::{lock_scratch, remove_tree, GcGuard, GcOptions, GcReport, DEFAULT_GRACE_MS, SCRATCH_LOCK};
 pub use ingest::{IngestMode, Ingested};
 pub use materialize::MaterializeMode;
 pub use statcache::DbStatCache;
@@ -110,6 +110,14 @@ impl Store {
             return Ok(Db(inner));
         }
         let inner = Arc::new(db::open(self)?);
+        *slot = Arc::downgrade(&inner);
+        Ok(Db(inner))
+    }
+
+    /// The index opened under a gc.lock the caller holds exclusively (for gc).
+    fn db_under(&self, gc: GcGuard) -> Result<Db> {
+        let mut slot = self.db.lock().expect("db slot lock");
+        let inner = Arc::new(db::open_locked(self, Some(gc))?);
         *slot = Arc::downgrade(&inner);
         Ok(Db(inner))
     }

@@ -393,4 +393,7 @@ async fn a_browser_fills_the_form_runs_it_and_sees_a_cache_hit() {
     eprintln!("step: stop");
     stop.cancel();
     serving.await.unwrap().unwrap();
+    eprintln!("step: stopped");
+    drop(_browser);
+    eprintln!("step: browser gone");
 }
