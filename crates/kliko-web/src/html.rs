@@ -129,7 +129,7 @@ header.top .wrap{display:flex;align-items:center;gap:28px;height:52px}
 header nav a{color:#c9d3e6;text-decoration:none;margin-right:18px;padding:15px 0;border-bottom:3px solid transparent}
 header nav a:hover{color:#fff}
 header nav a[aria-current]{color:#fff;border-bottom-color:#7ea6ff}
-footer{color:var(--muted);font-size:13px;margin:40px auto 24px}
+footer.wrap{color:var(--muted);font-size:13px;margin:40px auto 24px}
 h1{font-size:24px;margin:0 0 4px}
 h2{font-size:18px;margin:28px 0 10px}
 .sub{color:var(--muted);margin:0 0 20px}
@@ -177,10 +177,12 @@ button.small{padding:2px 10px;font-size:13px}
 .alert{border-radius:8px;padding:10px 14px;margin:0 0 16px}
 .alert.bad{background:var(--bad-bg);color:var(--bad)}
 .alert.warn{background:var(--warn-bg);color:var(--warn)}
+.alert.ok{background:var(--ok-bg);color:var(--ok)}
 .alert ul{margin:4px 0 0 18px;padding:0}
 table{border-collapse:collapse;width:100%;background:var(--card);border:1px solid var(--line);border-radius:10px;overflow:hidden}
 th,td{text-align:left;padding:8px 12px;border-bottom:1px solid var(--line);vertical-align:top}
 th{background:#f0f3f7;font-size:13px;color:var(--muted);font-weight:600}
+th.num{text-align:right}
 tr:last-child td{border-bottom:0}
 td.num{text-align:right;font-variant-numeric:tabular-nums}
 dl.kv{display:grid;grid-template-columns:max-content 1fr;gap:6px 18px;margin:0}

@@ -193,7 +193,6 @@ impl Server {
                 tokio::time::sleep(std::time::Duration::from_secs(2)).await;
             } => Ok(()),
         };
-        eprintln!("DEBUG served");
         for run in state.runs.all() {
             run.cancel.cancel();
         }

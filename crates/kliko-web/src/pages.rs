@@ -471,6 +471,12 @@ pub async fn run_page(State(st): St, Path(id): Path<String>) -> Result<Html<Stri
         ));
     }
     b.push_str("</div>");
+    if let Some(r) = s.report.as_ref().filter(|r| r.cache == Cache::Hit) {
+        b.push_str(&format!(
+            "<div class=\"alert ok\"><b>Cache hit.</b> An identical run (same image, input and parameters) was done before: its output was reused and nothing ran, saving {}.</div>",
+            esc(&html::duration_ms(r.saved_ms))
+        ));
+    }
     if let Some(e) = &s.error {
         b.push_str(&format!("<div class=\"alert bad\" id=\"run-error\">{}</div>", esc(e)));
     }
@@ -527,7 +533,9 @@ pub async fn run_page(State(st): St, Path(id): Path<String>) -> Result<Html<Stri
             "<p class=\"meta\">Stored logs: <a href=\"/result/{k}/log/stdout\">stdout</a> · <a href=\"/result/{k}/log/stderr\">stderr</a>.</p>"
         ));
     }
-    b.push_str(&format!("<pre class=\"log\" id=\"log\">{}</pre>", logs_html(&chunks, dropped)));
+    if !s.finished || !chunks.is_empty() {
+        b.push_str(&format!("<pre class=\"log\" id=\"log\">{}</pre>", logs_html(&chunks, dropped)));
+    }
     if !s.finished {
         b.push_str(&html::script(&format!(
             r#"(function () {{
@@ -819,83 +827,98 @@ pub async fn provenance(State(st): St, Path(q): Path<String>) -> Result<Html<Str
     Ok(Html(page("Provenance", Nav::Provenance, &body)))
 }
 
-/// A digest found for the query, and the runs it is tied to.
-struct Found {
-    digest: Digest,
-    kind: &'static str,
-    produced_by: Vec<ActionResult>,
-    input_to: Vec<ActionResult>,
-}
-
 async fn provenance_body(st: &AppState, typed: &str, q: Option<&str>) -> Result<String, PageError> {
+    use kliko_engine::provenance::{provenance, MIN_PREFIX};
     let mut b = String::from(
-        "<h1>Provenance</h1><p class=\"sub\">Where a result came from: give a digest (or its first characters) of a run key, an output tree or a file.</p>",
+        "<h1>Provenance</h1><p class=\"sub\">Where a result came from: give a digest (or its first characters) of a run key, an output tree or a file, or a path inside a data folder.</p>",
     );
     b.push_str(&format!(
-        "<form class=\"search\" method=\"get\" action=\"/provenance\"><input type=\"text\" name=\"q\" value=\"{}\" placeholder=\"digest or prefix\" autofocus><button type=\"submit\" class=\"primary\">Look up</button></form>",
+        "<form class=\"search\" method=\"get\" action=\"/provenance\"><input type=\"text\" name=\"q\" value=\"{}\" placeholder=\"digest, prefix or path\" autofocus><button type=\"submit\" class=\"primary\">Look up</button></form>",
         esc(typed)
     ));
     let Some(q) = q else { return Ok(b) };
-    let prefix = q.trim().to_ascii_lowercase();
-    if prefix.len() < 6 || prefix.len() > 64 || !prefix.chars().all(|c| c.is_ascii_hexdigit()) {
-        b.push_str("<div class=\"alert bad\">Give at least 6 hexadecimal characters of a digest.</div>");
-        return Ok(b);
-    }
-    let store = st.engine.store().clone();
-    let found = blocking(move || {
-        if !store.has_index() {
-            return Ok(Vec::new());
-        }
-        let db = store.db()?;
-        let mut out = Vec::new();
-        for (digest, kind) in store.resolve_prefix(&db, &prefix)?.into_iter().take(20) {
-            let mut f = Found { digest, kind, produced_by: Vec::new(), input_to: Vec::new() };
-            if kind == "key" {
-                f.produced_by.extend(store.get_result(&db, &digest)?);
-            } else {
-                for (role, key) in store.provenance_of(&db, &digest)? {
-                    if let Some(r) = store.get_result(&db, &key)? {
-                        if role == kliko_store::records::PROV_INPUT {
-                            f.input_to.push(r);
-                        } else {
-                            f.produced_by.push(r);
-                        }
-                    }
-                }
+    let q = q.trim();
+    let hex = q.len() >= MIN_PREFIX && q.len() <= 64 && q.chars().all(|c| c.is_ascii_hexdigit());
+    // Never hand the engine a host path the browser chose outside the data folders.
+    let arg = if hex {
+        q.to_ascii_lowercase()
+    } else if q.contains('/') {
+        match st.roots.resolve(q) {
+            Ok(p) if p.exists() => p.display().to_string(),
+            Ok(_) => {
+                b.push_str("<div class=\"alert bad\">No such file or folder.</div>");
+                return Ok(b);
             }
-            out.push(f);
+            Err(why) => {
+                b.push_str(&format!("<div class=\"alert bad\">{}</div>", esc(&why)));
+                return Ok(b);
+            }
         }
-        Ok(out)
-    })
-    .await?;
-    if found.is_empty() {
-        b.push_str(&format!("<div class=\"alert warn\">Nothing in the store starts with <code>{}</code>.</div>", esc(q)));
+    } else {
+        b.push_str(&format!(
+            "<div class=\"alert bad\">Give at least {MIN_PREFIX} hexadecimal characters of a digest, or a path inside a data folder.</div>"
+        ));
         return Ok(b);
+    };
+    let store = st.engine.store().clone();
+    let answer = tokio::task::spawn_blocking(move || {
+        if !store.has_index() {
+            return Ok(None);
+        }
+        // The index handle is opened and dropped inside `provenance`.
+        provenance(&store, &arg, 8).map(Some)
+    })
+    .await
+    .map_err(|e| PageError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let prov = match answer {
+        Ok(Some(p)) => p,
+        Ok(None) => {
+            b.push_str("<div class=\"alert warn\">The store is empty: nothing has run yet.</div>");
+            return Ok(b);
+        }
+        Err(e @ (EngineError::Invalid { .. } | EngineError::Store(kliko_store::StoreError::Ambiguous { .. }))) => {
+            b.push_str(&format!("<div class=\"alert warn\">{}</div>", esc(&chain(&e))));
+            return Ok(b);
+        }
+        Err(e) => return Err(internal(e)),
+    };
+    let what = match prov.kind.as_str() {
+        "key" => "run key",
+        "tree" => "tree",
+        _ => "file",
+    };
+    b.push_str(&format!("<h2>{what} <code>{}</code></h2>", prov.digest.to_hex()));
+    let direct = prov.runs.iter().filter(|r| r.depth == 0).count();
+    if prov.kind != "key" {
+        b.push_str(&format!(
+            "<p class=\"meta\">Produced by {direct} run{}; the input of {} run{}.</p>",
+            if direct == 1 { "" } else { "s" },
+            prov.used_by.len(),
+            if prov.used_by.len() == 1 { "" } else { "s" }
+        ));
     }
-    if found.len() > 1 {
-        b.push_str(&format!("<p>{} digests start with <code>{}</code>.</p>", found.len(), esc(q)));
-    }
-    for f in &found {
-        let what = match f.kind {
-            "key" => "run key",
-            "tree" => "tree",
-            _ => "file",
+    for r in &prov.runs {
+        let role = match (r.depth, &r.feeds) {
+            (0, _) if prov.kind == "key" => "the run".to_string(),
+            (0, _) => "produced by".to_string(),
+            (d, Some(f)) => format!("lineage {d}: made the input of {}", f.short(12)),
+            (d, None) => format!("lineage {d}"),
         };
-        b.push_str(&format!("<h2>{what} <code>{}</code></h2>", f.digest.to_hex()));
-        if f.kind != "key" {
-            b.push_str(&format!(
-                "<p class=\"meta\">Produced by {} run{}; input to {}.</p>",
-                f.produced_by.len(),
-                if f.produced_by.len() == 1 { "" } else { "s" },
-                f.input_to.len()
-            ));
+        let mut card = result_card(&r.result, &role);
+        if !r.complete {
+            card = card.replacen("</h3>", &format!(" {}</h3>", badge("warn", "objects missing")), 1);
         }
-        for r in &f.produced_by {
-            b.push_str(&result_card(r, if f.kind == "key" { "the run" } else { "produced by" }));
+        if r.pinned {
+            card = card.replacen("</h3>", &format!(" {}</h3>", badge("muted", "pinned")), 1);
         }
-        for r in &f.input_to {
-            b.push_str(&result_card(r, "was the input of"));
+        b.push_str(&card);
+    }
+    if !prov.used_by.is_empty() {
+        b.push_str("<h2>Used as input by</h2><ul>");
+        for k in &prov.used_by {
+            b.push_str(&format!("<li><a href=\"/provenance/{k}\"><code>{k}</code></a></li>"));
         }
+        b.push_str("</ul>");
     }
     Ok(b)
 }

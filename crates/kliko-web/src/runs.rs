@@ -115,7 +115,8 @@ impl RunEntry {
             let _log = self.log.lock().expect("log lock");
             let _ = self.tx.send(LiveMsg::Done);
         }
-        let _ = self.done_tx.send(true);
+        // `send` would not store the value while nobody is subscribed.
+        self.done_tx.send_replace(true);
     }
 
     /// Wait until the run has finished.

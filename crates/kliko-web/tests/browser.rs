@@ -386,14 +386,10 @@ async fn a_browser_fills_the_form_runs_it_and_sees_a_cache_hit() {
     cdp.screenshot(&shots.join("run-cache-hit.png")).await;
 
     // History shows both, as hit and miss.
-    eprintln!("step: history");
     cdp.navigate(&format!("{base}/history")).await;
     assert_eq!(cdp.eval("document.querySelectorAll('.badge.hit').length >= 1 && document.querySelectorAll('.badge.miss').length >= 1").await, json!(true));
 
-    eprintln!("step: stop");
     stop.cancel();
     serving.await.unwrap().unwrap();
-    eprintln!("step: stopped");
     drop(_browser);
-    eprintln!("step: browser gone");
 }

@@ -214,8 +214,17 @@ async fn a_run_shows_logs_and_outputs_and_the_same_run_is_a_cache_hit() {
     let files = f.get(&format!("/result/{key}/files")).await;
     assert!(files.body.contains(&format!("/result/{key}/file/upload.txt")));
     assert_eq!(f.get(&format!("/result/{key}/file/upload.txt")).await.body, "uploaded bytes");
-    assert!(f.get("/provenance/zz").await.body.contains("at least 6 hexadecimal"));
-    assert!(f.get("/provenance/abcdef0123").await.body.contains("Nothing in the store"));
+    assert!(f.get("/provenance/zz").await.body.contains("at least 8 hexadecimal"));
+    assert!(f.get("/provenance/abcdef0123").await.body.contains("no stored run"));
+    // A path inside a data folder: its digest, then the run that made it.
+    let out1 = f.data_path().join("out1");
+    let by_path = f.get(&format!("/provenance?q={}", out1.display())).await;
+    assert_eq!(by_path.status, StatusCode::SEE_OTHER);
+    let loc = by_path.headers[header::LOCATION].to_str().unwrap().to_string();
+    let by_path = f.get(&loc).await;
+    assert!(by_path.body.contains(&out_tree) && by_path.body.contains("produced by"), "{}", by_path.body);
+    // A path elsewhere is never hashed.
+    assert!(f.get("/provenance/%2Fetc%2Fpasswd").await.body.contains("outside the data folders"));
 }
 
 #[tokio::test(flavor = "multi_thread")]
