@@ -447,15 +447,7 @@ fn finish(a: &RunArgs, r: &RunReport) -> anyhow::Result<ExitCode> {
     }
 }
 
-pub fn human_ms(ms: u64) -> String {
-    if ms < 1000 {
-        format!("{ms} ms")
-    } else if ms < 120_000 {
-        format!("{:.1} s", ms as f64 / 1000.0)
-    } else {
-        format!("{:.1} min", ms as f64 / 60_000.0)
-    }
-}
+pub use kliko_core::units::human_ms;
 
 #[cfg(test)]
 mod tests {

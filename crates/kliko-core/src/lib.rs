@@ -20,6 +20,7 @@ mod digest;
 pub mod hash;
 pub mod key;
 pub mod tree;
+pub mod units;
 
 pub use digest::{BadDigest, Digest};
 

@@ -89,32 +89,7 @@ pub fn badge(kind: &str, text: &str) -> String {
     format!("<span class=\"badge {}\">{}</span>", esc(kind), esc(text))
 }
 
-/// `1234` ms → `1.2 s`.
-pub fn duration_ms(ms: u64) -> String {
-    if ms < 1000 {
-        format!("{ms} ms")
-    } else if ms < 60_000 {
-        format!("{:.1} s", ms as f64 / 1000.0)
-    } else {
-        let s = ms / 1000;
-        format!("{}m {:02}s", s / 60, s % 60)
-    }
-}
-
-pub fn bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut x = n as f64;
-    let mut u = 0;
-    while x >= 1024.0 && u < UNITS.len() - 1 {
-        x /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{x:.1} {}", UNITS[u])
-    }
-}
+pub use kliko_core::units::{human_bytes as bytes, human_ms as duration_ms};
 
 /// The one stylesheet.
 pub const CSS: &str = r#"
