@@ -661,9 +661,11 @@ impl Engine {
         // placed: gc never sees published-but-unrecorded objects.
         let (gc_guard, ingested, stdout, stderr) = blocking(move || {
             let guard = s.gc_shared()?;
-            let ingested = s.ingest(&out, IngestMode::Move)?;
-            let stdout = s.ingest(&so, IngestMode::Move)?;
-            let stderr = s.ingest(&se, IngestMode::Move)?;
+            let mut all = s.ingest_many(&[&out, &so, &se], IngestMode::Move)?.into_iter();
+            let (ingested, stdout, stderr) = (all.next(), all.next(), all.next());
+            let (Some(ingested), Some(stdout), Some(stderr)) = (ingested, stdout, stderr) else {
+                unreachable!("ingest_many returns one result per path")
+            };
             Ok((guard, ingested, stdout, stderr))
         })
         .await?;

@@ -94,6 +94,12 @@ pub(crate) fn open_locked(store: &Store, gc: Option<crate::GcGuard>) -> Result<D
     // kliko opens the index once per process, so opening must be cheap: no statistics pass
     // over the table files, one thread to open them, no options dump into the info log.
     opts.set_skip_stats_update_on_db_open(true);
+    // Replaying the log into memory is cheaper than flushing it to a new table file at every
+    // open; RocksDB flushes when the memtable fills, as usual. (Not in the Rust API: set
+    // through RocksDB's option string; if that fails, the defaults are merely slower.)
+    if let Ok(o) = opts.get_options_from_string("avoid_flush_during_recovery=true") {
+        opts = o;
+    }
     opts.set_max_file_opening_threads(1);
     opts.set_log_level(rocksdb::LogLevel::Warn);
     opts.set_keep_log_file_num(2);

@@ -62,6 +62,36 @@ impl Store {
     }
 
     pub fn ingest_with_progress(&self, path: &Path, mode: IngestMode, progress: &dyn Progress) -> Result<Ingested> {
+        let (ingested, staged) = self.stage(path, mode, progress)?;
+        self.publish(staged)?;
+        Ok(ingested)
+    }
+
+    /// Ingest several trees or files with one publication (one pair of filesystem syncs for
+    /// all of them: a run's output and its two logs).
+    pub fn ingest_many(&self, paths: &[&Path], mode: IngestMode) -> Result<Vec<Ingested>> {
+        let mut all = Vec::new();
+        let mut out = Vec::with_capacity(paths.len());
+        for p in paths {
+            match self.stage(p, mode, &kliko_core::hash::NoProgress) {
+                Ok((ingested, staged)) => {
+                    out.push(ingested);
+                    all.extend(staged);
+                }
+                Err(e) => {
+                    for s in all.iter().filter(|s| s.temporary) {
+                        let _ = fs::remove_file(&s.from);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        self.publish(all)?;
+        Ok(out)
+    }
+
+    /// Hash `path` and stage every object the store lacks (not yet visible).
+    fn stage(&self, path: &Path, mode: IngestMode, progress: &dyn Progress) -> Result<(Ingested, Vec<Staged>)> {
         let hashed = Hasher { cache: &NoCache, progress, collect: true }.hash_path(path)?;
         let root_dev = fs::metadata(self.root()).at(self.root())?;
         let tmp = self.tmp_dir();
@@ -124,8 +154,7 @@ impl Store {
             return Err(e);
         }
         let new_objects = staged_ok.len() as u64;
-        self.publish(staged_ok)?;
-        Ok(Ingested {
+        let ingested = Ingested {
             digest: hashed.digest,
             is_dir: hashed.is_dir,
             files,
@@ -134,7 +163,8 @@ impl Store {
             new_bytes,
             file_digests: seen.into_iter().collect(),
             tree_digests,
-        })
+        };
+        Ok((ingested, staged_ok))
     }
 
     /// Make staged objects durable and visible: syncfs, rename each, fsync the touched
