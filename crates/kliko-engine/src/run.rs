@@ -32,12 +32,10 @@ const TAIL_LINES: usize = 20;
 /// hashing, lookup, record, history): opening RocksDB replays its log and writes a new
 /// manifest, tens of milliseconds each time, which made a hit slower than a plain
 /// `docker run`. The index lock is exclusive between processes, so a hold is dropped
-/// before a container runs and before waiting on another process's lease. It holds
-/// gc.lock (shared) too, taken first: gc takes gc.lock and then the index.
+/// before a container runs and before waiting on another process's lease. An open index
+/// holds gc.lock (shared) itself, so gc cannot start meanwhile.
 pub struct IndexHold {
-    // Fields drop in order: the index before gc.lock.
     _db: kliko_store::Db,
-    _gc: kliko_store::GcGuard,
 }
 
 /// The environment every kliko container gets (the in-image kliko library reads it).
@@ -152,13 +150,7 @@ impl Engine {
     /// `store.db()` in this process shares one handle instead of opening RocksDB again.
     pub async fn hold_index(&self) -> Result<IndexHold> {
         let store = self.store.clone();
-        blocking(move || {
-            // gc.lock before the index, in the order gc itself takes them.
-            let gc = store.gc_shared()?;
-            let db = store.db()?;
-            Ok(IndexHold { _db: db, _gc: gc })
-        })
-        .await
+        blocking(move || Ok(IndexHold { _db: store.db()? })).await
     }
 
     /// [`Engine::run`], continuing with an [`IndexHold`] the caller took (for example around
