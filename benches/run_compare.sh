@@ -11,7 +11,7 @@
 # Prints a markdown table of means and ratios against the targets (hit < 0.2×, miss < 1.15× the
 # plain docker run) and checks that every timed kliko run really was a hit or a miss.
 #
-#   bash benches/run_compare.sh                    # RUNS=20 by default
+#   bash benches/run_compare.sh                    # RUNS=20 by default (INTERLEAVED=RUNS)
 #   KLIKO_BIN=path/to/kliko bash benches/run_compare.sh   # skip the build
 #
 # Needs: docker (a local daemon; nothing is pulled), a static busybox (/bin/busybox, or
@@ -125,3 +125,33 @@ row() { # what name target-text target-max
     row "kliko run, miss (warm store)" kliko_miss "< 1.15×" 1.15
     row "kliko run, miss (fresh store)" kliko_miss_fresh_store "(info)" ""
 } | tee "$OUT/run-summary.md"
+
+# The same comparison with the runs interleaved (docker run, kliko miss, kliko hit, docker run,
+# ...): hyperfine times each command in a block of its own, so a machine that drifts during
+# the session (a VM's neighbours, the daemon's own clean-up) biases the ratios; interleaving
+# gives every command the same conditions. Wall times from `date +%s%N` around each command.
+INTERLEAVED=${INTERLEAVED:-$RUNS}
+now() { date +%s%N; }
+: > "$work/interleaved.txt"
+for i in $(seq "$INTERLEAVED"); do
+    rm -rf "$work/o-docker" "$work/o-miss" "$work/o-hit"; mkdir "$work/o-docker"
+    t=$(now); docker run --rm --network none -v "$IN:/input:ro" -v "$work/o-docker:/output" "$IMAGE" /kliko; d=$(( $(now) - t ))
+    t=$(now); "$KLIKO" --store "$S_WARM" run "$IMAGE" --input "$IN" --output "$work/o-miss" -q --salt "i$t" --json >> "$LOG_MISS" 2>> "$work/stderr.log"; m=$(( $(now) - t ))
+    t=$(now); "$KLIKO" --store "$S_HIT" run "$IMAGE" --input "$IN" --output "$work/o-hit" -q --json >> "$LOG_HIT" 2>> "$work/stderr.log"; h=$(( $(now) - t ))
+    echo "$d $m $h" >> "$work/interleaved.txt"
+done
+check "$LOG_HIT" hit
+check "$LOG_MISS" miss
+awk -v n="$INTERLEAVED" '
+    { for (c = 1; c <= 3; c++) { s[c] += $c; q[c] += $c * $c } }
+    END {
+        split("docker run --rm (baseline)|kliko run, hit|kliko run, miss (warm store)", name, "|")
+        col[1] = 1; col[2] = 3; col[3] = 2; target[2] = "< 0.2×"; max[2] = 0.2; target[3] = "< 1.15×"; max[3] = 1.15
+        print ""; print "Interleaved, " n " rounds:"; print ""
+        print "| command | mean | ÷ docker run | target | met |"; print "| --- | --- | --- | --- | --- |"
+        for (r = 1; r <= 3; r++) {
+            c = col[r]; mu = s[c] / NR; sd = sqrt(q[c] / NR - mu * mu); ratio = mu / (s[1] / NR)
+            ok = (max[r] == "" ? "—" : (ratio < max[r] ? "yes" : "**no**"))
+            printf "| %s | %.1f ms ± %.1f | %.2f× | %s | %s |\n", name[r], mu / 1e6, sd / 1e6, ratio, target[r], ok
+        }
+    }' "$work/interleaved.txt" | tee -a "$OUT/run-summary.md"

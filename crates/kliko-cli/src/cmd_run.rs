@@ -202,7 +202,9 @@ pub fn run(store_root: &Path, args: Vec<OsString>) -> anyhow::Result<ExitCode> {
     rt.block_on(async move {
         let store = Arc::new(kliko_store::Store::open(store_root).with_context(|| format!("cannot open the store at `{}`", store_root.display()))?);
         let engine = Engine::new(store);
-        let meta = engine.image(&image).await?;
+        // The image (for its flags) and the index (for the lookup) at the same time.
+        let (meta, hold) = tokio::join!(engine.image(&image), engine.hold_index());
+        let meta = meta?;
         let cmd = full_command(&meta.spec);
         let m = match cmd.try_get_matches_from(&args) {
             Ok(m) => m,
@@ -249,7 +251,9 @@ pub fn run(store_root: &Path, args: Vec<OsString>) -> anyhow::Result<ExitCode> {
         let cancel = CancellationToken::new();
         crate::cancel_on_signal(cancel.clone(), "kliko: stopping: the container is being stopped and removed; nothing is cached");
         let obs = Arc::new(Term { json: a.json, quiet: a.quiet });
-        let report = engine.run(req, obs, cancel).await?;
+        // A failed hold is taken again (and its error reported) by the run itself.
+        let report = engine.run_with(req, Some(meta), hold.ok(), obs, cancel).await?;
+        kliko_core::trace::mark("run finished");
         finish(&a, &report)
     })
 }

@@ -15,6 +15,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    kliko_core::trace::start();
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     let cli = cli::Cli::parse_from(&args);
     match dispatch(cli) {

@@ -142,6 +142,48 @@ fn output_belongs_to_the_invoker_and_user_can_be_chosen() {
 }
 
 #[test]
+fn a_miss_and_a_hit_place_the_same_tree_with_the_same_modes() {
+    // The container leaves odd modes; a miss hands its own files over (as root) or links or
+    // copies them out of the store, a hit always places them from the store: the user must not
+    // be able to tell which happened.
+    let img = split_image(
+        "basic-modes",
+        "",
+        "echo private > /output/a; chmod 600 /output/a\n\
+         printf '#!/bin/sh\\n' > /output/run.sh; chmod 700 /output/run.sh\n\
+         mkdir /output/d; echo in > /output/d/b; chmod 700 /output/d; ln -s a /output/link",
+    );
+    let w = World::new();
+    let input = w.folder("in", &[]);
+    let modes = |root: &std::path::Path| {
+        use std::os::unix::fs::PermissionsExt;
+        ["a", "run.sh", "d", "d/b"]
+            .iter()
+            .map(|p| format!("{p} {:o}", fs::metadata(root.join(p)).unwrap().permissions().mode() & 0o7777))
+            .collect::<Vec<_>>()
+    };
+    let miss = w.path("out-miss");
+    let o = w.run(&[&img.tag, &"--json", &"--input", &input, &"--output", &miss]);
+    o.ok();
+    assert_eq!(o.cache(), "miss");
+    let hit = w.path("out-hit");
+    let o = w.run(&[&img.tag, &"--json", &"--input", &input, &"--output", &hit]);
+    assert_eq!(o.cache(), "hit");
+    assert_eq!(read_tree(&miss), read_tree(&hit));
+    assert_eq!(fs::read_link(miss.join("link")).unwrap(), std::path::PathBuf::from("a"));
+    // Root gets writable copies (the default placement never hands root a link into the
+    // store); others get read-only links, executables copied.
+    let expected = if unsafe { libc::geteuid() } == 0 {
+        vec!["a 644", "run.sh 755", "d 755", "d/b 644"]
+    } else {
+        vec!["a 444", "run.sh 755", "d 755", "d/b 444"]
+    };
+    assert_eq!(modes(&miss), expected, "after the miss");
+    assert_eq!(modes(&hit), expected, "after the hit");
+    assert_no_containers(&img);
+}
+
+#[test]
 fn join_image_changes_a_private_copy_and_the_work_folder_gets_the_result_after_storing() {
     let fields = "      - name: suffix\n        type: str\n        initial: changed\n";
     let script = r#"

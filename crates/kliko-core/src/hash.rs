@@ -166,6 +166,43 @@ impl StatCache for NoCache {
     fn save(&self, _: &Path, _: &DirRecord) {}
 }
 
+/// A stat cache in memory only, which also keeps a copy of every record another cache
+/// handed out or was given while it was [`Tee`]d in front of it: hashing a tree a second time
+/// in the same process (to see whether it changed) then needs no persistent cache.
+#[derive(Debug, Default)]
+pub struct MemoryCache {
+    records: std::sync::Mutex<std::collections::HashMap<PathBuf, DirRecord>>,
+}
+
+impl StatCache for MemoryCache {
+    fn load(&self, dir: &Path) -> Option<DirRecord> {
+        self.records.lock().unwrap_or_else(|e| e.into_inner()).get(dir).cloned()
+    }
+    fn save(&self, dir: &Path, record: &DirRecord) {
+        self.records.lock().unwrap_or_else(|e| e.into_inner()).insert(dir.to_path_buf(), record.clone());
+    }
+}
+
+/// `cache`, with every record it loads or saves also kept in `copy`.
+pub struct Tee<'a> {
+    pub cache: &'a dyn StatCache,
+    pub copy: &'a MemoryCache,
+}
+
+impl StatCache for Tee<'_> {
+    fn load(&self, dir: &Path) -> Option<DirRecord> {
+        let found = self.cache.load(dir);
+        if let Some(r) = &found {
+            self.copy.save(dir, r);
+        }
+        found
+    }
+    fn save(&self, dir: &Path, record: &DirRecord) {
+        self.cache.save(dir, record);
+        self.copy.save(dir, record);
+    }
+}
+
 /// Told how far hashing has got (for a progress bar).
 pub trait Progress: Sync {
     fn files_done(&self, _files: u64, _bytes: u64) {}

@@ -45,6 +45,32 @@ pub fn replace_dir(target: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Res
     Ok(())
 }
 
+/// Rename the folder `from` to `to` (which must not exist), first giving every file the mode a
+/// materialized copy would have (0755 if its owner may execute it, else 0644) and every folder
+/// 0755. Fails, leaving `from` in place, when the two are on different filesystems.
+pub fn hand_over(from: &Path, to: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut stack = vec![from.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).at(&dir)?;
+        for entry in fs::read_dir(&dir).at(&dir)? {
+            let entry = entry.at(&dir)?;
+            let kind = entry.file_type().at(entry.path())?;
+            if kind.is_dir() {
+                stack.push(entry.path());
+            } else if kind.is_file() {
+                let path = entry.path();
+                let mode = fs::symlink_metadata(&path).at(&path)?.permissions().mode();
+                let want = if mode & 0o100 != 0 { 0o755 } else { 0o644 };
+                if mode & 0o7777 != want {
+                    fs::set_permissions(&path, fs::Permissions::from_mode(want)).at(&path)?;
+                }
+            }
+        }
+    }
+    fs::rename(from, to).at(to)
+}
+
 pub fn hostname() -> String {
     let mut buf = [0u8; 256];
     // SAFETY: the buffer outlives the call and its length is passed.

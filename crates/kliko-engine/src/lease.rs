@@ -41,6 +41,7 @@ pub struct Failure {
 pub struct Lease {
     file: File,
     path: PathBuf,
+    inherited: bool,
 }
 
 pub enum Attempt {
@@ -77,14 +78,24 @@ pub fn try_acquire(dir: &Path, key: &Digest, me: &Holder) -> io::Result<Attempt>
             Ok(m) if m.ino() == ours.ino() && m.dev() == ours.dev() => {}
             _ => continue,
         }
+        // A holder writes its name before it creates any container and unlinks the file when
+        // it lets go, so a file we lock that still names someone was left by a holder that
+        // died (SIGKILL, power loss): only then can a container of this key be orphaned.
+        let inherited = ours.len() > 0;
         let mut f = &file;
         f.set_len(0)?;
         f.write_all(&serde_json::to_vec(me).expect("plain data"))?;
-        return Ok(Attempt::Leader(Lease { file, path }));
+        return Ok(Attempt::Leader(Lease { file, path, inherited }));
     }
 }
 
 impl Lease {
+    /// Whether the previous holder of this lease died holding it (see [`try_acquire`]): its
+    /// container, if it had started one, may still exist.
+    pub fn inherited(&self) -> bool {
+        self.inherited
+    }
+
     /// A second handle on the lease file, for renewing its mtime (the heartbeat).
     pub fn heartbeat_handle(&self) -> Option<File> {
         self.file.try_clone().ok()
@@ -122,3 +133,36 @@ pub fn failure_since(dir: &Path, key: &Digest, since_ms: u64) -> Option<Failure>
 pub const POLL: Duration = Duration::from_millis(100);
 /// How often a leader renews its heartbeat.
 pub const HEARTBEAT: Duration = Duration::from_secs(5);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn me() -> Holder {
+        Holder { pid: std::process::id(), host: "test".into(), started_at: "now".into() }
+    }
+
+    fn leader(dir: &Path, key: &Digest) -> Lease {
+        match try_acquire(dir, key, &me()).unwrap() {
+            Attempt::Leader(l) => l,
+            Attempt::Busy(h) => panic!("busy: {h:?}"),
+        }
+    }
+
+    #[test]
+    fn a_lease_is_inherited_only_from_a_holder_that_died_holding_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = Digest::of_bytes(b"key");
+        let first = leader(dir.path(), &key);
+        assert!(!first.inherited(), "nobody held it before");
+        assert!(matches!(try_acquire(dir.path(), &key, &me()).unwrap(), Attempt::Busy(_)));
+        first.release();
+        let second = leader(dir.path(), &key);
+        assert!(!second.inherited(), "the first holder let go properly");
+        // Dying: the kernel drops the lock, the file with the holder's name stays.
+        drop(second.file);
+        let third = leader(dir.path(), &key);
+        assert!(third.inherited(), "the second holder died holding it");
+        third.release();
+    }
+}

@@ -156,6 +156,9 @@ pub struct Prepared {
     /// Host file parameter → content digest.
     pub file_digests: BTreeMap<PathBuf, Digest>,
     pub env: Vec<(String, String)>,
+    /// The stat records hashing the input used, to check after the run, without the
+    /// index, that the input did not change meanwhile.
+    pub input_stat: Arc<kliko_core::hash::MemoryCache>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -242,7 +245,9 @@ impl Engine {
     /// Resolve an image and read its kliko.yml (from the store if this image ID was seen).
     pub async fn image(&self, reference: &str) -> Result<ImageMeta> {
         let docker = self.docker().await?;
+        kliko_core::trace::mark("docker connected");
         let info = docker.inspect_image(reference).await?;
+        kliko_core::trace::mark("image inspected");
         let cached = self.store.image_file(&info.id, "/kliko.yml")?;
         let yml = match cached {
             Some(b) => b,

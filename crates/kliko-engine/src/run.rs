@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use kliko_core::key::{ActionPreimage, ACTION_FORMAT};
+use kliko_core::trace::mark;
 use kliko_core::tree::Tree;
 use kliko_core::Digest;
 use kliko_runtime::{ContainerSpec, LogChunk, Mount, Outcome, Stream};
@@ -87,6 +88,8 @@ impl Engine {
         let store = self.store.clone();
         let input = req.input.clone();
         let files: Vec<PathBuf> = params.file_placements().into_iter().map(|(host, _)| host).collect();
+        let input_stat = Arc::new(kliko_core::hash::MemoryCache::default());
+        let stat_copy = input_stat.clone();
         let (input_digest, file_digests) = blocking(move || {
             let mut digests = BTreeMap::new();
             for f in files {
@@ -109,7 +112,7 @@ impl Engine {
                     if !m.is_dir() {
                         return Err(EngineError::NotADir { path: p });
                     }
-                    store.hash_path(&p, &kliko_core::hash::NoProgress)?.digest
+                    store.hash_path_remembering(&p, &kliko_core::hash::NoProgress, &stat_copy)?.digest
                 }
             };
             Ok((input_digest, digests))
@@ -138,38 +141,56 @@ impl Engine {
             salt: req.salt.clone(),
         };
         let key = preimage.key();
-        Ok(Prepared { image, params, preimage, key, input_digest, file_digests, env: env.into_iter().collect() })
+        Ok(Prepared { image, params, preimage, key, input_digest, file_digests, env: env.into_iter().collect(), input_stat })
     }
 
     /// Run (or reuse) one invocation.
     pub async fn run(&self, req: RunRequest, obs: Arc<dyn Observer>, cancel: CancellationToken) -> Result<RunReport> {
-        self.run_holding(req, obs, cancel, None).await
+        self.run_with(req, None, None, obs, cancel).await
     }
 
     /// Holds the index open (see [`IndexHold`]) until released: while it lives, every
     /// `store.db()` in this process shares one handle instead of opening RocksDB again.
     pub async fn hold_index(&self) -> Result<IndexHold> {
         let store = self.store.clone();
-        blocking(move || Ok(IndexHold { _db: store.db()? })).await
+        let hold = blocking(move || Ok(IndexHold { _db: store.db()? })).await;
+        mark("index open");
+        hold
     }
 
-    /// [`Engine::run`], continuing with an [`IndexHold`] the caller took (for example around
-    /// [`Engine::image`]); it is released before a container runs or the run waits for another.
-    pub async fn run_holding(
+    /// [`Engine::run`] with what the caller already has: the image resolved by
+    /// [`Engine::image`] (the run then uses exactly that image ID and kliko.yml, for example
+    /// the one the command line built its flags from) and an [`IndexHold`] (taken, say, while
+    /// the image was being resolved). A hold is released before a container runs or the run
+    /// waits for another. Without them, the image is resolved and the index opened at the
+    /// same time (a Docker request takes milliseconds; opening RocksDB about as long).
+    pub async fn run_with(
         &self,
         req: RunRequest,
+        image: Option<crate::ImageMeta>,
+        hold: Option<IndexHold>,
         obs: Arc<dyn Observer>,
         cancel: CancellationToken,
-        hold: Option<IndexHold>,
     ) -> Result<RunReport> {
         let t0 = Instant::now();
-        // Talk to Docker before taking the index: never hold it while waiting on the daemon.
-        let image = self.image(&req.image).await?;
-        let mut hold = match hold {
-            Some(h) => Some(h),
-            None => Some(self.hold_index().await?),
+        let (image, hold) = match (image, hold) {
+            (Some(i), Some(h)) => (i, h),
+            (Some(i), None) => (i, self.hold_index().await?),
+            (None, hold) => {
+                let held = async {
+                    match hold {
+                        Some(h) => Ok(h),
+                        None => self.hold_index().await,
+                    }
+                };
+                let (image, hold) = tokio::join!(self.image(&req.image), held);
+                (image?, hold?)
+            }
         };
+        mark("image resolved, index open");
+        let mut hold = Some(hold);
         let prep = self.prepare_with(&req, image).await?;
+        mark("key computed");
         obs.event(&Event::Prepared { key: prep.key });
         let target = self.output_target(&req, &prep);
         if let Some(t) = &target {
@@ -197,14 +218,21 @@ impl Engine {
                     // A leader that died (SIGKILL) leaves its container running with nobody
                     // to remove it. We hold the key's lease now, so any container labelled
                     // with the key is such an orphan.
-                    self.remove_orphans(&prep.key).await;
+                    mark("lease taken");
+                    if lease.inherited() {
+                        self.remove_orphans(&prep.key).await;
+                        mark("orphans checked");
+                    }
                     if !req.no_cache {
                         if let Some(report) = self.try_hit(&req, &prep, &target, t0, &obs, waited_on.clone()).await? {
                             lease.release();
                             return Ok(report);
                         }
                     }
-                    drop(hold.take());
+                    // Closing RocksDB takes a moment: let it happen while the container starts.
+                    if let Some(h) = hold.take() {
+                        tokio::task::spawn_blocking(move || drop(h));
+                    }
                     let mut report = self.execute(&req, &prep, &target, lease, &obs, &cancel, t0).await?;
                     report.waited_on = waited_on;
                     return Ok(report);
@@ -303,11 +331,13 @@ impl Engine {
             Ok((guard, store.lookup(&db, &key)?))
         })
         .await?;
+        mark("looked up");
         let Some(result) = found else { return Ok(None) };
         obs.event(&Event::Hit { key });
         if let Some(t) = target {
-            self.place(req, prep, &result.output, t).await?;
+            self.place(req, prep, &result.output, t, None).await?;
         }
+        mark("placed");
         drop(guard);
         let wall_ms = t0.elapsed().as_millis() as u64;
         let entry = HistoryEntry {
@@ -345,7 +375,18 @@ impl Engine {
 
     /// Put stored tree `tree` at `target`, which shows either its old contents or the
     /// complete new ones, never a partial tree.
-    async fn place(&self, req: &RunRequest, prep: &Prepared, tree: &Digest, target: &Path) -> Result<()> {
+    ///
+    /// `hand_over`: a folder holding exactly that tree (a finished container's output, already
+    /// stored by copy), renamed into place instead of materializing the tree again, when it is
+    /// on the target's filesystem.
+    async fn place(
+        &self,
+        req: &RunRequest,
+        prep: &Prepared,
+        tree: &Digest,
+        target: &Path,
+        hand_over: Option<PathBuf>,
+    ) -> Result<()> {
         let store = self.store.clone();
         let (tree, target, mode) = (*tree, target.to_path_buf(), req.materialize);
         let in_place = in_place(req, prep, &target);
@@ -370,7 +411,14 @@ impl Engine {
                 // Someone wrote into the output folder while the run went on.
                 return Err(EngineError::OutputNotEmpty { path: target });
             }
-            fsutil::replace_dir(&target, |new| Ok(store.materialize(&tree, new, mode)?))
+            fsutil::replace_dir(&target, |new| {
+                if let Some(from) = &hand_over {
+                    if fsutil::hand_over(from, new).is_ok() {
+                        return Ok(());
+                    }
+                }
+                Ok(store.materialize(&tree, new, mode)?)
+            })
         })
         .await
     }
@@ -601,13 +649,50 @@ impl Engine {
         let tail = Arc::new(Mutex::new(Tail::default()));
         let log_task = tokio::spawn(pump_logs(rx, obs.clone(), stdout_path.clone(), stderr_path.clone(), tail.clone()));
         obs.event(&Event::Starting);
-        let started = std::time::SystemTime::now();
         let docker = self.docker().await?;
-        let outcome = docker.run(&spec, tx, cancel.clone()).await;
-        let logs_ok = log_task.await.map_err(|e| EngineError::Join(e.to_string()))?;
-        let outcome = outcome?;
-        logs_ok?;
-        let tail_lines = tail.lock().expect("tail lock").lines();
+        mark("scratch ready");
+        let ran = docker.run_until_exit(&spec, tx, cancel.clone()).await;
+        let logs_ok = log_task.await.map_err(|e| EngineError::Join(e.to_string())).and_then(|r| r);
+        // On an error the runtime has removed the container already.
+        let (outcome, removal) = ran?;
+        // The container is removed in the background while its output is stored; the run is
+        // over only when it is gone, whatever happened meanwhile.
+        let result = match logs_ok {
+            Ok(()) => {
+                let logs = RunLogs { stdout: stdout_path, stderr: stderr_path, tail };
+                self.after_exit(req, prep, target, &output_dir, outcome, logs, obs, t0).await
+            }
+            Err(e) => Err(e),
+        };
+        let removed = removal.finish().await;
+        mark("container removed");
+        match (result, removed) {
+            (Ok((mut report, failure)), Err(e)) => {
+                report.warnings.push(format!("the run's container was not removed: {e}"));
+                Ok((report, failure))
+            }
+            (result, _) => result,
+        }
+    }
+
+    /// After the container stopped: a failure is reported (never cached); a success has its
+    /// output and logs stored, its result recorded and its output placed.
+    #[allow(clippy::too_many_arguments)]
+    async fn after_exit(
+        &self,
+        req: &RunRequest,
+        prep: &Prepared,
+        target: &Option<PathBuf>,
+        output_dir: &Path,
+        outcome: kliko_runtime::RunOutcome,
+        logs: RunLogs,
+        obs: &Arc<dyn Observer>,
+        t0: Instant,
+    ) -> Result<(RunReport, Option<Failure>)> {
+        let io = prep.image.spec.io;
+        let store = self.store.clone();
+        let started = outcome.started_at;
+        let tail_lines = logs.tail.lock().expect("tail lock").lines();
         let (status, exit_code) = match outcome.outcome {
             Outcome::Exited(0) => (Status::Succeeded, 0),
             Outcome::Exited(n) => (Status::Failed, n),
@@ -648,36 +733,33 @@ impl Engine {
         }
 
         obs.event(&Event::Ingesting);
-        let (s, out, so, se) = (store.clone(), output_dir.clone(), stdout_path.clone(), stderr_path.clone());
+        // Where the output would be placed by copying (as root, on another filesystem, or
+        // with `--materialize copy`), the store keeps copies and the user gets the container's
+        // own files, renamed into place: the same bytes, created once instead of twice.
+        let hand_over = match (io, target) {
+            (IoMode::Split, Some(t)) if req.user == UserChoice::Invoker => {
+                let parent = t.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+                matches!(store.placement(parent, req.materialize), Ok(MaterializeMode::Copy))
+            }
+            _ => false,
+        };
+        let output_mode = if hand_over { IngestMode::Copy } else { IngestMode::Move };
+        let (s, out, so, se) = (store.clone(), output_dir.to_path_buf(), logs.stdout.clone(), logs.stderr.clone());
         // gc.lock (shared) from the first published object until the result is recorded and
-        // placed: gc never sees published-but-unrecorded objects.
-        let (gc_guard, ingested, stdout, stderr) = blocking(move || {
+        // placed: gc never sees published-but-unrecorded objects. The index (for the input
+        // re-check, the record and the history) opens meanwhile.
+        let ingest = blocking(move || {
             let guard = s.gc_shared()?;
-            let mut all = s.ingest_many(&[&out, &so, &se], IngestMode::Move)?.into_iter();
+            let paths = [(out.as_path(), output_mode), (so.as_path(), IngestMode::Move), (se.as_path(), IngestMode::Move)];
+            let mut all = s.ingest_many(&paths)?.into_iter();
             let (ingested, stdout, stderr) = (all.next(), all.next(), all.next());
             let (Some(ingested), Some(stdout), Some(stderr)) = (ingested, stdout, stderr) else {
                 unreachable!("ingest_many returns one result per path")
             };
             Ok((guard, ingested, stdout, stderr))
-        })
-        .await?;
-        // One index handle for the input re-check, the record and the history (see IndexHold).
-        let _index = self.hold_index().await?;
-
-        // A split input is mounted from the user's folder: if it changed during the run, the
-        // output may not belong to the key's input. Keep the output, but do not cache it.
-        let mut warnings = Vec::new();
-        let mut record = true;
-        if let (IoMode::Split, Input::Path(p)) = (io, &req.input) {
-            let (s, p) = (store.clone(), p.clone());
-            let now = blocking(move || Ok(s.hash_path(&p, &kliko_core::hash::NoProgress)?.digest)).await?;
-            if now != prep.input_digest {
-                record = false;
-                let w = "the input folder changed while the container ran: the output is kept but not cached".to_string();
-                obs.event(&Event::Warning(w.clone()));
-                warnings.push(w);
-            }
-        }
+        });
+        let (gc_guard, ingested, stdout, stderr) = ingest.await?;
+        mark("ingested");
         let result = ActionResult {
             key: prep.key,
             preimage: prep.preimage.clone(),
@@ -705,41 +787,87 @@ impl Engine {
             user: fsutil::invoking_user(),
             kliko_version: env!("CARGO_PKG_VERSION").to_string(),
         };
-        if record {
-            let (s, r) = (store.clone(), result.clone());
+        // Recording and placing the output are independent: do both at once. The result is
+        // recorded in the store's journal (see `kliko_store::JOURNAL_DIR`): this run does not
+        // open the index again after its container.
+        let record = async {
+            // A split input is mounted from the user's folder: if it changed during the run,
+            // the output may not belong to the key's input. Keep the output, but do not cache
+            // it. The stat records from hashing it before the run make this check cheap.
+            let changed_input = match (io, &req.input) {
+                (IoMode::Split, Input::Path(p)) => Some(p.clone()),
+                _ => None,
+            };
+            let (s, r, expected, stat) = (store.clone(), result.clone(), prep.input_digest, prep.input_stat.clone());
+            let history = HistoryEntry {
+                key: prep.key,
+                cache: "miss".into(),
+                image_ref: req.image.clone(),
+                image_id: prep.image.info.id.clone(),
+                at: fsutil::now_rfc3339(),
+                wall_ms: t0.elapsed().as_millis() as u64,
+                saved_ms: 0,
+                exit_code: Some(0),
+                host: fsutil::hostname(),
+                user: fsutil::invoking_user(),
+            };
             blocking(move || {
-                let db = s.db()?;
-                Ok(s.put_result(&db, &r)?)
+                if let Some(p) = changed_input {
+                    let hasher = kliko_core::hash::Hasher {
+                        cache: &*stat,
+                        progress: &kliko_core::hash::NoProgress,
+                        collect: false,
+                    };
+                    let now = hasher.hash_path(&p).map_err(kliko_store::StoreError::from)?;
+                    if now.digest != expected {
+                        // Not cached, but it did run: it goes into the history all the same.
+                        let _ = s.db().and_then(|db| s.append_history(&db, &history));
+                        return Ok(false);
+                    }
+                }
+                s.journal_result(&r, Some(&history))?;
+                mark("journaled");
+                Ok(true)
             })
-            .await?;
-        }
-        if let Some(t) = target {
-            self.place(req, prep, &result.output, t).await?;
-        }
+            .await
+        };
+        let place = async {
+            match target {
+                Some(t) => {
+                    let placed = self.place(req, prep, &result.output, t, hand_over.then(|| output_dir.to_path_buf())).await;
+                    mark("placed");
+                    placed
+                }
+                None => Ok(()),
+            }
+        };
+        let (recorded, placed) = tokio::join!(record, place);
+        let recorded = recorded?;
+        placed?;
+        mark("recorded and placed");
         drop(gc_guard);
-        let wall_ms = t0.elapsed().as_millis() as u64;
-        self.history(HistoryEntry {
-            key: prep.key,
-            cache: "miss".into(),
-            image_ref: req.image.clone(),
-            image_id: prep.image.info.id.clone(),
-            at: fsutil::now_rfc3339(),
-            wall_ms,
-            saved_ms: 0,
-            exit_code: Some(0),
-            host: fsutil::hostname(),
-            user: fsutil::invoking_user(),
-        })
-        .await;
-        obs.event(&Event::Finished { status, exit_code });
-        let mut report = self.base_report(req, prep, t0, status, 0);
+        let mut warnings = Vec::new();
+        if !recorded {
+            let w = "the input folder changed while the container ran: the output is kept but not cached".to_string();
+            obs.event(&Event::Warning(w.clone()));
+            warnings.push(w);
+        }
+        obs.event(&Event::Finished { status: Status::Succeeded, exit_code: 0 });
+        let mut report = self.base_report(req, prep, t0, Status::Succeeded, 0);
         report.output = Some(result.output);
         report.output_path = target.clone();
-        report.recorded = record;
+        report.recorded = recorded;
         report.warnings = warnings;
         report.result = Some(result);
         Ok((report, None))
     }
+}
+
+/// Where a run's logs went.
+struct RunLogs {
+    stdout: PathBuf,
+    stderr: PathBuf,
+    tail: Arc<Mutex<Tail>>,
 }
 
 /// A join run whose result goes back into its own work folder.

@@ -59,8 +59,29 @@ impl Docker {
             endpoint: endpoint.clone(),
             source,
         };
-        let inner = bollard::Docker::connect_with_defaults().map_err(unreachable)?;
-        let inner = inner.negotiate_version().await.map_err(unreachable)?;
+        // On a local socket, ask `/_ping` (what the docker CLI asks) for the daemon's API
+        // version: `/version`, which bollard's negotiation uses, makes the daemon query
+        // containerd and run `runc --version`, several milliseconds on every command. Any
+        // trouble on this quick path falls back to bollard's negotiation and its errors.
+        let quick = match socket_path(&endpoint) {
+            Some(path) => ping_api_version(&path).await.and_then(|(major, minor)| {
+                let ours = bollard::API_DEFAULT_VERSION;
+                let version = if (major, minor) < (ours.major_version, ours.minor_version) {
+                    bollard::ClientVersion { major_version: major, minor_version: minor }
+                } else {
+                    ours.clone()
+                };
+                bollard::Docker::connect_with_unix(&path, 120, &version).ok()
+            }),
+            None => None,
+        };
+        let inner = match quick {
+            Some(inner) => inner,
+            None => {
+                let inner = bollard::Docker::connect_with_defaults().map_err(unreachable)?;
+                inner.negotiate_version().await.map_err(unreachable)?
+            }
+        };
         Ok(Docker {
             inner,
             endpoint,
@@ -291,6 +312,44 @@ async fn remove_container(docker: &bollard::Docker, id: &str) -> Result<(), Boll
     }
 }
 
+/// The socket path of a `unix://` endpoint.
+fn socket_path(endpoint: &str) -> Option<String> {
+    endpoint.strip_prefix("unix://").filter(|p| !p.is_empty()).map(str::to_string)
+}
+
+/// `GET /_ping` over a Unix socket: the `Api-Version` header's `(major, minor)`, or `None`
+/// on any failure (the caller then negotiates the slow way and reports errors from there).
+async fn ping_api_version(path: &str) -> Option<(usize, usize)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut stream = tokio::net::UnixStream::connect(path).await.ok()?;
+        stream
+            .write_all(b"GET /_ping HTTP/1.1\r\nHost: docker\r\nConnection: close\r\n\r\n")
+            .await
+            .ok()?;
+        let mut response = Vec::with_capacity(1024);
+        stream.take(64 * 1024).read_to_end(&mut response).await.ok()?;
+        Some(response)
+    };
+    let response = tokio::time::timeout(std::time::Duration::from_secs(5), exchange).await.ok()??;
+    parse_ping(&response)
+}
+
+fn parse_ping(response: &[u8]) -> Option<(usize, usize)> {
+    let text = std::str::from_utf8(response).ok()?;
+    let head = text.split("\r\n\r\n").next()?;
+    let mut lines = head.split("\r\n");
+    if !lines.next()?.starts_with("HTTP/1.1 200") {
+        return None;
+    }
+    let version = lines.find_map(|l| {
+        let (name, value) = l.split_once(':')?;
+        name.trim().eq_ignore_ascii_case("api-version").then(|| value.trim())
+    })?;
+    let (major, minor) = version.split_once('.')?;
+    Some((major.parse().ok()?, minor.parse().ok()?))
+}
+
 pub(crate) fn is_status(e: &BollardError, status: u16) -> bool {
     matches!(e, BollardError::DockerResponseServerError { status_code, .. } if *status_code == status)
 }
@@ -348,5 +407,33 @@ impl Drop for RemoveOnDrop {
                 });
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_api_version_is_read_from_a_ping_answer() {
+        let answer = b"HTTP/1.1 200 OK\r\nApi-Version: 1.41\r\nOstype: linux\r\nContent-Length: 2\r\n\r\nOK";
+        assert_eq!(parse_ping(answer), Some((1, 41)));
+        let lower = b"HTTP/1.1 200 OK\r\napi-version:1.47\r\n\r\nOK";
+        assert_eq!(parse_ping(lower), Some((1, 47)));
+    }
+
+    #[test]
+    fn a_ping_answer_without_a_usable_version_is_refused() {
+        assert_eq!(parse_ping(b"HTTP/1.1 500 Internal Server Error\r\nApi-Version: 1.41\r\n\r\n"), None);
+        assert_eq!(parse_ping(b"HTTP/1.1 200 OK\r\nOstype: linux\r\n\r\nOK"), None);
+        assert_eq!(parse_ping(b"HTTP/1.1 200 OK\r\nApi-Version: one\r\n\r\nOK"), None);
+        assert_eq!(parse_ping(b""), None);
+    }
+
+    #[test]
+    fn only_unix_endpoints_take_the_quick_path() {
+        assert_eq!(socket_path("unix:///var/run/docker.sock").as_deref(), Some("/var/run/docker.sock"));
+        assert_eq!(socket_path("tcp://127.0.0.1:2375"), None);
+        assert_eq!(socket_path("unix://"), None);
     }
 }

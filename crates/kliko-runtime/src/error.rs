@@ -66,6 +66,11 @@ pub enum RuntimeError {
     #[error("the daemon reported no exit status for container `{container}`")]
     NoExitStatus { container: String },
 
+    /// The background task removing a stopped container ended abnormally (it panicked or
+    /// the runtime shut down under it); the container may still exist.
+    #[error("could not finish removing container `{container}`: {message}; remove it with `docker rm -f {container}`")]
+    RemovalInterrupted { container: String, message: String },
+
     /// Any other call to the daemon that failed.
     #[error("docker failed to {action}")]
     Docker {

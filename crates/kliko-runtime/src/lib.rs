@@ -45,7 +45,7 @@ mod run;
 
 pub use docker::{Docker, ImageInfo, DEFAULT_STOP_GRACE};
 pub use error::RuntimeError;
-pub use run::{ContainerSpec, LogChunk, Mount, Outcome, RunOutcome, Stream};
+pub use run::{ContainerSpec, LogChunk, Mount, Outcome, Removal, RunOutcome, Stream};
 
 /// The label on every container this crate creates (value `true`).
 pub const MANAGED_LABEL: &str = "io.kliko.managed";

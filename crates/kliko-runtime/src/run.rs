@@ -96,6 +96,23 @@ pub struct RunOutcome {
     pub finished_at: SystemTime,
 }
 
+/// A stopped container being removed in the background (see [`Docker::run_until_exit`]).
+pub struct Removal {
+    container: String,
+    task: Option<tokio::task::JoinHandle<Result<(), RuntimeError>>>,
+}
+
+impl Removal {
+    /// Wait until the container is gone.
+    pub async fn finish(mut self) -> Result<(), RuntimeError> {
+        let task = self.task.take().expect("finish is called once");
+        match task.await {
+            Ok(result) => result,
+            Err(e) => Err(RuntimeError::RemovalInterrupted { container: self.container.clone(), message: e.to_string() }),
+        }
+    }
+}
+
 type LogStream = Pin<Box<dyn FuturesStream<Item = Result<LogOutput, BollardError>> + Send>>;
 
 impl Docker {
@@ -115,17 +132,48 @@ impl Docker {
         logs: mpsc::Sender<LogChunk>,
         cancel: CancellationToken,
     ) -> Result<RunOutcome, RuntimeError> {
+        let (outcome, removal) = self.run_until_exit(spec, logs, cancel).await?;
+        removal.finish().await?;
+        Ok(outcome)
+    }
+
+    /// [`Docker::run`], returning as soon as the container has stopped and all its output has
+    /// been sent, while its removal goes on in the background: the caller can work on the
+    /// output meanwhile (the container's processes are gone, so nothing writes to its mounts
+    /// any more). Await [`Removal::finish`] before reporting the run as done; a dropped
+    /// [`Removal`] still completes in the background. On an error part-way the container has
+    /// already been removed when this returns.
+    pub async fn run_until_exit(
+        &self,
+        spec: &ContainerSpec,
+        logs: mpsc::Sender<LogChunk>,
+        cancel: CancellationToken,
+    ) -> Result<(RunOutcome, Removal), RuntimeError> {
         let body = container_body(spec)?;
         let id = self
             .create(&spec.image_id, spec.name.as_deref(), body)
             .await?;
+        kliko_core::trace::mark("container created");
         let guard = RemoveOnDrop::new(self.inner.clone(), id.clone());
         let result = self.drive(&id, spec, logs, &cancel).await;
-        let removed = self.remove(&id).await;
-        guard.disarm();
-        let outcome = result?;
-        removed?;
-        Ok(outcome)
+        kliko_core::trace::mark("container exited");
+        match result {
+            Ok(outcome) => {
+                let docker = self.clone();
+                let container = id.clone();
+                let task = tokio::spawn(async move {
+                    let removed = docker.remove(&id).await;
+                    guard.disarm();
+                    removed
+                });
+                Ok((outcome, Removal { container, task: Some(task) }))
+            }
+            Err(e) => {
+                let _ = self.remove(&id).await;
+                guard.disarm();
+                Err(e)
+            }
+        }
     }
 
     async fn drive(
@@ -167,6 +215,7 @@ impl Docker {
             .start_container(id, None)
             .await
             .map_err(|e| RuntimeError::docker(format!("start container `{id}`"), e))?;
+        kliko_core::trace::mark("container started");
 
         let deadline = async {
             match spec.timeout {

@@ -69,11 +69,11 @@ impl Store {
 
     /// Ingest several trees or files with one publication (one pair of filesystem syncs for
     /// all of them: a run's output and its two logs).
-    pub fn ingest_many(&self, paths: &[&Path], mode: IngestMode) -> Result<Vec<Ingested>> {
+    pub fn ingest_many(&self, paths: &[(&Path, IngestMode)]) -> Result<Vec<Ingested>> {
         let mut all = Vec::new();
         let mut out = Vec::with_capacity(paths.len());
-        for p in paths {
-            match self.stage(p, mode, &kliko_core::hash::NoProgress) {
+        for (p, mode) in paths {
+            match self.stage(p, *mode, &kliko_core::hash::NoProgress) {
                 Ok((ingested, staged)) => {
                     out.push(ingested);
                     all.extend(staged);

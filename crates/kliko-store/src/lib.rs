@@ -23,6 +23,7 @@ mod error;
 mod fsck;
 mod gc;
 mod ingest;
+mod journal;
 mod materialize;
 pub mod records;
 mod statcache;
@@ -36,6 +37,7 @@ pub use error::{Result, StoreError};
 pub use fsck::{FsckOptions, FsckReport, StoreStats};
 pub use gc::{lock_scratch, remove_tree, GcGuard, GcOptions, GcReport, DEFAULT_GRACE_MS, SCRATCH_LOCK};
 pub use ingest::{IngestMode, Ingested};
+pub use journal::JOURNAL_DIR;
 pub use materialize::MaterializeMode;
 pub use statcache::DbStatCache;
 
@@ -74,7 +76,7 @@ impl Store {
             }
             Err(e) => return Err(e).at(&format),
         }
-        for d in [BLOBS_DIR, TREES_DIR, TMP_DIR, SCRATCH_DIR, QUARANTINE_DIR, LEASES_DIR, IMAGES_DIR] {
+        for d in [BLOBS_DIR, TREES_DIR, TMP_DIR, SCRATCH_DIR, QUARANTINE_DIR, LEASES_DIR, IMAGES_DIR, JOURNAL_DIR] {
             let p = root.join(d);
             fs_err::create_dir_all(&p).at(&p)?;
         }
@@ -111,7 +113,9 @@ impl Store {
         }
         let inner = Arc::new(db::open(self)?);
         *slot = Arc::downgrade(&inner);
-        Ok(Db(inner))
+        let db = Db(inner);
+        self.import_journal(&db)?;
+        Ok(db)
     }
 
     /// The index opened under a gc.lock the caller holds exclusively (for gc).
@@ -119,7 +123,9 @@ impl Store {
         let mut slot = self.db.lock().expect("db slot lock");
         let inner = Arc::new(db::open_locked(self, Some(gc))?);
         *slot = Arc::downgrade(&inner);
-        Ok(Db(inner))
+        let db = Db(inner);
+        self.import_journal(&db)?;
+        Ok(db)
     }
 
     /// Whether an index has ever been created here.

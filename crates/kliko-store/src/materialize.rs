@@ -4,7 +4,7 @@ use std::ffi::OsStr;
 use std::fs;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use kliko_core::tree::Entry;
@@ -42,7 +42,14 @@ impl Store {
             Err(e) if e.kind() == io::ErrorKind::NotFound => fs_err::create_dir_all(dest).at(dest)?,
             Err(e) => return Err(e).at(dest),
         }
-        let mode = match mode {
+        let mode = self.placement(dest, mode)?;
+        self.materialize_dir(tree, dest, mode)
+    }
+
+    /// What `mode` means for files placed in the existing folder `dest`: `Link` or `Copy`
+    /// (`Auto` links only on the store's filesystem and never for root).
+    pub fn placement(&self, dest: &Path, mode: MaterializeMode) -> Result<MaterializeMode> {
+        Ok(match mode {
             MaterializeMode::Auto => {
                 let same_fs = fs::metadata(dest).at(dest)?.dev() == fs::metadata(self.root()).at(self.root())?.dev();
                 // SAFETY: geteuid has no preconditions.
@@ -54,8 +61,7 @@ impl Store {
                 }
             }
             m => m,
-        };
-        self.materialize_dir(tree, dest, mode)
+        })
     }
 
     fn materialize_dir(&self, tree: &Digest, dest: &Path, mode: MaterializeMode) -> Result<()> {
@@ -69,12 +75,12 @@ impl Store {
                     self.materialize_dir(digest, &path, mode)
                 }
                 Entry::Symlink { target } => std::os::unix::fs::symlink(OsStr::from_bytes(target), &path).at(&path),
-                Entry::File { size, executable, digest } => self.place_file(digest, *size, *executable, &path, mode),
+                Entry::File { executable, digest, .. } => self.place_file(digest, *executable, &path, mode),
             }
         })
     }
 
-    fn place_file(&self, d: &Digest, size: u64, executable: bool, dest: &Path, mode: MaterializeMode) -> Result<()> {
+    fn place_file(&self, d: &Digest, executable: bool, dest: &Path, mode: MaterializeMode) -> Result<()> {
         let perm = if executable { 0o755 } else { 0o644 };
         let src = self.object_path(ObjectKind::Blob, d);
         if mode == MaterializeMode::Link && !executable {
@@ -85,16 +91,6 @@ impl Store {
                 Err(_) => self.copy_blob_verified(d, dest, perm),
             };
         }
-        if size > 0 && reflink_copy::reflink(&src, dest).is_ok() {
-            let (actual, _) = kliko_core::hash::hash_file_stable(dest, &fs::metadata(dest).at(dest)?)?;
-            if actual != *d {
-                let _ = fs::remove_file(dest);
-                return Err(StoreError::Corrupt { expected: *d, actual });
-            }
-            return fs::set_permissions(dest, fs::Permissions::from_mode(perm)).at(dest);
-        }
-        self.copy_blob_verified(d, dest, perm)?;
-        // The umask may have narrowed the mode given at creation.
-        fs::set_permissions(dest, fs::Permissions::from_mode(perm)).at(dest)
+        self.copy_blob_verified(d, dest, perm)
     }
 }

@@ -144,7 +144,12 @@ impl Store {
     /// A complete result for `key`, recording the access; `None` on a miss (including a
     /// result whose objects are gone).
     pub fn lookup(&self, db: &Db, key: &Digest) -> Result<Option<ActionResult>> {
-        match self.get_result(db, key)? {
+        // A result journaled after this handle was opened is not in the index yet.
+        let found = match self.get_result(db, key)? {
+            Some(r) => Some(r),
+            None => self.journaled(key),
+        };
+        match found {
             Some(r) if self.is_complete(&r) => {
                 self.touch(db, key)?;
                 Ok(Some(r))
@@ -239,7 +244,12 @@ impl Store {
     }
 
     pub fn append_history(&self, db: &Db, e: &HistoryEntry) -> Result<()> {
-        let mut k = now_ms().to_be_bytes().to_vec();
+        self.append_history_at(db, e, now_ms())
+    }
+
+    /// [`Store::append_history`] for an entry that happened at `at_ms` (ms since the epoch).
+    pub fn append_history_at(&self, db: &Db, e: &HistoryEntry, at_ms: u64) -> Result<()> {
+        let mut k = at_ms.to_be_bytes().to_vec();
         k.extend_from_slice(&e.key.as_bytes()[..8]);
         k.extend_from_slice(&std::process::id().to_be_bytes());
         db.put_cf(db.cf(CF_HISTORY), k, serde_json::to_vec(e).expect("plain data")).map_err(db.err(self))

@@ -5,7 +5,7 @@
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
-use kliko_core::hash::{DirRecord, Hashed, Hasher, Progress, StatCache};
+use kliko_core::hash::{DirRecord, Hashed, Hasher, MemoryCache, Progress, StatCache, Tee};
 
 use crate::db::{Db, CF_STAT};
 use crate::error::Result;
@@ -39,5 +39,13 @@ impl Store {
     pub fn hash_path(&self, path: &Path, progress: &dyn Progress) -> Result<Hashed> {
         let cache = DbStatCache::new(self.db()?);
         Ok(Hasher { cache: &cache, progress, collect: false }.hash_path(path)?)
+    }
+
+    /// [`Store::hash_path`], keeping a copy of the stat records it used in `copy`, so the
+    /// same tree can be checked again later without the index.
+    pub fn hash_path_remembering(&self, path: &Path, progress: &dyn Progress, copy: &MemoryCache) -> Result<Hashed> {
+        let cache = DbStatCache::new(self.db()?);
+        let tee = Tee { cache: &cache, copy };
+        Ok(Hasher { cache: &tee, progress, collect: false }.hash_path(path)?)
     }
 }

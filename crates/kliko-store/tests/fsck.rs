@@ -3,15 +3,12 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::symlink;
 use std::path::Path;
 
 use common::*;
-use kliko_core::key::{ActionPreimage, ACTION_FORMAT};
 use kliko_core::Digest;
-use kliko_store::records::ActionResult;
 use kliko_store::{
     FsckOptions, IngestMode, MaterializeMode, ObjectKind, Store, StoreError, BLOBS_DIR, QUARANTINE_DIR, TREES_DIR,
 };
@@ -34,45 +31,6 @@ fn quarantined(store: &Store) -> usize {
     fs::read_dir(store.root().join(QUARANTINE_DIR)).unwrap().count()
 }
 
-fn result_for(store: &Store, output: Digest, salt: &str) -> ActionResult {
-    let stdout = store.put_bytes(ObjectKind::Blob, b"stdout of the run\n").unwrap();
-    let stderr = store.put_bytes(ObjectKind::Blob, b"").unwrap();
-    let preimage = ActionPreimage {
-        format: ACTION_FORMAT.to_string(),
-        image_id: "sha256:0000000000000000000000000000000000000000000000000000000000000000".into(),
-        io: "split".into(),
-        cmd: vec!["run".into()],
-        env: BTreeMap::new(),
-        parameters_format: 1,
-        parameters: serde_json::json!({}),
-        input: None,
-        salt: Some(salt.into()),
-    };
-    ActionResult {
-        key: preimage.key(),
-        preimage,
-        output,
-        output_files: 0,
-        output_bytes: 0,
-        exit_code: 0,
-        stdout,
-        stderr,
-        stdout_bytes: 18,
-        stderr_bytes: 0,
-        started_at: "2026-01-01T00:00:00Z".into(),
-        finished_at: "2026-01-01T00:00:01Z".into(),
-        wall_ms: 1000,
-        image_ref: "test:latest".into(),
-        image_id: "sha256:0".into(),
-        repo_tags: vec![],
-        repo_digests: vec![],
-        input_path: None,
-        parameters_given: serde_json::json!({}),
-        host: "test".into(),
-        user: "test".into(),
-        kliko_version: "test".into(),
-    }
-}
 
 #[test]
 fn a_clean_store_is_clean() {

@@ -3,7 +3,7 @@
 
 #![allow(dead_code)]
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsStr;
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
@@ -11,6 +11,9 @@ use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use kliko_core::hash::Hasher;
+use kliko_core::key::{ActionPreimage, ACTION_FORMAT};
+use kliko_store::records::ActionResult;
+use kliko_store::ObjectKind;
 use kliko_core::Digest;
 use kliko_store::{Store, BLOBS_DIR, TREES_DIR};
 
@@ -107,4 +110,45 @@ pub fn corrupt_in_place(path: &Path) {
     }
     fs::write(path, &bytes).unwrap();
     fs::set_permissions(path, fs::Permissions::from_mode(0o444)).unwrap();
+}
+
+/// A result record for `output` (its logs stored), keyed by `salt`.
+pub fn result_for(store: &Store, output: Digest, salt: &str) -> ActionResult {
+    let stdout = store.put_bytes(ObjectKind::Blob, b"stdout of the run\n").unwrap();
+    let stderr = store.put_bytes(ObjectKind::Blob, b"").unwrap();
+    let preimage = ActionPreimage {
+        format: ACTION_FORMAT.to_string(),
+        image_id: "sha256:0000000000000000000000000000000000000000000000000000000000000000".into(),
+        io: "split".into(),
+        cmd: vec!["run".into()],
+        env: BTreeMap::new(),
+        parameters_format: 1,
+        parameters: serde_json::json!({}),
+        input: None,
+        salt: Some(salt.into()),
+    };
+    ActionResult {
+        key: preimage.key(),
+        preimage,
+        output,
+        output_files: 0,
+        output_bytes: 0,
+        exit_code: 0,
+        stdout,
+        stderr,
+        stdout_bytes: 18,
+        stderr_bytes: 0,
+        started_at: "2026-01-01T00:00:00Z".into(),
+        finished_at: "2026-01-01T00:00:01Z".into(),
+        wall_ms: 1000,
+        image_ref: "test:latest".into(),
+        image_id: "sha256:0".into(),
+        repo_tags: vec![],
+        repo_digests: vec![],
+        input_path: None,
+        parameters_given: serde_json::json!({}),
+        host: "test".into(),
+        user: "test".into(),
+        kliko_version: "test".into(),
+    }
 }
