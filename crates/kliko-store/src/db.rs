@@ -101,9 +101,14 @@ pub(crate) fn open_locked(store: &Store, gc: Option<crate::GcGuard>) -> Result<D
         opts = o;
     }
     opts.set_max_file_opening_threads(1);
-    opts.set_log_level(rocksdb::LogLevel::Warn);
-    opts.set_keep_log_file_num(2);
-    opts.set_max_log_file_size(1 << 20);
+    // No `LOG` file: RocksDB would rename the old one, create a new one and write its whole
+    // configuration (about 90 KiB) into it at every open, on every run. Its errors reach the
+    // caller as errors; the ones it only logs go to standard error.
+    opts.set_info_logger(rocksdb::InfoLogger::new_callback_logger(rocksdb::LogLevel::Error, |level, msg| {
+        if matches!(level, rocksdb::LogLevel::Error | rocksdb::LogLevel::Fatal) {
+            eprintln!("kliko: the store's index (RocksDB) reports: {}", msg.trim_end());
+        }
+    }));
     // Column families this build does not know (from a newer or older kliko) must still be
     // opened, or RocksDB refuses the database.
     let mut cfs: Vec<String> = ALL_CFS.iter().map(|s| s.to_string()).collect();
