@@ -286,6 +286,25 @@ fn a_failed_leader_is_reported_to_its_waiters_with_its_log() {
 }
 
 #[test]
+fn a_leader_whose_output_cannot_be_stored_tells_its_waiters() {
+    let w = World::new();
+    // Exit 0, but a FIFO in the output: the store refuses it, and the run is an error.
+    let img = split_image("leaderstorefail", "", "sleep 3\nmkfifo /output/pipe");
+    let input = w.folder("in", &[("a.txt", "alpha\n")]);
+    let since = docker_now();
+    let (leader, waiter, err, seen) = leader_and_waiter(&w, &img, &input, &[]);
+    let o = finish(waiter, err, seen);
+    let lo = leader.wait_with_output().expect("leader");
+    let leader_err = String::from_utf8_lossy(&lo.stderr);
+    assert_eq!(lo.status.code(), Some(2), "{leader_err}");
+    assert!(leader_err.contains("pipe"), "the leader names the path: {leader_err}");
+    o.expect_code(2);
+    assert!(o.stderr.contains("waited on failed") && o.stderr.contains("pipe"), "{}", o.stderr);
+    assert_eq!(run_containers_created(&img, &since, &docker_now()), 1, "the waiter did not run it again");
+    assert_no_containers(&img);
+}
+
+#[test]
 fn ctrl_c_on_a_waiter_stops_only_that_waiter() {
     let w = World::new();
     let img = split_image("waitercancel", "", SLOW);

@@ -251,6 +251,13 @@ impl Engine {
                     if cancel.is_cancelled() {
                         return Ok(self.cancelled_report(&req, &prep, t0, waited_on));
                     }
+                    // A result first: a leader can record its result and still fail after (its
+                    // own output folder refused, say); its waiters need only the result.
+                    if !req.no_cache {
+                        if let Some(report) = self.try_hit(&req, &prep, &target, t0, &obs, waited_on.clone()).await? {
+                            return Ok(report);
+                        }
+                    }
                     if let Some(f) = lease::failure_since(&leases, &prep.key, wait_since) {
                         if !req.retry_failed || retried {
                             return Ok(self.leader_failed_report(&req, &prep, t0, waited_on, f));
@@ -525,7 +532,17 @@ impl Engine {
                 Ok(report)
             }
             Err(e) => {
-                lease.release();
+                // Its waiters would meet the same trouble (a full disk, an output the store
+                // refuses): tell them, as for a failed container, instead of letting each run
+                // it again in turn.
+                let failure = Failure {
+                    holder: Holder { pid: std::process::id(), host: fsutil::hostname(), started_at: fsutil::now_rfc3339() },
+                    at_ms: now_ms(),
+                    outcome: format!("failed: {e}"),
+                    exit_code: 2,
+                    log_tail: Vec::new(),
+                };
+                lease.release_failed(&leases, &prep.key, &failure);
                 Err(e)
             }
         }
