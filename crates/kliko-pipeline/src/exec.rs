@@ -218,6 +218,9 @@ struct Ctx {
     pipeline_file: PathBuf,
     pipeline_dir: PathBuf,
     step: Arc<Step>,
+    /// The step's image as the check resolved it: every run of the pipeline uses that image
+    /// ID (a tag moved meanwhile changes nothing) and none inspects it again.
+    image: Option<kliko_engine::ImageMeta>,
     outputs: Arc<HashMap<String, Digest>>,
     progress: Arc<Mutex<Progress>>,
     keeper: Arc<DbKeeper>,
@@ -329,6 +332,7 @@ pub async fn run(
                 pipeline_file: p.file.clone(),
                 pipeline_dir: p.dir.clone(),
                 step: Arc::new(step.clone()),
+                image: checked.images.get(&step.image).cloned(),
                 outputs: Arc::new(outputs.clone()),
                 progress: Arc::default(),
                 keeper: keeper.clone(),
@@ -577,7 +581,7 @@ async fn run_one_inner(ctx: &Ctx, entry: Option<(String, EntryRef)>, name: Optio
     req.labels.insert(PIPELINE_LABEL.into(), ctx.pipeline_file.display().to_string());
     req.labels.insert(STEP_LABEL.into(), step.name.clone());
     let obs = Arc::new(RunObs { ctx: ctx.clone(), entry: name.clone(), started: AtomicBool::new(false), blocked: AtomicBool::new(false) });
-    let report = ctx.engine.run(req, obs.clone(), ctx.cancel.clone()).await;
+    let report = ctx.engine.run_with(req, ctx.image.clone(), None, obs.clone(), ctx.cancel.clone()).await;
     if obs.blocked.load(Ordering::SeqCst) {
         ctx.keeper.unblock();
         ctx.keeper.clone().hold().await;
