@@ -286,6 +286,25 @@ fn a_failed_leader_is_reported_to_its_waiters_with_its_log() {
 }
 
 #[test]
+fn a_waiter_shows_the_leaders_logs_as_they_come() {
+    let w = World::new();
+    let img = split_image(
+        "waiterlogs",
+        "",
+        "echo 'first line, before the waiter came'\nsleep 2\necho 'second line, on stderr' >&2\nsleep 1\ncp -r /input/. /output/",
+    );
+    let input = w.folder("in", &[("a.txt", "alpha\n")]);
+    let (leader, waiter, err, seen) = leader_and_waiter(&w, &img, &input, &[]);
+    let o = finish(waiter, err, seen);
+    o.ok();
+    assert!(leader.wait_with_output().expect("leader").status.success());
+    assert!(o.stdout.contains("first line, before the waiter came"), "stdout: {}", o.stdout);
+    assert!(o.stderr.contains("second line, on stderr"), "stderr: {}", o.stderr);
+    assert_eq!(read(&w.path("out-waiter/a.txt")), "alpha\n");
+    assert_no_containers(&img);
+}
+
+#[test]
 fn a_leader_whose_output_cannot_be_stored_tells_its_waiters() {
     let w = World::new();
     // Exit 0, but a FIFO in the output: the store refuses it, and the run is an error.

@@ -24,6 +24,10 @@ pub struct Holder {
     pub pid: u32,
     pub host: String,
     pub started_at: String,
+    /// The leader's run folder once it has one: its `stdout.log` and `stderr.log` grow while
+    /// the container runs, so waiters can show them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logs: Option<PathBuf>,
 }
 
 /// What a failed leader leaves for its waiters.
@@ -96,6 +100,13 @@ impl Lease {
         self.inherited
     }
 
+    /// Rewrite the holder record (to say where the run's logs are).
+    pub fn announce(&self, holder: &Holder) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        self.file.set_len(0)?;
+        self.file.write_all_at(&serde_json::to_vec(holder).expect("plain data"), 0)
+    }
+
     /// A second handle on the lease file, for renewing its mtime (the heartbeat).
     pub fn heartbeat_handle(&self) -> Option<File> {
         self.file.try_clone().ok()
@@ -129,6 +140,11 @@ pub fn failure_since(dir: &Path, key: &Digest, since_ms: u64) -> Option<Failure>
     (f.at_ms >= since_ms).then_some(f)
 }
 
+/// Who holds the lease for `key` now, if the file can be read (it is rewritten in place).
+pub fn holder(dir: &Path, key: &Digest) -> Option<Holder> {
+    serde_json::from_slice(&fs::read(lock_path(dir, key)).ok()?).ok()
+}
+
 /// How often a waiter looks at the lease again.
 pub const POLL: Duration = Duration::from_millis(100);
 /// How often a leader renews its heartbeat.
@@ -139,7 +155,7 @@ mod tests {
     use super::*;
 
     fn me() -> Holder {
-        Holder { pid: std::process::id(), host: "test".into(), started_at: "now".into() }
+        Holder { pid: std::process::id(), host: "test".into(), started_at: "now".into(), logs: None }
     }
 
     fn leader(dir: &Path, key: &Digest) -> Lease {
@@ -164,5 +180,21 @@ mod tests {
         let third = leader(dir.path(), &key);
         assert!(third.inherited(), "the second holder died holding it");
         third.release();
+    }
+
+    #[test]
+    fn a_holder_can_say_where_its_logs_are() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = Digest::of_bytes(b"logs");
+        let lease = leader(dir.path(), &key);
+        assert_eq!(holder(dir.path(), &key).unwrap().logs, None);
+        let with_logs = Holder { logs: Some("/somewhere/run-1".into()), ..me() };
+        lease.announce(&with_logs).unwrap();
+        assert_eq!(holder(dir.path(), &key), Some(with_logs.clone()));
+        // Shorter than before: no stale bytes after the new record.
+        let shorter = Holder { logs: Some("/s".into()), ..me() };
+        lease.announce(&shorter).unwrap();
+        assert_eq!(holder(dir.path(), &key), Some(shorter));
+        lease.release();
     }
 }

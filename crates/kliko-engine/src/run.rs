@@ -199,7 +199,7 @@ impl Engine {
             }
         }
         let leases = self.store.root().join(kliko_store::LEASES_DIR);
-        let me = Holder { pid: std::process::id(), host: fsutil::hostname(), started_at: fsutil::now_rfc3339() };
+        let me = Holder { pid: std::process::id(), host: fsutil::hostname(), started_at: fsutil::now_rfc3339(), logs: None };
         let mut waited_on: Option<Holder> = None;
         let mut wait_since = 0u64;
         let mut retried = false;
@@ -247,7 +247,7 @@ impl Engine {
                     waited_on = Some(holder);
                     // The leader needs the index to record its result.
                     drop(hold.take());
-                    self.wait_for_lease(&leases, &prep.key, &cancel).await?;
+                    self.wait_for_lease(&leases, &prep.key, &cancel, &obs).await?;
                     if cancel.is_cancelled() {
                         return Ok(self.cancelled_report(&req, &prep, t0, waited_on));
                     }
@@ -282,22 +282,37 @@ impl Engine {
         }
     }
 
-    /// Wait until nobody holds the lease (or we are cancelled). Never holds the index.
-    async fn wait_for_lease(&self, dir: &Path, key: &Digest, cancel: &CancellationToken) -> Result<()> {
+    /// Wait until nobody holds the lease (or we are cancelled), showing the leader's logs as
+    /// they grow. Never holds the index.
+    async fn wait_for_lease(
+        &self,
+        dir: &Path,
+        key: &Digest,
+        cancel: &CancellationToken,
+        obs: &Arc<dyn Observer>,
+    ) -> Result<()> {
         let path = dir.join(format!("{key}.lock"));
+        let mut logs = LeaderLogs::default();
         loop {
-            let p = path.clone();
-            let free = blocking(move || {
-                let f = match fs::File::open(&p) {
-                    Ok(f) => f,
-                    Err(_) => return Ok(true),
+            let (p, d, k) = (path.clone(), dir.to_path_buf(), *key);
+            let (free, chunks, l) = blocking(move || {
+                let free = match fs::File::open(&p) {
+                    Err(_) => true,
+                    Ok(f) => {
+                        use std::os::fd::AsRawFd;
+                        // SAFETY: flock on an fd we own; a shared probe never blocks the holder.
+                        unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) == 0 }
+                    }
                 };
-                use std::os::fd::AsRawFd;
-                // SAFETY: flock on an fd we own; a shared probe never blocks the holder.
-                let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) };
-                Ok(rc == 0)
+                // After the probe, so the last lines are read once the leader is done.
+                let chunks = logs.read_new(lease::holder(&d, &k));
+                Ok((free, chunks, logs))
             })
             .await?;
+            logs = l;
+            for (stream, bytes) in chunks {
+                obs.log(stream, &bytes);
+            }
             if free {
                 return Ok(());
             }
@@ -507,6 +522,13 @@ impl Engine {
             }
         };
         let scratch_path = scratch.path().to_path_buf();
+        // Waiters show the logs from here while the container runs.
+        let _ = lease.announce(&Holder {
+            pid: std::process::id(),
+            host: fsutil::hostname(),
+            started_at: fsutil::now_rfc3339(),
+            logs: Some(scratch_path.clone()),
+        });
         // Held while the run uses the folder: gc removes scratch folders whose lock is free
         // (left by a killed process).
         let scratch_lock = kliko_store::lock_scratch(&scratch_path);
@@ -536,7 +558,7 @@ impl Engine {
                 // refuses): tell them, as for a failed container, instead of letting each run
                 // it again in turn.
                 let failure = Failure {
-                    holder: Holder { pid: std::process::id(), host: fsutil::hostname(), started_at: fsutil::now_rfc3339() },
+                    holder: Holder { pid: std::process::id(), host: fsutil::hostname(), started_at: fsutil::now_rfc3339(), logs: None },
                     at_ms: now_ms(),
                     outcome: format!("failed: {e}"),
                     exit_code: 2,
@@ -737,7 +759,7 @@ impl Engine {
                 .await;
             }
             let failure = (status != Status::Cancelled).then(|| Failure {
-                holder: Holder { pid: std::process::id(), host: fsutil::hostname(), started_at: fsutil::rfc3339(started) },
+                holder: Holder { pid: std::process::id(), host: fsutil::hostname(), started_at: fsutil::rfc3339(started), logs: None },
                 at_ms: now_ms(),
                 outcome: match status {
                     Status::TimedOut => "timed out".into(),
@@ -877,6 +899,43 @@ impl Engine {
         report.warnings = warnings;
         report.result = Some(result);
         Ok((report, None))
+    }
+}
+
+/// A waiter's view of the leader's log files: what it has read of each so far.
+#[derive(Default)]
+struct LeaderLogs {
+    dir: Option<PathBuf>,
+    /// Open log files; an open file keeps being readable after ingest moves it into the store.
+    files: Vec<(Stream, fs::File)>,
+}
+
+impl LeaderLogs {
+    /// Whatever the leader's logs gained since the last call (a new leader starts afresh).
+    fn read_new(&mut self, holder: Option<Holder>) -> Vec<(Stream, Vec<u8>)> {
+        use std::io::Read;
+        if let Some(dir) = holder.and_then(|h| h.logs) {
+            if self.dir.as_ref() != Some(&dir) {
+                self.dir = Some(dir);
+                self.files.clear();
+            }
+        }
+        let Some(dir) = &self.dir else { return Vec::new() };
+        for (stream, name) in [(Stream::Stdout, "stdout.log"), (Stream::Stderr, "stderr.log")] {
+            if !self.files.iter().any(|(s, _)| *s == stream) {
+                if let Ok(f) = fs::File::open(dir.join(name)) {
+                    self.files.push((stream, f));
+                }
+            }
+        }
+        let mut out = Vec::new();
+        for (stream, f) in &mut self.files {
+            let mut buf = Vec::new();
+            if f.read_to_end(&mut buf).is_ok() && !buf.is_empty() {
+                out.push((*stream, buf));
+            }
+        }
+        out
     }
 }
 
