@@ -259,3 +259,71 @@ steps:
     let until = now_s();
     assert_eq!(containers_created(&bad, &since, &until), 0);
 }
+
+/// Containers labelled with this pipeline file that exist now (running or not).
+fn containers_of_pipeline(pipeline: &Path) -> Vec<String> {
+    let out = Command::new("docker")
+        .args(["ps", "-a", "--filter", &format!("label=io.kliko.pipeline={}", pipeline.display()), "--format", "{{.ID}}"])
+        .output()
+        .expect("docker ps");
+    String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).filter(|l| !l.is_empty()).collect()
+}
+
+#[test]
+fn ctrl_c_stops_running_containers_and_keeps_finished_steps_cached() {
+    let tool = ImageBuilder::new("pipeline-cli-quick").kliko_yml(TOOL_YML).kliko_script(TOOL_SCRIPT).build().expect("docker build");
+    let slow = ImageBuilder::new("pipeline-cli-slow").kliko_yml(TOOL_YML).kliko_script("sleep 60\n").build().expect("docker build");
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    write(&root.join("data/a.txt"), "a1");
+    let file = root.join("pipeline.yml");
+    write(
+        &file,
+        &format!(
+            "version: 1\nsteps:\n  quick:\n    image: {t}\n    input: data/\n  slow:\n    image: {s}\n    input: data/\n  after:\n    image: {t}\n    input: slow\n",
+            t = tool.tag,
+            s = slow.tag
+        ),
+    );
+    let store = root.join("store");
+    let child = kliko(&store)
+        .args(["pipeline", "run", "--jobs", "2", "--json"])
+        .arg(&file)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    // Wait until `quick` is stored and `slow` is running.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let show = kliko(&store).args(["pipeline", "show", "--json"]).arg(&file).output().unwrap();
+        let plan: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap_or_default();
+        let quick_stored = plan["steps"].as_array().into_iter().flatten().any(|s| s["name"] == "quick" && s["runs"][0]["hit"] == true);
+        let running = !containers_of_pipeline(&file).is_empty();
+        if quick_stored && running {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the pipeline never got going");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let t0 = std::time::Instant::now();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(t0.elapsed() < std::time::Duration::from_secs(30), "it took {:?} to stop", t0.elapsed());
+    assert!(stderr.contains("stopping"), "{stderr}");
+    assert!(containers_of_pipeline(&file).is_empty(), "a container was left behind");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {stderr}"));
+    let state = |name: &str| report["steps"].as_array().unwrap().iter().find(|s| s["name"] == name).unwrap()["state"].clone();
+    assert!(["done", "cached"].contains(&state("quick").as_str().unwrap()), "{report}");
+    assert!(!["done", "cached"].contains(&state("slow").as_str().unwrap()), "{report}");
+    assert!(!["done", "cached"].contains(&state("after").as_str().unwrap()), "{report}");
+    // What finished stays cached; what was stopped is not.
+    let show = kliko(&store).args(["pipeline", "show", "--json"]).arg(&file).output().unwrap();
+    let plan: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
+    let hit = |name: &str| plan["steps"].as_array().unwrap().iter().find(|s| s["name"] == name).unwrap()["runs"][0]["hit"].clone();
+    assert_eq!(hit("quick"), true, "{plan}");
+    assert_eq!(hit("slow"), false, "{plan}");
+}
