@@ -22,6 +22,8 @@ pub struct Submitted {
     pub csv: HashMap<String, String>,
     pub listjs: Vec<String>,
     pub files: HashMap<String, Vec<PathBuf>>,
+    /// The token under which the server keeps `files` when the form comes back with errors.
+    pub kept: Option<String>,
     pub input: String,
     pub output: String,
     pub work: String,
@@ -93,6 +95,16 @@ impl Submitted {
     }
 }
 
+/// Under a file field of a form that came back: which files the server kept for it.
+fn kept_note(submitted: Option<&Submitted>, name: &str) -> String {
+    let Some(files) = submitted.and_then(|s| s.files.get(name)).filter(|f| !f.is_empty()) else { return String::new() };
+    let names: Vec<String> = files
+        .iter()
+        .map(|p| format!("<code>{}</code>", esc(&p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default())))
+        .collect();
+    format!("<div class=\"help kept\">Kept from your last submission: {}.</div>", names.join(", "))
+}
+
 /// Render the form page body.
 pub fn render(
     meta: &ImageMeta,
@@ -124,8 +136,8 @@ pub fn render(
             }
             b.push_str("</ul>");
         }
-        if submitted.is_some_and(|s| !s.files.is_empty()) || spec.fields().any(|f| f.ty.is_file()) {
-            b.push_str("<div>Files must be chosen again.</div>");
+        if submitted.is_some_and(|s| !s.files.is_empty()) {
+            b.push_str("<div>The files you chose are kept: choose others only to replace them.</div>");
         }
         b.push_str("</div>");
     }
@@ -135,6 +147,9 @@ pub fn render(
     ));
     // First, so the server can refuse a forged form before reading any upload.
     b.push_str(&format!("<input type=\"hidden\" name=\"csrf\" value=\"{}\">", esc(csrf)));
+    if let Some(token) = submitted.and_then(|s| s.kept.as_ref()) {
+        b.push_str(&format!("<input type=\"hidden\" name=\"kept\" value=\"{}\">", esc(token)));
+    }
 
     // Folders.
     b.push_str("<fieldset><legend>Data</legend>");
@@ -258,12 +273,14 @@ fn field_html(b: &mut String, field: &Field, submitted: Option<&Submitted>, erro
                 }
                 FieldType::File => {
                     b.push_str(&format!("<input type=\"file\" id=\"{id}\" name=\"{}\">", esc(&format!("f.{name}"))));
+                    b.push_str(&kept_note(submitted, name));
                 }
                 FieldType::ListFile => {
                     b.push_str(&format!(
                         "<input type=\"file\" multiple id=\"{id}\" name=\"{}\"><div class=\"help\">Choose one or more files; their order is kept.</div>",
                         esc(&format!("f.{name}"))
                     ));
+                    b.push_str(&kept_note(submitted, name));
                 }
                 t if t.is_list() => {
                     let text = match submitted {

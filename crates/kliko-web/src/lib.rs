@@ -19,7 +19,8 @@
 //! token (generated and printed when not given): a request without it (as `?token=` once,
 //! then an HttpOnly cookie) gets 401. The run form carries a per-server CSRF secret. Host
 //! folders are only those inside the `--data-root` folders, after canonicalization.
-//! Uploads are limited in size and kept in a private scratch folder of the store.
+//! Uploads are limited in size and kept in a private scratch folder of the store; when a form
+//! comes back with errors its uploads are kept (an hour at most) for the corrected submission.
 
 pub mod auth;
 pub mod form;
@@ -93,6 +94,9 @@ pub struct AppState {
     pub not_kliko: Mutex<HashMap<String, Option<String>>>,
     /// Ends live streams when the server stops.
     pub shutdown: CancellationToken,
+    /// Files uploaded with a form that came back with errors, by the token the form carries:
+    /// resubmitting it reuses them unless new ones are chosen.
+    pub kept: Mutex<HashMap<String, pages::KeptUploads>>,
 }
 
 impl AppState {
@@ -114,6 +118,7 @@ impl AppState {
             runs: runs::Registry::default(),
             not_kliko: Mutex::new(HashMap::new()),
             shutdown: CancellationToken::new(),
+            kept: Mutex::new(HashMap::new()),
         }))
     }
 

@@ -2,6 +2,7 @@
 //! lives only inside those closures: holding it would block every `kliko` command.
 
 use std::convert::Infallible;
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -249,6 +250,16 @@ fn safe_name(name: &str) -> String {
     s.chars().take(120).collect()
 }
 
+/// Uploads of a form that came back with errors, kept for its resubmission (an hour at most).
+pub struct KeptUploads {
+    dirs: Vec<tempfile::TempDir>,
+    files: HashMap<String, Vec<PathBuf>>,
+    at: std::time::Instant,
+}
+
+/// How long kept uploads wait for the form to be submitted again.
+const KEEP_UPLOADS: std::time::Duration = std::time::Duration::from_secs(3600);
+
 pub async fn submit(State(st): St, Path(reference): Path<String>, mut mp: Multipart) -> Result<Response, PageError> {
     // The CSRF secret comes first in our form: refuse before reading (or storing) anything else.
     let first = mp.next_field().await.map_err(|e| multipart_error(e, st.upload_limit))?;
@@ -268,9 +279,16 @@ pub async fn submit(State(st): St, Path(reference): Path<String>, mut mp: Multip
     let meta = image_meta(&st, &reference).await?;
     let mut sub = Submitted::default();
     let mut uploads: Option<tempfile::TempDir> = None;
+    // Files kept from this form's previous submission (taken out: used now or kept again).
+    let mut kept: Option<KeptUploads> = None;
     let mut received: u64 = 0;
     while let Some(mut field) = mp.next_field().await.map_err(|e| multipart_error(e, st.upload_limit))? {
         let name = field.name().unwrap_or("").to_string();
+        if name == "kept" {
+            let token = field.text().await.map_err(|e| multipart_error(e, st.upload_limit))?;
+            kept = st.kept.lock().expect("kept lock").remove(&token);
+            continue;
+        }
         if let Some(fname) = name.strip_prefix("f.") {
             let Some(index) = meta.spec.fields().position(|f| f.name == fname && f.ty.is_file()) else { continue };
             let original = field.file_name().unwrap_or("").to_string();
@@ -324,6 +342,15 @@ pub async fn submit(State(st): St, Path(reference): Path<String>, mut mp: Multip
         }
     }
 
+    // A file field left empty this time takes the files kept from last time.
+    let mut dirs: Vec<tempfile::TempDir> = uploads.into_iter().collect();
+    if let Some(k) = kept {
+        for (field, files) in k.files {
+            sub.files.entry(field).or_insert(files);
+        }
+        dirs.extend(k.dirs);
+    }
+
     // The same validation as the command line, each message beside its field.
     let mut errors = Errors::default();
     let layer = sub.layer(&meta);
@@ -369,7 +396,13 @@ pub async fn submit(State(st): St, Path(reference): Path<String>, mut mp: Multip
         }
     }
     if !errors.is_empty() {
-        drop(uploads);
+        if !sub.files.is_empty() {
+            let token = auth::random_hex(16);
+            let mut map = st.kept.lock().expect("kept lock");
+            map.retain(|_, k| k.at.elapsed() < KEEP_UPLOADS);
+            map.insert(token.clone(), KeptUploads { dirs, files: sub.files.clone(), at: std::time::Instant::now() });
+            sub.kept = Some(token);
+        }
         let html = form_page(&st, &meta, Some(&sub), &errors);
         return Ok((StatusCode::UNPROCESSABLE_ENTITY, Html(html)).into_response());
     }
@@ -397,9 +430,9 @@ pub async fn submit(State(st): St, Path(reference): Path<String>, mut mp: Multip
     let engine = st.engine.clone();
     tokio::spawn(async move {
         let obs = Arc::new(RunObserver(entry.clone()));
-        let result = engine.run(req, obs, entry.cancel.clone()).await;
+        let result = engine.run_with(req, Some(meta), None, obs, entry.cancel.clone()).await;
         // The uploads are needed until the engine has copied them for the container.
-        drop(uploads);
+        drop(dirs);
         entry.finish(result.map_err(|e| chain(&e)));
     });
     Ok(Redirect::to(&format!("/run/{id}")).into_response())
