@@ -30,6 +30,13 @@ pub struct Holder {
     pub logs: Option<PathBuf>,
 }
 
+impl Holder {
+    /// This process, on this host, since `started_at` (RFC 3339).
+    pub fn this_process(started_at: String, logs: Option<PathBuf>) -> Holder {
+        Holder { pid: std::process::id(), host: crate::fsutil::hostname(), started_at, logs }
+    }
+}
+
 /// What a failed leader leaves for its waiters.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Failure {
@@ -46,6 +53,8 @@ pub struct Lease {
     file: File,
     path: PathBuf,
     inherited: bool,
+    /// What the file says about us.
+    holder: Holder,
 }
 
 pub enum Attempt {
@@ -89,7 +98,7 @@ pub fn try_acquire(dir: &Path, key: &Digest, me: &Holder) -> io::Result<Attempt>
         let mut f = &file;
         f.set_len(0)?;
         f.write_all(&serde_json::to_vec(me).expect("plain data"))?;
-        return Ok(Attempt::Leader(Lease { file, path, inherited }));
+        return Ok(Attempt::Leader(Lease { file, path, inherited, holder: me.clone() }));
     }
 }
 
@@ -100,11 +109,12 @@ impl Lease {
         self.inherited
     }
 
-    /// Rewrite the holder record (to say where the run's logs are).
-    pub fn announce(&self, holder: &Holder) -> io::Result<()> {
+    /// Say in the lease file where the run's logs are (`stdout.log` and `stderr.log` in `dir`).
+    pub fn announce_logs(&mut self, dir: &Path) -> io::Result<()> {
         use std::os::unix::fs::FileExt;
+        self.holder.logs = Some(dir.to_path_buf());
         self.file.set_len(0)?;
-        self.file.write_all_at(&serde_json::to_vec(holder).expect("plain data"), 0)
+        self.file.write_all_at(&serde_json::to_vec(&self.holder).expect("plain data"), 0)
     }
 
     /// A second handle on the lease file, for renewing its mtime (the heartbeat).
@@ -186,15 +196,13 @@ mod tests {
     fn a_holder_can_say_where_its_logs_are() {
         let dir = tempfile::tempdir().unwrap();
         let key = Digest::of_bytes(b"logs");
-        let lease = leader(dir.path(), &key);
-        assert_eq!(holder(dir.path(), &key).unwrap().logs, None);
-        let with_logs = Holder { logs: Some("/somewhere/run-1".into()), ..me() };
-        lease.announce(&with_logs).unwrap();
-        assert_eq!(holder(dir.path(), &key), Some(with_logs.clone()));
+        let mut lease = leader(dir.path(), &key);
+        assert_eq!(holder(dir.path(), &key), Some(me()));
+        lease.announce_logs(Path::new("/somewhere/run-1")).unwrap();
+        assert_eq!(holder(dir.path(), &key), Some(Holder { logs: Some("/somewhere/run-1".into()), ..me() }));
         // Shorter than before: no stale bytes after the new record.
-        let shorter = Holder { logs: Some("/s".into()), ..me() };
-        lease.announce(&shorter).unwrap();
-        assert_eq!(holder(dir.path(), &key), Some(shorter));
+        lease.announce_logs(Path::new("/s")).unwrap();
+        assert_eq!(holder(dir.path(), &key), Some(Holder { logs: Some("/s".into()), ..me() }));
         lease.release();
     }
 }

@@ -199,7 +199,7 @@ impl Engine {
             }
         }
         let leases = self.store.root().join(kliko_store::LEASES_DIR);
-        let me = Holder { pid: std::process::id(), host: fsutil::hostname(), started_at: fsutil::now_rfc3339(), logs: None };
+        let me = Holder::this_process(fsutil::now_rfc3339(), None);
         let mut waited_on: Option<Holder> = None;
         let mut wait_since = 0u64;
         let mut retried = false;
@@ -506,7 +506,7 @@ impl Engine {
         req: &RunRequest,
         prep: &Prepared,
         target: &Option<PathBuf>,
-        lease: Lease,
+        mut lease: Lease,
         obs: &Arc<dyn Observer>,
         cancel: &CancellationToken,
         t0: Instant,
@@ -523,12 +523,7 @@ impl Engine {
         };
         let scratch_path = scratch.path().to_path_buf();
         // Waiters show the logs from here while the container runs.
-        let _ = lease.announce(&Holder {
-            pid: std::process::id(),
-            host: fsutil::hostname(),
-            started_at: fsutil::now_rfc3339(),
-            logs: Some(scratch_path.clone()),
-        });
+        let _ = lease.announce_logs(&scratch_path);
         // Held while the run uses the folder: gc removes scratch folders whose lock is free
         // (left by a killed process).
         let scratch_lock = kliko_store::lock_scratch(&scratch_path);
@@ -558,7 +553,7 @@ impl Engine {
                 // refuses): tell them, as for a failed container, instead of letting each run
                 // it again in turn.
                 let failure = Failure {
-                    holder: Holder { pid: std::process::id(), host: fsutil::hostname(), started_at: fsutil::now_rfc3339(), logs: None },
+                    holder: Holder::this_process(fsutil::now_rfc3339(), None),
                     at_ms: now_ms(),
                     outcome: format!("failed: {e}"),
                     exit_code: 2,
@@ -759,7 +754,7 @@ impl Engine {
                 .await;
             }
             let failure = (status != Status::Cancelled).then(|| Failure {
-                holder: Holder { pid: std::process::id(), host: fsutil::hostname(), started_at: fsutil::rfc3339(started), logs: None },
+                holder: Holder::this_process(fsutil::rfc3339(started), None),
                 at_ms: now_ms(),
                 outcome: match status {
                     Status::TimedOut => "timed out".into(),

@@ -113,9 +113,7 @@ impl Store {
         }
         let inner = Arc::new(db::open(self)?);
         *slot = Arc::downgrade(&inner);
-        let db = Db(inner);
-        self.import_journal(&db)?;
-        Ok(db)
+        self.just_opened(inner)
     }
 
     /// The index opened under a gc.lock the caller holds exclusively (for gc).
@@ -123,6 +121,11 @@ impl Store {
         let mut slot = self.db.lock().expect("db slot lock");
         let inner = Arc::new(db::open_locked(self, Some(gc))?);
         *slot = Arc::downgrade(&inner);
+        self.just_opened(inner)
+    }
+
+    /// Every open, before anyone reads the index: results journaled since the last one go in.
+    fn just_opened(&self, inner: Arc<db::DbInner>) -> Result<Db> {
         let db = Db(inner);
         self.import_journal(&db)?;
         Ok(db)
