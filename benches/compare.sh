@@ -18,17 +18,9 @@ BIG_RUNS=${BIG_RUNS:-3}
 OUT=${OUT:-$repo/benches/results}
 mkdir -p "$OUT"
 
-for tool in hyperfine b3sum jq find cp python3; do
-    command -v "$tool" >/dev/null || { echo "error: \`$tool\` is needed" >&2; exit 1; }
-done
-
-if [[ -n ${KLIKO_BIN:-} ]]; then
-    KLIKO=$KLIKO_BIN    # an already built binary (skips the build)
-else
-    echo "== building kliko (release)" >&2
-    (cd "$repo" && cargo build --release -p kliko-cli >&2)
-    KLIKO=$repo/target/release/kliko
-fi
+. "$repo/benches/common.sh"
+need hyperfine b3sum jq find cp python3
+kliko_binary
 
 base=${KLIKO_BENCH_DIR:-${TMPDIR:-/tmp}}
 if [[ $(stat -c %d "$base") != $(stat -c %d "$repo") ]]; then

@@ -16,17 +16,9 @@ RUNS=${RUNS:-10}
 OUT=${OUT:-$repo/benches/results}
 mkdir -p "$OUT"
 
-for tool in hyperfine jq find python3 docker; do
-    command -v "$tool" >/dev/null || { echo "error: \`$tool\` is needed" >&2; exit 1; }
-done
-
-if [[ -n ${KLIKO_BIN:-} ]]; then
-    KLIKO=$KLIKO_BIN
-else
-    echo "== building kliko (release)" >&2
-    (cd "$repo" && cargo build --release -p kliko-cli >&2)
-    KLIKO=$repo/target/release/kliko
-fi
+. "$repo/benches/common.sh"
+need hyperfine jq find python3 docker
+kliko_binary
 echo "== building the example images" >&2
 bash "$repo/examples/build-image.sh" "$repo/examples/flagger" kliko-example-flagger:latest >&2
 bash "$repo/examples/build-image.sh" "$repo/examples/combine" kliko-example-combine:latest >&2

@@ -25,17 +25,9 @@ OUT=${OUT:-$repo/benches/results}
 BUSYBOX=${KLIKO_TEST_BUSYBOX:-/bin/busybox}
 mkdir -p "$OUT"
 
-for tool in hyperfine jq docker; do
-    command -v "$tool" >/dev/null || { echo "error: \`$tool\` is needed" >&2; exit 1; }
-done
-
-if [[ -n ${KLIKO_BIN:-} ]]; then
-    KLIKO=$KLIKO_BIN
-else
-    echo "== building kliko (release)" >&2
-    (cd "$repo" && cargo build --release -p kliko-cli >&2)
-    KLIKO=$repo/target/release/kliko
-fi
+. "$repo/benches/common.sh"
+need hyperfine jq docker
+kliko_binary
 
 base=${KLIKO_BENCH_DIR:-${TMPDIR:-/tmp}}
 work=$(mktemp -d -p "$base" kliko-run-compare.XXXXXX)
