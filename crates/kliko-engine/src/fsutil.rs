@@ -60,9 +60,10 @@ pub fn hand_over(from: &Path, to: &Path) -> Result<()> {
                 stack.push(entry.path());
             } else if kind.is_file() {
                 let path = entry.path();
-                let mode = fs::symlink_metadata(&path).at(&path)?.permissions().mode();
-                let want = if mode & 0o100 != 0 { 0o755 } else { 0o644 };
-                if mode & 0o7777 != want {
+                let meta = fs::symlink_metadata(&path).at(&path)?;
+                // The stored tree's executable bit, and the mode materialize gives it.
+                let want = if kliko_core::hash::is_executable(&meta) { 0o755 } else { 0o644 };
+                if meta.permissions().mode() & 0o7777 != want {
                     fs::set_permissions(&path, fs::Permissions::from_mode(want)).at(&path)?;
                 }
             }

@@ -134,21 +134,15 @@ impl Store {
         let mut out = fs::OpenOptions::new().read(true).write(true).create_new(true).mode(mode).open(dest).at(dest)?;
         let mut h = blake3::Hasher::new();
         let mut buf = vec![0u8; (size as usize).clamp(1, 256 * 1024)];
-        if size > 0 && clone_file(&input, &out) {
-            loop {
-                let n = out.read(&mut buf).at(dest)?;
-                if n == 0 {
-                    break;
-                }
-                h.update(&buf[..n]);
+        // A clone is verified by reading it back; a copy is hashed as it is written.
+        let cloned = size > 0 && clone_file(&input, &out);
+        loop {
+            let n = if cloned { out.read(&mut buf).at(dest)? } else { input.read(&mut buf).at(&src)? };
+            if n == 0 {
+                break;
             }
-        } else {
-            loop {
-                let n = input.read(&mut buf).at(&src)?;
-                if n == 0 {
-                    break;
-                }
-                h.update(&buf[..n]);
+            h.update(&buf[..n]);
+            if !cloned {
                 out.write_all(&buf[..n]).at(dest)?;
             }
         }
