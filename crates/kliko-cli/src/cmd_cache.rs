@@ -14,7 +14,8 @@ use crate::cmd_run::{human_ms, parse_duration};
 use crate::cmd_store::human_bytes;
 
 pub fn run(store_root: &Path, cmd: CacheCommand) -> anyhow::Result<ExitCode> {
-    let store = Store::open(store_root).with_context(|| format!("cannot open the store at `{}`", store_root.display()))?;
+    let store =
+        Store::open(store_root).with_context(|| format!("cannot open the store at `{}`", store_root.display()))?;
     match cmd {
         CacheCommand::Provenance { arg, depth, json } => {
             let p = provenance::provenance(&store, &arg, depth)?;
@@ -40,7 +41,10 @@ pub fn run(store_root: &Path, cmd: CacheCommand) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::SUCCESS);
             }
             print_run(&store, &r, "");
-            println!("  complete:    {}", if complete { "yes" } else { "no (some objects are gone: a new run would be a miss)" });
+            println!(
+                "  complete:    {}",
+                if complete { "yes" } else { "no (some objects are gone: a new run would be a miss)" }
+            );
             println!("  pinned:      {}", if pinned { "yes" } else { "no" });
             if !no_logs {
                 for (name, d) in [("stdout", r.stdout), ("stderr", r.stderr)] {
@@ -64,7 +68,11 @@ pub fn run(store_root: &Path, cmd: CacheCommand) -> anyhow::Result<ExitCode> {
             let entries: Vec<_> = store
                 .history(&db, usize::MAX)?
                 .into_iter()
-                .filter(|e| image.as_ref().is_none_or(|i| &e.image_ref == i || &e.image_id == i || e.image_id.contains(i.as_str())))
+                .filter(|e| {
+                    image
+                        .as_ref()
+                        .is_none_or(|i| &e.image_ref == i || &e.image_id == i || e.image_id.contains(i.as_str()))
+                })
                 .take(limit)
                 .collect();
             drop(db);
@@ -202,5 +210,12 @@ fn print_run(store: &Store, r: &ActionResult, indent: &str) {
     println!("{indent}  started:     {}", r.started_at);
     println!("{indent}  finished:    {} (ran {})", r.finished_at, human_ms(r.wall_ms));
     println!("{indent}  by:          {} on `{}` (kliko {})", r.user, r.host, r.kliko_version);
-    println!("{indent}  logs:        stdout {} ({}), stderr {} ({}); `kliko show {}`", r.stdout.short(16), human_bytes(r.stdout_bytes), r.stderr.short(16), human_bytes(r.stderr_bytes), r.key.short(16));
+    println!(
+        "{indent}  logs:        stdout {} ({}), stderr {} ({}); `kliko show {}`",
+        r.stdout.short(16),
+        human_bytes(r.stdout_bytes),
+        r.stderr.short(16),
+        human_bytes(r.stderr_bytes),
+        r.key.short(16)
+    );
 }

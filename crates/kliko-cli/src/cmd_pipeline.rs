@@ -17,7 +17,8 @@ use crate::cmd_run::human_ms;
 pub fn run(store_root: &Path, cmd: PipelineCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         PipelineCommand::Run { file, jobs, keep_going, json, verbose } => {
-            let jobs = jobs.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)).max(1);
+            let jobs =
+                jobs.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)).max(1);
             run_pipeline(store_root, &file, Options { jobs, keep_going }, json, verbose)
         }
         PipelineCommand::Show { file, json } => show(store_root, &file, json),
@@ -25,7 +26,8 @@ pub fn run(store_root: &Path, cmd: PipelineCommand) -> anyhow::Result<ExitCode> 
 }
 
 fn open(store_root: &Path) -> anyhow::Result<Arc<Engine>> {
-    let store = kliko_store::Store::open(store_root).with_context(|| format!("cannot open the store at `{}`", store_root.display()))?;
+    let store = kliko_store::Store::open(store_root)
+        .with_context(|| format!("cannot open the store at `{}`", store_root.display()))?;
     Ok(Arc::new(Engine::new(Arc::new(store))))
 }
 
@@ -36,7 +38,10 @@ fn run_pipeline(store_root: &Path, file: &Path, opts: Options, json: bool, verbo
         let engine = open(store_root)?;
         let checked = kliko_pipeline::check(&engine, &pipeline).await?;
         let cancel = CancellationToken::new();
-        crate::cancel_on_signal(cancel.clone(), "kliko: stopping: running containers are being stopped and removed; finished steps stay cached");
+        crate::cancel_on_signal(
+            cancel.clone(),
+            "kliko: stopping: running containers are being stopped and removed; finished steps stay cached",
+        );
         let names: Vec<String> = pipeline.steps.iter().map(|s| s.name.clone()).collect();
         let term = Arc::new(Term::new(names, verbose));
         let report = kliko_pipeline::run(engine, &pipeline, &checked, opts, term.clone(), cancel).await?;
@@ -174,9 +179,20 @@ fn summary(r: &PipelineReport) {
         }
     }
     for s in r.steps.iter().filter(|s| s.state == StepState::Failed || s.state == StepState::Skipped) {
-        let _ = writeln!(e, "{}: step `{}` {}: {}", if s.state == StepState::Failed { "error" } else { "note" }, s.name, s.state.as_str(), s.reason.as_deref().unwrap_or("?"));
+        let _ = writeln!(
+            e,
+            "{}: step `{}` {}: {}",
+            if s.state == StepState::Failed { "error" } else { "note" },
+            s.name,
+            s.state.as_str(),
+            s.reason.as_deref().unwrap_or("?")
+        );
         for run in s.runs.iter().filter(|x| !x.log_tail.is_empty()) {
-            let _ = writeln!(e, "  last log lines{}:", run.entry.as_ref().map(|n| format!(" of `{n}`")).unwrap_or_default());
+            let _ = writeln!(
+                e,
+                "  last log lines{}:",
+                run.entry.as_ref().map(|n| format!(" of `{n}`")).unwrap_or_default()
+            );
             for l in &run.log_tail {
                 let _ = writeln!(e, "  | {l}");
             }

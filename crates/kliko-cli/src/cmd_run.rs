@@ -93,7 +93,10 @@ fn base_command() -> Command {
 /// Static flags that take a value (so the image can be found before the image is known).
 fn takes_value(cmd: &Command, flag: &str) -> bool {
     let name = flag.trim_start_matches('-');
-    match cmd.get_arguments().find(|a| a.get_long() == Some(name) || (flag.len() == 2 && a.get_short() == name.chars().next())) {
+    match cmd
+        .get_arguments()
+        .find(|a| a.get_long() == Some(name) || (flag.len() == 2 && a.get_short() == name.chars().next()))
+    {
         Some(a) => a.get_action().takes_values(),
         // An image field: every field flag takes a value (`--flag false`).
         None => true,
@@ -196,11 +199,16 @@ pub fn run(store_root: &Path, args: Vec<OsString>) -> anyhow::Result<ExitCode> {
             base_command().print_help()?;
             return Ok(ExitCode::SUCCESS);
         }
-        base_command().error(clap::error::ErrorKind::MissingRequiredArgument, "missing the image to run: `kliko run IMAGE`").exit();
+        base_command()
+            .error(clap::error::ErrorKind::MissingRequiredArgument, "missing the image to run: `kliko run IMAGE`")
+            .exit();
     };
     let rt = crate::runtime()?;
     rt.block_on(async move {
-        let store = Arc::new(kliko_store::Store::open(store_root).with_context(|| format!("cannot open the store at `{}`", store_root.display()))?);
+        let store = Arc::new(
+            kliko_store::Store::open(store_root)
+                .with_context(|| format!("cannot open the store at `{}`", store_root.display()))?,
+        );
         let engine = Engine::new(store);
         // The image (for its flags) and the index (for the lookup) at the same time.
         let (meta, hold) = tokio::join!(engine.image(&image), engine.hold_index());
@@ -211,15 +219,23 @@ pub fn run(store_root: &Path, args: Vec<OsString>) -> anyhow::Result<ExitCode> {
             Err(e) => {
                 if e.kind() == clap::error::ErrorKind::DisplayHelp {
                     let mut head = format!("kliko image `{image}` ({})", meta.info.id);
-                    for (k, v) in [("name", &meta.spec.name), ("description", &meta.spec.description), ("author", &meta.spec.author)] {
+                    for (k, v) in [
+                        ("name", &meta.spec.name),
+                        ("description", &meta.spec.description),
+                        ("author", &meta.spec.author),
+                    ] {
                         if let Some(v) = v {
                             head.push_str(&format!("\n  {k}: {v}"));
                         }
                     }
-                    head.push_str(&format!("\n  io: {} ({})", meta.spec.io, match meta.spec.io {
-                        IoMode::Split => "give `--input DIR --output DIR`",
-                        IoMode::Join => "give `--work DIR`",
-                    }));
+                    head.push_str(&format!(
+                        "\n  io: {} ({})",
+                        meta.spec.io,
+                        match meta.spec.io {
+                            IoMode::Split => "give `--input DIR --output DIR`",
+                            IoMode::Join => "give `--work DIR`",
+                        }
+                    ));
                     println!("{head}\n");
                 }
                 e.exit();
@@ -233,7 +249,10 @@ pub fn run(store_root: &Path, args: Vec<OsString>) -> anyhow::Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&x)?);
             } else {
                 println!("key: {}", x.key);
-                println!("stored: {}", if x.stored { "yes (a run would be a hit)" } else { "no (a run would be a miss)" });
+                println!(
+                    "stored: {}",
+                    if x.stored { "yes (a run would be a hit)" } else { "no (a run would be a miss)" }
+                );
                 println!("pre-image:\n{}", serde_json::to_string_pretty(&x.preimage)?);
                 match x.nearest {
                     Some(n) if !x.differences.is_empty() => {
@@ -249,7 +268,10 @@ pub fn run(store_root: &Path, args: Vec<OsString>) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::SUCCESS);
         }
         let cancel = CancellationToken::new();
-        crate::cancel_on_signal(cancel.clone(), "kliko: stopping: the container is being stopped and removed; nothing is cached");
+        crate::cancel_on_signal(
+            cancel.clone(),
+            "kliko: stopping: the container is being stopped and removed; nothing is cached",
+        );
         let obs = Arc::new(Term { json: a.json, quiet: a.quiet });
         // A failed hold is taken again (and its error reported) by the run itself.
         let report = engine.run_with(req, Some(meta), hold.ok(), obs, cancel).await?;
@@ -277,7 +299,8 @@ fn build_request(a: &RunArgs, spec: &Spec, m: &ArgMatches) -> anyhow::Result<Run
     let mut req = RunRequest::new(a.image.clone(), input, a.output.clone());
     req.io_flags = io_flags;
     if let Some(file) = &a.params {
-        let text = std::fs::read_to_string(file).with_context(|| format!("cannot read the parameters file `{}`", file.display()))?;
+        let text = std::fs::read_to_string(file)
+            .with_context(|| format!("cannot read the parameters file `{}`", file.display()))?;
         let layer = ParamLayer::from_document(&file.display().to_string(), &text)
             .map_err(|errors| kliko_engine::EngineError::Params { image: a.image.clone(), errors })?;
         let base = std::path::absolute(file)?.parent().map(Path::to_path_buf).unwrap_or_default();
@@ -337,7 +360,8 @@ pub fn parse_size(s: &str) -> anyhow::Result<i64> {
         Some('t') => (&t[..t.len() - 1], 1 << 40),
         _ => (t, 1),
     };
-    let n: f64 = num.trim().parse().map_err(|_| anyhow::anyhow!("`{s}` is not a size (examples: `512m`, `4g`, `100000`)"))?;
+    let n: f64 =
+        num.trim().parse().map_err(|_| anyhow::anyhow!("`{s}` is not a size (examples: `512m`, `4g`, `100000`)"))?;
     if n <= 0.0 || !n.is_finite() {
         bail!("`{s}` is not a positive size");
     }
@@ -353,7 +377,8 @@ pub fn parse_duration(s: &str) -> anyhow::Result<Duration> {
         Some('d') => (&t[..t.len() - 1], 86400.0),
         _ => (t, 1.0),
     };
-    let n: f64 = num.trim().parse().map_err(|_| anyhow::anyhow!("`{s}` is not a duration (examples: `90s`, `10m`, `2h`)"))?;
+    let n: f64 =
+        num.trim().parse().map_err(|_| anyhow::anyhow!("`{s}` is not a duration (examples: `90s`, `10m`, `2h`)"))?;
     if n <= 0.0 || !n.is_finite() {
         bail!("`{s}` is not a positive duration");
     }
@@ -472,8 +497,10 @@ mod tests {
     #[test]
     fn the_image_is_found_among_flags() {
         let cmd = base_command();
-        let args: Vec<OsString> =
-            ["--input", "in", "--threshold", "3", "--no-cache", "img:1", "--output", "o"].iter().map(OsString::from).collect();
+        let args: Vec<OsString> = ["--input", "in", "--threshold", "3", "--no-cache", "img:1", "--output", "o"]
+            .iter()
+            .map(OsString::from)
+            .collect();
         assert_eq!(find_image(&cmd, &args).as_deref(), Some("img:1"));
         let args: Vec<OsString> = ["--param=x=1", "img"].iter().map(OsString::from).collect();
         assert_eq!(find_image(&cmd, &args).as_deref(), Some("img"));

@@ -11,8 +11,12 @@ use kliko_engine::Engine;
 use crate::cli::ServeArgs;
 
 pub fn run(store_root: &Path, a: ServeArgs) -> anyhow::Result<ExitCode> {
-    let upload_limit = parse_size(&a.upload_limit).with_context(|| format!("invalid `--upload-limit {}`", a.upload_limit))?;
-    let bind = a.bind.parse().with_context(|| format!("invalid `--bind {}`: expected an address like `127.0.0.1:8765`", a.bind))?;
+    let upload_limit =
+        parse_size(&a.upload_limit).with_context(|| format!("invalid `--upload-limit {}`", a.upload_limit))?;
+    let bind = a
+        .bind
+        .parse()
+        .with_context(|| format!("invalid `--bind {}`: expected an address like `127.0.0.1:8765`", a.bind))?;
     let data_roots = if a.data_root.is_empty() {
         vec![std::env::current_dir().context("cannot read the current folder")?]
     } else {
@@ -22,7 +26,8 @@ pub fn run(store_root: &Path, a: ServeArgs) -> anyhow::Result<ExitCode> {
     let rt = crate::runtime()?;
     rt.block_on(async move {
         let store = Arc::new(
-            kliko_store::Store::open(store_root).with_context(|| format!("cannot open the store at `{}`", store_root.display()))?,
+            kliko_store::Store::open(store_root)
+                .with_context(|| format!("cannot open the store at `{}`", store_root.display()))?,
         );
         let engine = Arc::new(Engine::new(store));
         kliko_web::serve(engine, config).await?;

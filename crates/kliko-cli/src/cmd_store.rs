@@ -9,7 +9,8 @@ use crate::cli::StoreCommand;
 use crate::progress::Bar;
 
 pub fn run(store_root: &Path, cmd: StoreCommand) -> anyhow::Result<ExitCode> {
-    let store = Store::open(store_root).with_context(|| format!("cannot open the store at `{}`", store_root.display()))?;
+    let store =
+        Store::open(store_root).with_context(|| format!("cannot open the store at `{}`", store_root.display()))?;
     match cmd {
         StoreCommand::Fsck { repair, json } => {
             let r = store.fsck(&FsckOptions { repair })?;

@@ -54,7 +54,10 @@ fn validate(files: &[std::path::PathBuf]) -> ExitCode {
                 let version = if spec.schema_version_declared {
                     format!("schema version {}", spec.schema_version)
                 } else {
-                    format!("schema version {} (not declared: read as the 0.8 release's version 3)", spec.schema_version)
+                    format!(
+                        "schema version {} (not declared: read as the 0.8 release's version 3)",
+                        spec.schema_version
+                    )
                 };
                 println!("ok: `{}`: {version}, io `{}`, {fields} fields", f.display(), spec.io);
             }

@@ -2,7 +2,8 @@
 
 pub fn error(e: &anyhow::Error) {
     eprintln!("error: {e}");
-    let mut hint = e.downcast_ref::<kliko_engine::EngineError>().and_then(|ee| ee.hint()).or_else(|| hint_for(&e.to_string()));
+    let mut hint =
+        e.downcast_ref::<kliko_engine::EngineError>().and_then(|ee| ee.hint()).or_else(|| hint_for(&e.to_string()));
     for cause in e.chain().skip(1) {
         eprintln!("  caused by: {cause}");
         hint = hint.or_else(|| hint_for(&cause.to_string()));

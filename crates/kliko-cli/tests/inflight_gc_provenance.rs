@@ -34,7 +34,10 @@ fn eight_identical_runs_at_once_execute_one_container() {
     let children: Vec<_> = (0..8)
         .map(|i| {
             let mut c = w.kliko();
-            c.args(["run", &img.tag, "--json", "--quiet", "--input"]).arg(&input).arg("--output").arg(w.path(&format!("out{i}")));
+            c.args(["run", &img.tag, "--json", "--quiet", "--input"])
+                .arg(&input)
+                .arg("--output")
+                .arg(w.path(&format!("out{i}")));
             c.stdout(Stdio::piped()).stderr(Stdio::piped());
             (format!("{c:?}"), c.spawn().expect("spawn kliko"))
         })
@@ -108,7 +111,8 @@ fn gc_in_a_loop_while_runs_and_hits_happen() {
                 for i in 0..6 {
                     let n = (t + i) % 3;
                     let out = w.path(&format!("out-{t}-{i}"));
-                    let o = w.run(&[&img.tag, &"--quiet", &"--input", &input, &"--output", &out, &"--n", &n.to_string()]);
+                    let o =
+                        w.run(&[&img.tag, &"--quiet", &"--input", &input, &"--output", &out, &"--n", &n.to_string()]);
                     o.ok();
                     assert_eq!(read(&out.join("n.txt")), format!("{n}\n"));
                     assert_eq!(read(&out.join("all.txt")), "alpha\n");
@@ -172,7 +176,10 @@ fn provenance_by_every_kind_of_argument_with_lineage() {
     assert_eq!(step1_run["result"]["image_id"], Value::String(step1.id.clone()));
 
     // --depth 0: no lineage.
-    assert_eq!(run_keys(&prov(&w, &w.path("out2/summary.txt").to_string_lossy(), &["--depth", "0"])), vec![(0, k2.clone())]);
+    assert_eq!(
+        run_keys(&prov(&w, &w.path("out2/summary.txt").to_string_lossy(), &["--depth", "0"])),
+        vec![(0, k2.clone())]
+    );
     // A path to a folder.
     let v = prov(&w, &w.path("out2").to_string_lossy(), &[]);
     assert_eq!(v["kind"], "tree");
@@ -185,7 +192,8 @@ fn provenance_by_every_kind_of_argument_with_lineage() {
     assert_eq!(run_keys(&prov(&w, &tree, &["--depth", "0"])), vec![(0, k2.clone())]);
     let h = Out::of(w.kliko().args(["hash", "--json"]).arg(w.path("out1/data.txt")));
     h.ok();
-    let file_digest = serde_json::from_str::<Value>(&h.stdout).expect("json")["digest"].as_str().expect("digest").to_string();
+    let file_digest =
+        serde_json::from_str::<Value>(&h.stdout).expect("json")["digest"].as_str().expect("digest").to_string();
     let v = prov(&w, &file_digest[..12], &[]);
     assert_eq!(v["kind"], "file");
     assert_eq!(run_keys(&v)[0], (0, k1.clone()));
@@ -229,9 +237,13 @@ fn provenance_by_every_kind_of_argument_with_lineage() {
     assert_no_containers(&step2);
 }
 
-
 /// Start a leader on `img` and a waiter; return the waiter once it reports that it waits.
-fn leader_and_waiter(w: &World, img: &TestImage, input: &std::path::Path, waiter_args: &[&str]) -> (std::process::Child, std::process::Child, BufReader<std::process::ChildStderr>, String) {
+fn leader_and_waiter(
+    w: &World,
+    img: &TestImage,
+    input: &std::path::Path,
+    waiter_args: &[&str],
+) -> (std::process::Child, std::process::Child, BufReader<std::process::ChildStderr>, String) {
     let mut leader = w.kliko();
     leader.args(["run", &img.tag, "--quiet", "--input"]).arg(input).arg("--output").arg(w.path("out-leader"));
     let leader = leader.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("spawn leader");
@@ -255,7 +267,10 @@ fn finish(child: std::process::Child, mut err: BufReader<std::process::ChildStde
     let mut rest = String::new();
     std::io::Read::read_to_string(&mut err, &mut rest).expect("stderr");
     let out = child.wait_with_output().expect("wait");
-    Out::from_output("waiter".into(), std::process::Output { status: out.status, stdout: out.stdout, stderr: format!("{seen}{rest}").into_bytes() })
+    Out::from_output(
+        "waiter".into(),
+        std::process::Output { status: out.status, stdout: out.stdout, stderr: format!("{seen}{rest}").into_bytes() },
+    )
 }
 
 #[test]

@@ -60,7 +60,12 @@ struct Run {
 
 impl Run {
     fn step(&self, name: &str) -> &serde_json::Value {
-        self.json["steps"].as_array().unwrap().iter().find(|s| s["name"] == name).unwrap_or_else(|| panic!("no step {name}"))
+        self.json["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == name)
+            .unwrap_or_else(|| panic!("no step {name}"))
     }
     fn cache(&self, name: &str) -> String {
         self.step(name)["cache"].as_str().unwrap_or("none").to_string()
@@ -101,8 +106,16 @@ struct Setup {
 }
 
 fn setup() -> Setup {
-    let tool = ImageBuilder::new("pipeline-cli-tool").kliko_yml(TOOL_YML).kliko_script(TOOL_SCRIPT).build().expect("docker build");
-    let join = ImageBuilder::new("pipeline-cli-join").kliko_yml(JOIN_YML).kliko_script(JOIN_SCRIPT).build().expect("docker build");
+    let tool = ImageBuilder::new("pipeline-cli-tool")
+        .kliko_yml(TOOL_YML)
+        .kliko_script(TOOL_SCRIPT)
+        .build()
+        .expect("docker build");
+    let join = ImageBuilder::new("pipeline-cli-join")
+        .kliko_yml(JOIN_YML)
+        .kliko_script(JOIN_SCRIPT)
+        .build()
+        .expect("docker build");
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().to_path_buf();
     write(&root.join("data/a.txt"), "a1");
@@ -160,7 +173,9 @@ fn reruns_are_free_and_changes_rerun_only_what_depends_on_them() {
     let listing = std::fs::read_to_string(s.root.join("out/listing.txt")).unwrap();
     // The gathered input: one subfolder per input, one per foreach entry; a file entry sits
     // in its folder under its own name.
-    for line in ["./prep/tag.txt: prep", "./per_obs/o1/listing.txt: ./x.txt: o1", "./per_obs/o3.txt/listing.txt: ./o3.txt: o3"] {
+    for line in
+        ["./prep/tag.txt: prep", "./per_obs/o1/listing.txt: ./x.txt: o1", "./per_obs/o3.txt/listing.txt: ./o3.txt: o3"]
+    {
         assert!(listing.contains(line), "{line} in {listing}");
     }
     assert!(listing.contains("./annotate/tag.txt: prep\njoined"), "{listing}");
@@ -189,7 +204,9 @@ fn reruns_are_free_and_changes_rerun_only_what_depends_on_them() {
     assert_eq!(r.cache("per_obs"), "hit");
     assert_eq!(r.cache("other"), "hit");
     assert_eq!(r.created, 3);
-    assert!(std::fs::read_to_string(s.root.join("out/listing.txt")).unwrap().contains("./prep/listing.txt: ./a.txt: a2"));
+    assert!(std::fs::read_to_string(s.root.join("out/listing.txt"))
+        .unwrap()
+        .contains("./prep/listing.txt: ./a.txt: a2"));
 
     // 4. A new foreach entry: only it runs, then the steps that gather it.
     write(&s.root.join("obs/o4/x.txt"), "o4");
@@ -198,14 +215,18 @@ fn reruns_are_free_and_changes_rerun_only_what_depends_on_them() {
     let entries = r.entries("per_obs");
     assert_eq!(
         entries,
-        [("o1", "hit"), ("o2", "hit"), ("o3.txt", "hit"), ("o4", "miss")].map(|(a, b)| (a.to_string(), b.to_string())).to_vec()
+        [("o1", "hit"), ("o2", "hit"), ("o3.txt", "hit"), ("o4", "miss")]
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .to_vec()
     );
     assert_eq!(r.cache("combine"), "miss");
     for step in ["prep", "other", "annotate"] {
         assert_eq!(r.cache(step), "hit", "{step}");
     }
     assert_eq!(r.created, 2, "the new entry and the gathering step");
-    assert!(std::fs::read_to_string(s.root.join("out/listing.txt")).unwrap().contains("./per_obs/o4/listing.txt: ./x.txt: o4"));
+    assert!(std::fs::read_to_string(s.root.join("out/listing.txt"))
+        .unwrap()
+        .contains("./per_obs/o4/listing.txt: ./x.txt: o4"));
 
     // `show` knows every key now, and that each would hit.
     let out = kliko(&s.store).args(["pipeline", "show", "--json"]).arg(&s.file).output().unwrap();
@@ -263,7 +284,14 @@ steps:
 /// Containers labelled with this pipeline file that exist now (running or not).
 fn containers_of_pipeline(pipeline: &Path) -> Vec<String> {
     let out = Command::new("docker")
-        .args(["ps", "-a", "--filter", &format!("label=io.kliko.pipeline={}", pipeline.display()), "--format", "{{.ID}}"])
+        .args([
+            "ps",
+            "-a",
+            "--filter",
+            &format!("label=io.kliko.pipeline={}", pipeline.display()),
+            "--format",
+            "{{.ID}}",
+        ])
         .output()
         .expect("docker ps");
     String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).filter(|l| !l.is_empty()).collect()
@@ -271,8 +299,16 @@ fn containers_of_pipeline(pipeline: &Path) -> Vec<String> {
 
 #[test]
 fn ctrl_c_stops_running_containers_and_keeps_finished_steps_cached() {
-    let tool = ImageBuilder::new("pipeline-cli-quick").kliko_yml(TOOL_YML).kliko_script(TOOL_SCRIPT).build().expect("docker build");
-    let slow = ImageBuilder::new("pipeline-cli-slow").kliko_yml(TOOL_YML).kliko_script("sleep 60\n").build().expect("docker build");
+    let tool = ImageBuilder::new("pipeline-cli-quick")
+        .kliko_yml(TOOL_YML)
+        .kliko_script(TOOL_SCRIPT)
+        .build()
+        .expect("docker build");
+    let slow = ImageBuilder::new("pipeline-cli-slow")
+        .kliko_yml(TOOL_YML)
+        .kliko_script("sleep 60\n")
+        .build()
+        .expect("docker build");
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     write(&root.join("data/a.txt"), "a1");
@@ -298,7 +334,8 @@ fn ctrl_c_stops_running_containers_and_keeps_finished_steps_cached() {
     loop {
         let show = kliko(&store).args(["pipeline", "show", "--json"]).arg(&file).output().unwrap();
         let plan: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap_or_default();
-        let quick_stored = plan["steps"].as_array().into_iter().flatten().any(|s| s["name"] == "quick" && s["runs"][0]["hit"] == true);
+        let quick_stored =
+            plan["steps"].as_array().into_iter().flatten().any(|s| s["name"] == "quick" && s["runs"][0]["hit"] == true);
         let running = !containers_of_pipeline(&file).is_empty();
         if quick_stored && running {
             break;
@@ -316,14 +353,17 @@ fn ctrl_c_stops_running_containers_and_keeps_finished_steps_cached() {
     assert!(stderr.contains("stopping"), "{stderr}");
     assert!(containers_of_pipeline(&file).is_empty(), "a container was left behind");
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {stderr}"));
-    let state = |name: &str| report["steps"].as_array().unwrap().iter().find(|s| s["name"] == name).unwrap()["state"].clone();
+    let state =
+        |name: &str| report["steps"].as_array().unwrap().iter().find(|s| s["name"] == name).unwrap()["state"].clone();
     assert!(["done", "cached"].contains(&state("quick").as_str().unwrap()), "{report}");
     assert!(!["done", "cached"].contains(&state("slow").as_str().unwrap()), "{report}");
     assert!(!["done", "cached"].contains(&state("after").as_str().unwrap()), "{report}");
     // What finished stays cached; what was stopped is not.
     let show = kliko(&store).args(["pipeline", "show", "--json"]).arg(&file).output().unwrap();
     let plan: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
-    let hit = |name: &str| plan["steps"].as_array().unwrap().iter().find(|s| s["name"] == name).unwrap()["runs"][0]["hit"].clone();
+    let hit = |name: &str| {
+        plan["steps"].as_array().unwrap().iter().find(|s| s["name"] == name).unwrap()["runs"][0]["hit"].clone()
+    };
     assert_eq!(hit("quick"), true, "{plan}");
     assert_eq!(hit("slow"), false, "{plan}");
 }

@@ -183,7 +183,11 @@ fn every_input_of_the_key_makes_a_miss() {
 #[test]
 fn a_rebuilt_image_under_the_same_tag_makes_a_miss() {
     let old = image("cache-rebuild-old");
-    let new = build(ImageBuilder::new("cache-rebuild-new").kliko_yml(&spec_yml(4, "split", FIELDS)).kliko_script(&format!("{SCRIPT}\necho v2 > /output/version")));
+    let new = build(
+        ImageBuilder::new("cache-rebuild-new")
+            .kliko_yml(&spec_yml(4, "split", FIELDS))
+            .kliko_script(&format!("{SCRIPT}\necho v2 > /output/version")),
+    );
     assert_ne!(old.id, new.id);
     let w = World::new();
     let input = w.folder("in", &[("a.txt", "alpha")]);
@@ -222,11 +226,17 @@ fn changes_outside_the_key_stay_a_hit() {
     for f in ["a.txt", "d/b.txt"] {
         fs::File::options().write(true).open(input.join(f)).unwrap().set_modified(later).unwrap();
     }
-    expect_hit("touching input files", run_in(&w, &img.tag, &input, &[&"--mask", &mask, &"--level", &"2", &"--name", &"n"]));
+    expect_hit(
+        "touching input files",
+        run_in(&w, &img.tag, &input, &[&"--mask", &mask, &"--level", &"2", &"--name", &"n"]),
+    );
 
     // The same input at another host path.
     let copy = w.folder("elsewhere/copy-of-in", &[("a.txt", "alpha"), ("d/b.txt", "beta")]);
-    expect_hit("the same input elsewhere", run_in(&w, &img.tag, &copy, &[&"--mask", &mask, &"--level", &"2", &"--name", &"n"]));
+    expect_hit(
+        "the same input elsewhere",
+        run_in(&w, &img.tag, &copy, &[&"--mask", &mask, &"--level", &"2", &"--name", &"n"]),
+    );
 
     // The parameters in another order, and given another way.
     expect_hit("parameter order", run_in(&w, &img.tag, &input, &[&"--name", &"n", &"--level", &"2", &"--mask", &mask]));
@@ -235,17 +245,44 @@ fn changes_outside_the_key_stay_a_hit() {
 
     // The same file parameter content at another path (and name).
     let other = w.file("other/place/renamed.bin", "the mask");
-    expect_hit("the same file content elsewhere", run_in(&w, &img.tag, &input, &[&"--mask", &other, &"--level", &"2", &"--name", &"n"]));
+    expect_hit(
+        "the same file content elsewhere",
+        run_in(&w, &img.tag, &input, &[&"--mask", &other, &"--level", &"2", &"--name", &"n"]),
+    );
 
     // Resource limits, the timeout and the user are not part of the key.
     expect_hit(
         "`--memory/--cpus/--timeout`",
-        run_in(&w, &img.tag, &input, &[&"--mask", &mask, &"--level", &"2", &"--name", &"n", &"--memory", &"256m", &"--cpus", &"0.5", &"--timeout", &"1h"]),
+        run_in(
+            &w,
+            &img.tag,
+            &input,
+            &[
+                &"--mask",
+                &mask,
+                &"--level",
+                &"2",
+                &"--name",
+                &"n",
+                &"--memory",
+                &"256m",
+                &"--cpus",
+                &"0.5",
+                &"--timeout",
+                &"1h",
+            ],
+        ),
     );
-    expect_hit("`--user`", run_in(&w, &img.tag, &input, &[&"--mask", &mask, &"--level", &"2", &"--name", &"n", &"--user", &"1234:1234"]));
+    expect_hit(
+        "`--user`",
+        run_in(&w, &img.tag, &input, &[&"--mask", &mask, &"--level", &"2", &"--name", &"n", &"--user", &"1234:1234"]),
+    );
 
     // The default made explicit is the same value.
-    expect_hit("a default given explicitly", run_in(&w, &img.tag, &input, &[&"--mask", &mask, &"--level", &"2", &"--name", &"n", &"--env", &"INPUT=/input"]));
+    expect_hit(
+        "a default given explicitly",
+        run_in(&w, &img.tag, &input, &[&"--mask", &mask, &"--level", &"2", &"--name", &"n", &"--env", &"INPUT=/input"]),
+    );
     assert_no_containers(&img);
 }
 
@@ -258,7 +295,8 @@ fn explain_prints_the_preimage_and_the_differences_and_runs_nothing() {
 
     let out = w.path("explain-out");
     let since = docker_now();
-    let o = w.run(&[&img.tag, &"--input", &input, &"--output", &out, &"--level", &"5", &"--salt", &"abc", &"--explain"]);
+    let o =
+        w.run(&[&img.tag, &"--input", &input, &"--output", &out, &"--level", &"5", &"--salt", &"abc", &"--explain"]);
     let until = docker_now();
     o.ok();
     assert_eq!(containers_created(&img, &since, &until), 0, "--explain runs nothing");

@@ -23,7 +23,11 @@ fn an_unreachable_daemon_says_how_to_fix_it() {
     let w = World::new();
     let input = w.folder("in", &[]);
     let mut c = w.kliko();
-    c.env("DOCKER_HOST", "unix:///nonexistent.sock").args(["run", "any-image:1", "--input"]).arg(&input).arg("--output").arg(w.path("out"));
+    c.env("DOCKER_HOST", "unix:///nonexistent.sock")
+        .args(["run", "any-image:1", "--input"])
+        .arg(&input)
+        .arg("--output")
+        .arg(w.path("out"));
     let o = Out::of(&mut c);
     o.expect_code(2);
     assert!(o.stderr.contains("cannot reach the docker daemon"), "{}", o.stderr);

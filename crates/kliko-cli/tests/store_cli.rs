@@ -203,7 +203,13 @@ fn concurrent_ingests_of_overlapping_trees() {
     let want_a = hash_uncached(&store, &a);
     let want_b = hash_uncached(&store, &b);
     let spawn = |src: &Path| {
-        kliko(&store).args(["store", "ingest", "--json"]).arg(src).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
+        kliko(&store)
+            .args(["store", "ingest", "--json"])
+            .arg(src)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
     };
     let (ca, cb) = (spawn(&a), spawn(&b));
     let (oa, ob) = (ca.wait_with_output().unwrap(), cb.wait_with_output().unwrap());

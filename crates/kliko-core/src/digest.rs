@@ -97,10 +97,7 @@ mod tests {
     #[test]
     fn file_digest_is_plain_blake3() {
         // b3sum of the empty file and of "hello\n".
-        assert_eq!(
-            Digest::of_bytes(b"").to_hex(),
-            "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262"
-        );
+        assert_eq!(Digest::of_bytes(b"").to_hex(), "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262");
         assert_eq!(
             Digest::of_bytes(b"hello\n").to_hex(),
             "8e4c7c1b99dbfd50e7a95185fead5ee1448fa904a2fdd778eaf5f2dbfd629a99"

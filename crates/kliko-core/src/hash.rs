@@ -27,7 +27,11 @@ pub const RACY_WINDOW_NS: i64 = 2_000_000_000;
 #[derive(Debug, thiserror::Error)]
 pub enum HashError {
     #[error("cannot read `{}`", path.display())]
-    Io { path: PathBuf, #[source] source: io::Error },
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("`{}` is a {kind}: only regular files, directories and symlinks can be hashed", path.display())]
     Unsupported { path: PathBuf, kind: &'static str },
     #[error("`{}` kept changing while it was being hashed", path.display())]
@@ -419,11 +423,7 @@ pub fn now_ns() -> i64 {
 pub fn hash_file_stable(path: &Path, before: &fs::Metadata) -> Result<(Digest, fs::Metadata), HashError> {
     let mut before = before.clone();
     for _ in 0..3 {
-        let file = fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(path)
-            .map_err(io_err(path))?;
+        let file = fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(path).map_err(io_err(path))?;
         let digest = hash_open_file(&file, before.size()).map_err(io_err(path))?;
         let after = file.metadata().map_err(io_err(path))?;
         if same_version(&before, &after) {
@@ -465,4 +465,3 @@ pub fn hash_open_file(file: &fs::File, size_hint: u64) -> io::Result<Digest> {
     }
     Ok(h.finalize().into())
 }
-

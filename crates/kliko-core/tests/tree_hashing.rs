@@ -128,7 +128,10 @@ fn a_fifo_is_a_clear_error_naming_its_path() {
 
 /// An in-memory stat cache for the tests.
 #[derive(Default)]
-struct MemCache(std::sync::Mutex<std::collections::HashMap<std::path::PathBuf, DirRecord>>, std::sync::atomic::AtomicU64);
+struct MemCache(
+    std::sync::Mutex<std::collections::HashMap<std::path::PathBuf, DirRecord>>,
+    std::sync::atomic::AtomicU64,
+);
 
 impl StatCache for MemCache {
     fn load(&self, dir: &Path) -> Option<DirRecord> {

@@ -13,7 +13,11 @@ pub enum EngineError {
     #[error("invalid parameters for `{image}`:\n{errors}")]
     Params { image: String, errors: kliko_spec::ParamErrors },
     #[error("i/o error on `{}`", path.display())]
-    Io { path: PathBuf, #[source] source: std::io::Error },
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("the output folder `{}` is not empty", path.display())]
     OutputNotEmpty { path: PathBuf },
     #[error("`{}` does not exist", path.display())]

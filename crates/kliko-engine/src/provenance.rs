@@ -123,9 +123,7 @@ fn producers_of(store: &Store, db: &kliko_store::Db, input: &Digest) -> Result<V
     let tree = store.get_tree(input)?;
     for e in tree.entries.values() {
         if let Entry::Dir { digest } = e {
-            out.extend(
-                store.provenance_of(db, digest)?.into_iter().filter(|(r, _)| *r == PROV_OUTPUT).map(|(_, k)| k),
-            );
+            out.extend(store.provenance_of(db, digest)?.into_iter().filter(|(r, _)| *r == PROV_OUTPUT).map(|(_, k)| k));
         }
     }
     out.sort();

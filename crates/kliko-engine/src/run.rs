@@ -67,7 +67,9 @@ impl Engine {
         if let Some(flags) = req.io_flags {
             if flags != io {
                 let what = match io {
-                    IoMode::Split => "it reads `/input` and writes `/output`, so give `--input DIR --output DIR`, not `--work`",
+                    IoMode::Split => {
+                        "it reads `/input` and writes `/output`, so give `--input DIR --output DIR`, not `--work`"
+                    }
                     IoMode::Join => "it changes `/work` in place, so give `--work DIR`, not `--input`/`--output`",
                 };
                 return Err(EngineError::IoMode { image: req.image.clone(), mode: io.to_string(), what: what.into() });
@@ -133,15 +135,22 @@ impl Engine {
             cmd: vec![KLIKO_CMD.to_string()],
             env: env.clone(),
             parameters_format: CANONICAL_PARAMS_FORMAT,
-            parameters: serde_json::from_slice(&canonical).map_err(|e| EngineError::Invalid {
-                what: "canonical parameters".into(),
-                message: e.to_string(),
-            })?,
+            parameters: serde_json::from_slice(&canonical)
+                .map_err(|e| EngineError::Invalid { what: "canonical parameters".into(), message: e.to_string() })?,
             input: Some(input_digest),
             salt: req.salt.clone(),
         };
         let key = preimage.key();
-        Ok(Prepared { image, params, preimage, key, input_digest, file_digests, env: env.into_iter().collect(), input_stat })
+        Ok(Prepared {
+            image,
+            params,
+            preimage,
+            key,
+            input_digest,
+            file_digests,
+            env: env.into_iter().collect(),
+            input_stat,
+        })
     }
 
     /// Run (or reuse) one invocation.
@@ -643,7 +652,11 @@ impl Engine {
                 .await?;
             }
         }
-        mounts.push(Mount { host: output_dir.clone(), container: format!("/{}", if io == IoMode::Split { "output" } else { "work" }), read_only: false });
+        mounts.push(Mount {
+            host: output_dir.clone(),
+            container: format!("/{}", if io == IoMode::Split { "output" } else { "work" }),
+            read_only: false,
+        });
         if image_user {
             // Another uid must be able to write the output folder.
             for e in walk_dirs(&output_dir) {
@@ -784,7 +797,8 @@ impl Engine {
         // re-check, the record and the history) opens meanwhile.
         let ingest = blocking(move || {
             let guard = s.gc_shared()?;
-            let paths = [(out.as_path(), output_mode), (so.as_path(), IngestMode::Move), (se.as_path(), IngestMode::Move)];
+            let paths =
+                [(out.as_path(), output_mode), (so.as_path(), IngestMode::Move), (se.as_path(), IngestMode::Move)];
             let mut all = s.ingest_many(&paths)?.into_iter();
             let (ingested, stdout, stderr) = (all.next(), all.next(), all.next());
             let (Some(ingested), Some(stdout), Some(stderr)) = (ingested, stdout, stderr) else {
@@ -868,7 +882,8 @@ impl Engine {
         let place = async {
             match target {
                 Some(t) => {
-                    let placed = self.place(req, prep, &result.output, t, hand_over.then(|| output_dir.to_path_buf())).await;
+                    let placed =
+                        self.place(req, prep, &result.output, t, hand_over.then(|| output_dir.to_path_buf())).await;
                     mark("placed");
                     placed
                 }
@@ -1048,4 +1063,3 @@ async fn pump_logs(
     err.sync_all().at(&stderr)?;
     Ok(())
 }
-

@@ -51,8 +51,17 @@ pub async fn check(engine: &Engine, p: &Pipeline) -> Result<Checked> {
         Err(cycles) => {
             for cycle in cycles {
                 let first = &p.steps[cycle[0]];
-                let path: Vec<String> = cycle.iter().map(|&i| format!("`{}` (line {})", p.steps[i].name, p.steps[i].line)).collect();
-                add(first.line, &first.name, format!("the steps form a cycle: {} reads {}", path.join(" reads "), format_args!("`{}`", first.name)));
+                let path: Vec<String> =
+                    cycle.iter().map(|&i| format!("`{}` (line {})", p.steps[i].name, p.steps[i].line)).collect();
+                add(
+                    first.line,
+                    &first.name,
+                    format!(
+                        "the steps form a cycle: {} reads {}",
+                        path.join(" reads "),
+                        format_args!("`{}`", first.name)
+                    ),
+                );
             }
             Vec::new()
         }
@@ -77,7 +86,11 @@ pub async fn check(engine: &Engine, p: &Pipeline) -> Result<Checked> {
                 add(s.output_line, &s.name, format!("step `{other}` writes its output to `{}` too", o.display()));
             }
             if o == &p.dir || p.dir.starts_with(o) {
-                add(s.output_line, &s.name, format!("`output: {}` would replace the folder holding the pipeline", o.display()));
+                add(
+                    s.output_line,
+                    &s.name,
+                    format!("`output: {}` would replace the folder holding the pipeline", o.display()),
+                );
             }
         }
     }
@@ -117,7 +130,11 @@ pub async fn check(engine: &Engine, p: &Pipeline) -> Result<Checked> {
         }
         let Some(meta) = images.get(&s.image) else { continue };
         if meta.spec.io == IoMode::Join && s.input.is_none() {
-            add(s.line, &s.name, format!("image `{}` changes `/work` in place (io `join`): give the step an `input`", s.image));
+            add(
+                s.line,
+                &s.name,
+                format!("image `{}` changes `/work` in place (io `join`): give the step an `input`", s.image),
+            );
         }
         match meta.spec.resolve(&[param_layer(p, s)]) {
             Err(errors) => {
@@ -153,8 +170,11 @@ pub async fn check(engine: &Engine, p: &Pipeline) -> Result<Checked> {
 /// Steps in an order that puts each after the steps it reads; on failure, the cycles.
 fn topo_order(p: &Pipeline) -> std::result::Result<Vec<usize>, Vec<Vec<usize>>> {
     let index: HashMap<&str, usize> = p.steps.iter().enumerate().map(|(i, s)| (s.name.as_str(), i)).collect();
-    let deps: Vec<Vec<usize>> =
-        p.steps.iter().map(|s| s.deps().iter().filter(|d| **d != s.name).filter_map(|d| index.get(d).copied()).collect()).collect();
+    let deps: Vec<Vec<usize>> = p
+        .steps
+        .iter()
+        .map(|s| s.deps().iter().filter(|d| **d != s.name).filter_map(|d| index.get(d).copied()).collect())
+        .collect();
     let mut done = vec![false; p.steps.len()];
     let mut order = Vec::new();
     loop {

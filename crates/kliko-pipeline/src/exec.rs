@@ -405,7 +405,11 @@ async fn run_step(ctx: Ctx) -> StepReport {
             Err(e) => return fail(&ctx, rep, t0, format!("a background task failed: {e}")),
         }
     }
-    rep.runs = outcomes.into_iter().enumerate().map(|(k, o)| o.unwrap_or_else(|| RunOutcome::not_run(names[k].clone(), "not_run"))).collect();
+    rep.runs = outcomes
+        .into_iter()
+        .enumerate()
+        .map(|(k, o)| o.unwrap_or_else(|| RunOutcome::not_run(names[k].clone(), "not_run")))
+        .collect();
     rep.saved_ms = rep.runs.iter().map(|r| r.saved_ms).sum();
     let hits = rep.runs.iter().filter(|r| r.cache == Some(Cache::Hit)).count();
     let ran = rep.runs.iter().filter(|r| r.container).count();
@@ -417,7 +421,8 @@ async fn run_step(ctx: Ctx) -> StepReport {
     };
     let bad = rep.runs.iter().filter(|r| !r.succeeded()).collect::<Vec<_>>();
     if !bad.is_empty() {
-        let failed: Vec<&&RunOutcome> = bad.iter().filter(|r| !matches!(r.status.as_str(), "not_run" | "cancelled")).collect();
+        let failed: Vec<&&RunOutcome> =
+            bad.iter().filter(|r| !matches!(r.status.as_str(), "not_run" | "cancelled")).collect();
         let state = if !failed.is_empty() {
             StepState::Failed
         } else if bad.iter().any(|r| r.status == "cancelled") {
@@ -446,8 +451,11 @@ async fn run_step(ctx: Ctx) -> StepReport {
     }
     // Every run succeeded: the step's output.
     let output = if step.foreach.is_some() {
-        let named: Vec<(String, Digest)> =
-            rep.runs.iter().map(|r| (r.entry.clone().unwrap_or_default(), r.output.expect("a succeeded run has an output"))).collect();
+        let named: Vec<(String, Digest)> = rep
+            .runs
+            .iter()
+            .map(|r| (r.entry.clone().unwrap_or_default(), r.output.expect("a succeeded run has an output")))
+            .collect();
         let r = ctx.resolver.clone();
         match blocking(move || r.gather(&named)).await {
             Ok(d) => d,
@@ -461,7 +469,12 @@ async fn run_step(ctx: Ctx) -> StepReport {
         let store = ctx.engine.store().clone();
         let t = target.clone();
         if let Err(e) = blocking(move || place_output(&store, &output, &t)).await {
-            return fail(&ctx, rep, t0, format!("cannot write the output to `{}`: {}", target.display(), error_chain(&e)));
+            return fail(
+                &ctx,
+                rep,
+                t0,
+                format!("cannot write the output to `{}`: {}", target.display(), error_chain(&e)),
+            );
         }
         rep.output_path = Some(target);
     }
@@ -568,7 +581,12 @@ async fn run_one(ctx: Ctx, entry: Option<(String, EntryRef)>) -> RunOutcome {
     outcome
 }
 
-async fn run_one_inner(ctx: &Ctx, entry: Option<(String, EntryRef)>, name: Option<String>, t0: Instant) -> Result<RunOutcome> {
+async fn run_one_inner(
+    ctx: &Ctx,
+    entry: Option<(String, EntryRef)>,
+    name: Option<String>,
+    t0: Instant,
+) -> Result<RunOutcome> {
     let step = ctx.step.clone();
     let input = {
         let (r, s, outs) = (ctx.resolver.clone(), step.clone(), ctx.outputs.clone());
@@ -580,7 +598,12 @@ async fn run_one_inner(ctx: &Ctx, entry: Option<(String, EntryRef)>, name: Optio
     req.timeout = step.timeout;
     req.labels.insert(PIPELINE_LABEL.into(), ctx.pipeline_file.display().to_string());
     req.labels.insert(STEP_LABEL.into(), step.name.clone());
-    let obs = Arc::new(RunObs { ctx: ctx.clone(), entry: name.clone(), started: AtomicBool::new(false), blocked: AtomicBool::new(false) });
+    let obs = Arc::new(RunObs {
+        ctx: ctx.clone(),
+        entry: name.clone(),
+        started: AtomicBool::new(false),
+        blocked: AtomicBool::new(false),
+    });
     let report = ctx.engine.run_with(req, ctx.image.clone(), None, obs.clone(), ctx.cancel.clone()).await;
     if obs.blocked.load(Ordering::SeqCst) {
         ctx.keeper.unblock();
@@ -637,7 +660,8 @@ fn place_output(store: &Store, tree: &Digest, target: &Path) -> Result<()> {
     }
     let parent = target.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "output".into());
-    let staging = tempfile::Builder::new().prefix(&format!(".{name}.kliko-new-")).tempdir_in(parent).map_err(io(parent))?;
+    let staging =
+        tempfile::Builder::new().prefix(&format!(".{name}.kliko-new-")).tempdir_in(parent).map_err(io(parent))?;
     let new = staging.path().join("new");
     store.materialize(tree, &new, MaterializeMode::Auto)?;
     let old = staging.path().join("old");

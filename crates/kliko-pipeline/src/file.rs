@@ -171,10 +171,12 @@ impl Step {
 impl Pipeline {
     /// Read and parse a pipeline file.
     pub fn load(path: &Path) -> Result<Pipeline, PipelineError> {
-        let text = std::fs::read_to_string(path).map_err(|source| PipelineError::Io { path: path.to_path_buf(), source })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| PipelineError::Io { path: path.to_path_buf(), source })?;
         let abs = std::path::absolute(path).map_err(|source| PipelineError::Io { path: path.to_path_buf(), source })?;
         let dir = abs.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("/"));
-        Pipeline::parse(&abs, &dir, &text).map_err(|problems| PipelineError::Invalid { file: path.to_path_buf(), problems })
+        Pipeline::parse(&abs, &dir, &text)
+            .map_err(|problems| PipelineError::Invalid { file: path.to_path_buf(), problems })
     }
 
     /// Parse pipeline text; `dir` is where relative paths start.
@@ -219,7 +221,11 @@ impl Parser {
         let root = match yaml::parse(text) {
             Ok(Some(n)) => n,
             Ok(None) => {
-                self.problems.push(Problem { line: None, step: None, message: "the file is empty: expected `version: 1` and `steps:`".into() });
+                self.problems.push(Problem {
+                    line: None,
+                    step: None,
+                    message: "the file is empty: expected `version: 1` and `steps:`".into(),
+                });
                 return Vec::new();
             }
             Err(e) => {
@@ -229,7 +235,11 @@ impl Parser {
             }
         };
         let Node::Map { entries, pos } = &root else {
-            self.problem(root.pos().line, None, format!("expected a mapping with `version` and `steps`, found {}", root.kind()));
+            self.problem(
+                root.pos().line,
+                None,
+                format!("expected a mapping with `version` and `steps`, found {}", root.kind()),
+            );
             return Vec::new();
         };
         let mut version = None;
@@ -240,7 +250,11 @@ impl Parser {
                 Some("steps") => steps_node = Some(v),
                 Some(other) => {
                     let other = other.to_string();
-                    self.problem(k.pos().line, None, format!("unknown key `{other}`; expected one of {}", list(TOP_KEYS)));
+                    self.problem(
+                        k.pos().line,
+                        None,
+                        format!("unknown key `{other}`; expected one of {}", list(TOP_KEYS)),
+                    );
                 }
                 None => self.problem(k.pos().line, None, "expected a key".to_string()),
             }
@@ -248,14 +262,22 @@ impl Parser {
         match version {
             None => self.problem(pos.line, None, format!("missing `version: {PIPELINE_VERSION}`")),
             Some(v) if v.as_scalar() == Some("1") => {}
-            Some(v) => self.problem(v.pos().line, None, format!("unsupported `version`: this kliko reads version {PIPELINE_VERSION}")),
+            Some(v) => self.problem(
+                v.pos().line,
+                None,
+                format!("unsupported `version`: this kliko reads version {PIPELINE_VERSION}"),
+            ),
         }
         let Some(steps_node) = steps_node else {
             self.problem(pos.line, None, "missing `steps`");
             return Vec::new();
         };
         let Node::Map { entries, .. } = steps_node else {
-            self.problem(steps_node.pos().line, None, format!("`steps` must be a mapping from step name to step, found {}", steps_node.kind()));
+            self.problem(
+                steps_node.pos().line,
+                None,
+                format!("`steps` must be a mapping from step name to step, found {}", steps_node.kind()),
+            );
             return Vec::new();
         };
         let mut steps: Vec<Step> = Vec::new();
@@ -266,7 +288,11 @@ impl Parser {
                 continue;
             };
             if !valid_step_name(&name) {
-                self.problem(line, Some(&name), "a step name may use letters, digits, `_`, `-` and `.`, and may not start with `.`");
+                self.problem(
+                    line,
+                    Some(&name),
+                    "a step name may use letters, digits, `_`, `-` and `.`, and may not start with `.`",
+                );
             }
             if let Some(first) = steps.iter().find(|s| s.name == name) {
                 let first = first.line;
@@ -285,7 +311,11 @@ impl Parser {
 
     fn step(&mut self, name: &str, line: usize, node: &Node) -> Option<Step> {
         let Node::Map { entries, .. } = node else {
-            self.problem(node.pos().line, Some(name), format!("expected a mapping with at least `image`, found {}", node.kind()));
+            self.problem(
+                node.pos().line,
+                Some(name),
+                format!("expected a mapping with at least `image`, found {}", node.kind()),
+            );
             return None;
         };
         let mut step = Step {
@@ -342,7 +372,11 @@ impl Parser {
                     if let Some(s) = self.string(v, name, "timeout") {
                         match parse_duration(&s) {
                             Some(d) => step.timeout = Some(d),
-                            None => self.problem(v.pos().line, Some(name), format!("`timeout: {s}` is not a duration (examples: `90s`, `10m`, `2h`)")),
+                            None => self.problem(
+                                v.pos().line,
+                                Some(name),
+                                format!("`timeout: {s}` is not a duration (examples: `90s`, `10m`, `2h`)"),
+                            ),
                         }
                     }
                 }
@@ -368,7 +402,11 @@ impl Parser {
         match v.as_scalar() {
             Some(s) if !s.is_empty() => Some(s.to_string()),
             _ => {
-                self.problem(v.pos().line, Some(step), format!("`{key}` must be a non-empty string, found {}", v.kind()));
+                self.problem(
+                    v.pos().line,
+                    Some(step),
+                    format!("`{key}` must be a non-empty string, found {}", v.kind()),
+                );
                 None
             }
         }
@@ -376,7 +414,9 @@ impl Parser {
 
     fn path(&self, s: &str) -> PathBuf {
         let expanded = match s.strip_prefix("~/") {
-            Some(rest) => std::env::var_os("HOME").map(|h| PathBuf::from(h).join(rest)).unwrap_or_else(|| PathBuf::from(s)),
+            Some(rest) => {
+                std::env::var_os("HOME").map(|h| PathBuf::from(h).join(rest)).unwrap_or_else(|| PathBuf::from(s))
+            }
             None => PathBuf::from(s),
         };
         let joined = self.dir.join(expanded);
@@ -446,7 +486,8 @@ impl Parser {
                         }
                         other => {
                             let other = other.to_string();
-                            let keys = if named { "`step`, `path` or `each` (and `as`)" } else { "`step`, `path` or `each`" };
+                            let keys =
+                                if named { "`step`, `path` or `each` (and `as`)" } else { "`step`, `path` or `each`" };
                             self.problem(k.pos().line, Some(step), format!("unknown key `{other}`; expected {keys}"));
                             continue;
                         }
@@ -482,7 +523,9 @@ impl Parser {
                     let name = match (&alias, &item) {
                         (Some(a), _) => a.clone(),
                         (None, Item::Step(s)) => s.clone(),
-                        (None, Item::Path(p)) => p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+                        (None, Item::Path(p)) => {
+                            p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+                        }
                         (None, Item::Each) => {
                             self.problem(line, Some(step), "name the entry's subfolder: `{each: true, as: NAME}`");
                             continue;
@@ -512,14 +555,22 @@ impl Parser {
             InputSpec::Gather(items) => items.iter().any(|n| n.item == Item::Each),
         };
         if uses_each && !foreach {
-            self.problem(v.pos().line, Some(step), "`each` is the current `foreach` entry, but this step has no `foreach`");
+            self.problem(
+                v.pos().line,
+                Some(step),
+                "`each` is the current `foreach` entry, but this step has no `foreach`",
+            );
         }
         Some(spec)
     }
 
     fn params(&mut self, v: &Node, step: &str, out: &mut Step) {
         let Node::Map { entries, .. } = v else {
-            self.problem(v.pos().line, Some(step), format!("`params` must be a mapping from parameter name to value, found {}", v.kind()));
+            self.problem(
+                v.pos().line,
+                Some(step),
+                format!("`params` must be a mapping from parameter name to value, found {}", v.kind()),
+            );
             return;
         };
         for (k, val) in entries {
@@ -534,7 +585,11 @@ impl Parser {
             let value = match json_value(val) {
                 Ok(j) => j,
                 Err(()) => {
-                    self.problem(val.pos().line, Some(step), format!("parameter `{name}`: expected a value or a list of values, found a mapping"));
+                    self.problem(
+                        val.pos().line,
+                        Some(step),
+                        format!("parameter `{name}`: expected a value or a list of values, found a mapping"),
+                    );
                     continue;
                 }
             };
@@ -550,7 +605,9 @@ fn json_value(n: &Node) -> Result<serde_json::Value, ()> {
     match n {
         _ if n.is_null() => Ok(serde_json::Value::Null),
         Node::Scalar { text, .. } => Ok(serde_json::Value::String(text.clone())),
-        Node::Seq { items, .. } => items.iter().map(json_value).collect::<Result<Vec<_>, _>>().map(serde_json::Value::Array),
+        Node::Seq { items, .. } => {
+            items.iter().map(json_value).collect::<Result<Vec<_>, _>>().map(serde_json::Value::Array)
+        }
         Node::Map { .. } => Err(()),
     }
 }

@@ -92,7 +92,10 @@ impl Resolver {
                 let tree = self.get_tree(&outputs[s])?;
                 for (name, entry) in tree.entries {
                     let Ok(name) = String::from_utf8(name) else {
-                        return Err(PipelineError::EntryName { name: "?".into(), of: format!("the output of step `{s}`") });
+                        return Err(PipelineError::EntryName {
+                            name: "?".into(),
+                            of: format!("the output of step `{s}`"),
+                        });
                     };
                     if name.starts_with('.') {
                         continue;
@@ -106,7 +109,12 @@ impl Resolver {
     }
 
     /// The engine input of one run: `entry` is the current `foreach` entry, if any.
-    pub fn run_input(&self, step: &Step, entry: Option<&(String, EntryRef)>, outputs: &HashMap<String, Digest>) -> Result<Input> {
+    pub fn run_input(
+        &self,
+        step: &Step,
+        entry: Option<&(String, EntryRef)>,
+        outputs: &HashMap<String, Digest>,
+    ) -> Result<Input> {
         let each = || entry.expect("`each` is only accepted with `foreach`");
         Ok(match &step.input {
             None => Input::None,

@@ -38,8 +38,13 @@ pub(crate) use kliko_spec::yaml;
 use std::path::PathBuf;
 
 pub use check::{check, Checked};
-pub use exec::{run, NoReporter, Options, PipelineReport, Progress, Reporter, RunOutcome, StepCache, StepReport, StepState, Stream, PIPELINE_LABEL, STEP_LABEL};
-pub use file::{is_path_like, parse_duration, InputSpec, Item, Named, Pipeline, Problem, Source, Step, PIPELINE_VERSION};
+pub use exec::{
+    run, NoReporter, Options, PipelineReport, Progress, Reporter, RunOutcome, StepCache, StepReport, StepState, Stream,
+    PIPELINE_LABEL, STEP_LABEL,
+};
+pub use file::{
+    is_path_like, parse_duration, InputSpec, Item, Named, Pipeline, Problem, Source, Step, PIPELINE_VERSION,
+};
 pub use show::{show, PlannedRun, StepPlan};
 
 #[derive(Debug, thiserror::Error)]
@@ -47,7 +52,11 @@ pub enum PipelineError {
     #[error("`{}` has {} problem{}:\n{}", file.display(), problems.len(), if problems.len() == 1 { "" } else { "s" }, problems.iter().map(|p| format!("  {p}")).collect::<Vec<_>>().join("\n"))]
     Invalid { file: PathBuf, problems: Vec<Problem> },
     #[error("i/o error on `{}`", path.display())]
-    Io { path: PathBuf, #[source] source: std::io::Error },
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Engine(#[from] kliko_engine::EngineError),
     #[error(transparent)]

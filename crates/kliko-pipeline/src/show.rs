@@ -63,9 +63,11 @@ fn describe_input(i: &Option<InputSpec>, dir: &Path) -> String {
     match i {
         None => "nothing".into(),
         Some(InputSpec::One(item)) => describe_item(item, dir),
-        Some(InputSpec::Gather(items)) => {
-            items.iter().map(|n| format!("/input/{}: {}", n.name, describe_item(&n.item, dir))).collect::<Vec<_>>().join(", ")
-        }
+        Some(InputSpec::Gather(items)) => items
+            .iter()
+            .map(|n| format!("/input/{}: {}", n.name, describe_item(&n.item, dir)))
+            .collect::<Vec<_>>()
+            .join(", "),
     }
 }
 

@@ -65,7 +65,9 @@ impl Fixture {
 
     async fn run(&self, p: &Pipeline, jobs: usize, keep_going: bool) -> PipelineReport {
         let checked = check(&self.engine, p).await.unwrap_or_else(|e| panic!("{e}"));
-        run(self.engine.clone(), p, &checked, Options { jobs, keep_going }, Arc::new(NoReporter), Default::default()).await.unwrap()
+        run(self.engine.clone(), p, &checked, Options { jobs, keep_going }, Arc::new(NoReporter), Default::default())
+            .await
+            .unwrap()
     }
 
     /// The stored container interval of a step's (only) run, in ms since the epoch.

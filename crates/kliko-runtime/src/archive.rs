@@ -16,9 +16,7 @@ pub(crate) enum Entry {
 pub(crate) fn first_entry(tar: &[u8]) -> io::Result<Entry> {
     let mut archive = tar::Archive::new(tar);
     let mut entries = archive.entries()?;
-    let mut entry = entries
-        .next()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "empty archive"))??;
+    let mut entry = entries.next().ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "empty archive"))??;
     let kind = entry.header().entry_type();
     Ok(match kind {
         tar::EntryType::Regular | tar::EntryType::Continuous => {
@@ -27,9 +25,9 @@ pub(crate) fn first_entry(tar: &[u8]) -> io::Result<Entry> {
             Entry::File(bytes)
         }
         tar::EntryType::Symlink => {
-            let target = entry.link_name()?.ok_or_else(|| {
-                io::Error::new(io::ErrorKind::InvalidData, "symlink entry without a target")
-            })?;
+            let target = entry
+                .link_name()?
+                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "symlink entry without a target"))?;
             Entry::Symlink(target.to_string_lossy().into_owned())
         }
         tar::EntryType::Directory => Entry::Other("directory"),
@@ -46,11 +44,7 @@ pub(crate) fn first_entry(tar: &[u8]) -> io::Result<Entry> {
 /// kernel does, so a symlink can never point outside the image's filesystem.
 pub(crate) fn normalize(base: &str, path: &str) -> String {
     let mut parts: Vec<&str> = Vec::new();
-    let joined = if path.starts_with('/') {
-        path.to_string()
-    } else {
-        format!("{base}/{path}")
-    };
+    let joined = if path.starts_with('/') { path.to_string() } else { format!("{base}/{path}") };
     for part in joined.split('/') {
         match part {
             "" | "." => {}
@@ -114,10 +108,7 @@ mod tests {
             h.set_size(0);
             b.append_link(&mut h, "kliko.yml", "etc/real.yml").unwrap();
         });
-        assert_eq!(
-            first_entry(&tar).unwrap(),
-            Entry::Symlink("etc/real.yml".into())
-        );
+        assert_eq!(first_entry(&tar).unwrap(), Entry::Symlink("etc/real.yml".into()));
 
         let tar = tar_with(|b| {
             let mut h = tar::Header::new_gnu();

@@ -51,14 +51,9 @@ impl Docker {
     /// Connect to `DOCKER_HOST`, or the local socket when it is unset, and
     /// negotiate the API version down to what the daemon speaks.
     pub async fn connect() -> Result<Docker, RuntimeError> {
-        let endpoint = std::env::var("DOCKER_HOST")
-            .ok()
-            .filter(|h| !h.is_empty())
-            .unwrap_or_else(|| DEFAULT_ENDPOINT.to_string());
-        let unreachable = |source| RuntimeError::DaemonUnreachable {
-            endpoint: endpoint.clone(),
-            source,
-        };
+        let endpoint =
+            std::env::var("DOCKER_HOST").ok().filter(|h| !h.is_empty()).unwrap_or_else(|| DEFAULT_ENDPOINT.to_string());
+        let unreachable = |source| RuntimeError::DaemonUnreachable { endpoint: endpoint.clone(), source };
         // On a local socket, ask `/_ping` (what the docker CLI asks) for the daemon's API
         // version: `/version`, which bollard's negotiation uses, makes the daemon query
         // containerd and run `runc --version`, several milliseconds on every command. Any
@@ -82,11 +77,7 @@ impl Docker {
                 inner.negotiate_version().await.map_err(unreachable)?
             }
         };
-        Ok(Docker {
-            inner,
-            endpoint,
-            stop_grace: DEFAULT_STOP_GRACE,
-        })
+        Ok(Docker { inner, endpoint, stop_grace: DEFAULT_STOP_GRACE })
     }
 
     /// The time a timed-out or cancelled container gets to exit on `SIGTERM`
@@ -112,13 +103,8 @@ impl Docker {
     pub async fn inspect_image(&self, reference: &str) -> Result<ImageInfo, RuntimeError> {
         match self.inner.inspect_image(reference).await {
             Ok(inspect) => Ok(image_info(inspect)),
-            Err(e) if is_status(&e, 404) => Err(RuntimeError::ImageNotFound {
-                reference: reference.to_string(),
-            }),
-            Err(e) => Err(RuntimeError::docker(
-                format!("inspect image `{reference}`"),
-                e,
-            )),
+            Err(e) if is_status(&e, 404) => Err(RuntimeError::ImageNotFound { reference: reference.to_string() }),
+            Err(e) => Err(RuntimeError::docker(format!("inspect image `{reference}`"), e)),
         }
     }
 
@@ -155,14 +141,8 @@ impl Docker {
             // Never started, but the daemon refuses to create a container
             // without a command and FROM-scratch images often have none.
             cmd: Some(vec!["/kliko-never-started".to_string()]),
-            labels: Some(HashMap::from([(
-                MANAGED_LABEL.to_string(),
-                "true".to_string(),
-            )])),
-            host_config: Some(HostConfig {
-                network_mode: Some("none".to_string()),
-                ..Default::default()
-            }),
+            labels: Some(HashMap::from([(MANAGED_LABEL.to_string(), "true".to_string())])),
+            host_config: Some(HostConfig { network_mode: Some("none".to_string()), ..Default::default() }),
             ..Default::default()
         };
         let id = self.create(image_id, None, body).await?;
@@ -175,16 +155,8 @@ impl Docker {
         Ok(bytes)
     }
 
-    async fn read_file_from(
-        &self,
-        container: &str,
-        image: &str,
-        path: &str,
-    ) -> Result<Vec<u8>, RuntimeError> {
-        let not_found = || RuntimeError::FileNotInImage {
-            image: image.to_string(),
-            path: path.to_string(),
-        };
+    async fn read_file_from(&self, container: &str, image: &str, path: &str) -> Result<Vec<u8>, RuntimeError> {
+        let not_found = || RuntimeError::FileNotInImage { image: image.to_string(), path: path.to_string() };
         let mut current = archive::normalize("/", path);
         for _ in 0..=MAX_SYMLINK_HOPS {
             if current == "/" {
@@ -195,9 +167,7 @@ impl Docker {
                     kind: "directory",
                 });
             }
-            let options = DownloadFromContainerOptionsBuilder::new()
-                .path(&current)
-                .build();
+            let options = DownloadFromContainerOptionsBuilder::new().path(&current).build();
             let tar: Vec<u8> = match self
                 .inner
                 .download_from_container(container, Some(options))
@@ -209,20 +179,10 @@ impl Docker {
                 Err(e) if is_status(&e, 404) => return Err(not_found()),
                 // The daemon resolves the link itself to report its target,
                 // and gives up on a loop before we can count hops.
-                Err(BollardError::DockerResponseServerError { message, .. })
-                    if message.contains("too many links") =>
-                {
-                    return Err(RuntimeError::SymlinkLoop {
-                        image: image.to_string(),
-                        path: path.to_string(),
-                    })
+                Err(BollardError::DockerResponseServerError { message, .. }) if message.contains("too many links") => {
+                    return Err(RuntimeError::SymlinkLoop { image: image.to_string(), path: path.to_string() })
                 }
-                Err(e) => {
-                    return Err(RuntimeError::docker(
-                        format!("copy `{current}` out of image `{image}`"),
-                        e,
-                    ))
-                }
+                Err(e) => return Err(RuntimeError::docker(format!("copy `{current}` out of image `{image}`"), e)),
             };
             let entry = archive::first_entry(&tar).map_err(|source| RuntimeError::Archive {
                 image: image.to_string(),
@@ -244,28 +204,15 @@ impl Docker {
                 }
             }
         }
-        Err(RuntimeError::SymlinkLoop {
-            image: image.to_string(),
-            path: path.to_string(),
-        })
+        Err(RuntimeError::SymlinkLoop { image: image.to_string(), path: path.to_string() })
     }
 
     /// Ids of all containers, running or not, that carry the label `key=value`.
-    pub async fn containers_with_label(
-        &self,
-        key: &str,
-        value: &str,
-    ) -> Result<Vec<String>, RuntimeError> {
+    pub async fn containers_with_label(&self, key: &str, value: &str) -> Result<Vec<String>, RuntimeError> {
         let filters = HashMap::from([("label", vec![format!("{key}={value}")])]);
-        let options = ListContainersOptionsBuilder::new()
-            .all(true)
-            .filters(&filters)
-            .build();
-        let containers = self
-            .inner
-            .list_containers(Some(options))
-            .await
-            .map_err(|e| RuntimeError::docker("list containers", e))?;
+        let options = ListContainersOptionsBuilder::new().all(true).filters(&filters).build();
+        let containers =
+            self.inner.list_containers(Some(options)).await.map_err(|e| RuntimeError::docker("list containers", e))?;
         Ok(containers.into_iter().filter_map(|c| c.id).collect())
     }
 
@@ -276,36 +223,22 @@ impl Docker {
         name: Option<&str>,
         body: ContainerCreateBody,
     ) -> Result<String, RuntimeError> {
-        let options = name.map(|n| {
-            bollard::query_parameters::CreateContainerOptionsBuilder::new()
-                .name(n)
-                .build()
-        });
+        let options = name.map(|n| bollard::query_parameters::CreateContainerOptionsBuilder::new().name(n).build());
         match self.inner.create_container(options, body).await {
             Ok(created) => Ok(created.id),
-            Err(e) if is_status(&e, 404) => Err(RuntimeError::ImageNotFound {
-                reference: image.to_string(),
-            }),
-            Err(e) => Err(RuntimeError::docker(
-                format!("create a container from image `{image}`"),
-                e,
-            )),
+            Err(e) if is_status(&e, 404) => Err(RuntimeError::ImageNotFound { reference: image.to_string() }),
+            Err(e) => Err(RuntimeError::docker(format!("create a container from image `{image}`"), e)),
         }
     }
 
     /// Force-remove a container and its anonymous volumes; gone already is fine.
     pub async fn remove(&self, id: &str) -> Result<(), RuntimeError> {
-        remove_container(&self.inner, id)
-            .await
-            .map_err(|e| RuntimeError::docker(format!("remove container `{id}`"), e))
+        remove_container(&self.inner, id).await.map_err(|e| RuntimeError::docker(format!("remove container `{id}`"), e))
     }
 }
 
 async fn remove_container(docker: &bollard::Docker, id: &str) -> Result<(), BollardError> {
-    let options = RemoveContainerOptionsBuilder::new()
-        .force(true)
-        .v(true)
-        .build();
+    let options = RemoveContainerOptionsBuilder::new().force(true).v(true).build();
     match docker.remove_container(id, Some(options)).await {
         Err(e) if is_status(&e, 404) => Ok(()),
         other => other,
@@ -323,10 +256,7 @@ async fn ping_api_version(path: &str) -> Option<(usize, usize)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let exchange = async {
         let mut stream = tokio::net::UnixStream::connect(path).await.ok()?;
-        stream
-            .write_all(b"GET /_ping HTTP/1.1\r\nHost: docker\r\nConnection: close\r\n\r\n")
-            .await
-            .ok()?;
+        stream.write_all(b"GET /_ping HTTP/1.1\r\nHost: docker\r\nConnection: close\r\n\r\n").await.ok()?;
         let mut response = Vec::with_capacity(1024);
         stream.take(64 * 1024).read_to_end(&mut response).await.ok()?;
         Some(response)
@@ -365,13 +295,10 @@ fn image_info(inspect: ImageInspect) -> ImageInfo {
         user: config.user.filter(|u| !u.is_empty()),
         // `created` is a String, or a date type when another crate turns on
         // bollard's `time`/`chrono` feature: go through serde to accept both.
-        created: inspect
-            .created
-            .as_ref()
-            .and_then(|c| match serde_json::to_value(c).ok()? {
-                serde_json::Value::String(s) => Some(s),
-                other => Some(other.to_string()),
-            }),
+        created: inspect.created.as_ref().and_then(|c| match serde_json::to_value(c).ok()? {
+            serde_json::Value::String(s) => Some(s),
+            other => Some(other.to_string()),
+        }),
         labels: config.labels.unwrap_or_default().into_iter().collect(),
     }
 }
@@ -386,10 +313,7 @@ pub(crate) struct RemoveOnDrop {
 
 impl RemoveOnDrop {
     pub(crate) fn new(docker: bollard::Docker, id: String) -> Self {
-        RemoveOnDrop {
-            docker,
-            id: Some(id),
-        }
+        RemoveOnDrop { docker, id: Some(id) }
     }
 
     pub(crate) fn disarm(mut self) {

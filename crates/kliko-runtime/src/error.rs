@@ -30,11 +30,7 @@ pub enum RuntimeError {
 
     /// The path exists in the image but is a directory, device, ... .
     #[error("`{path}` in image `{image}` is not a regular file (it is a {kind})")]
-    NotARegularFile {
-        image: String,
-        path: String,
-        kind: &'static str,
-    },
+    NotARegularFile { image: String, path: String, kind: &'static str },
 
     /// Symlinks chained beyond [`MAX_SYMLINK_HOPS`](crate::MAX_SYMLINK_HOPS), most likely a loop.
     #[error("too many levels of symlinks resolving `{path}` in image `{image}`")]
@@ -82,10 +78,7 @@ pub enum RuntimeError {
 
 impl RuntimeError {
     pub(crate) fn docker(action: impl Into<String>, source: bollard::errors::Error) -> Self {
-        RuntimeError::Docker {
-            action: action.into(),
-            source,
-        }
+        RuntimeError::Docker { action: action.into(), source }
     }
 }
 
@@ -103,12 +96,9 @@ fn daemon_hint(endpoint: &str, source: &bollard::errors::Error) -> String {
     if matches!(source, bollard::errors::Error::SocketNotFoundError(_)) {
         kind = Some(ErrorKind::NotFound);
     }
-    let socket = endpoint
-        .strip_prefix("unix://")
-        .unwrap_or("/var/run/docker.sock");
+    let socket = endpoint.strip_prefix("unix://").unwrap_or("/var/run/docker.sock");
     let start = "is the daemon running? start it with `systemctl start docker`";
-    let group =
-        "add your user to the `docker` group (`sudo usermod -aG docker $USER`, then log in again)";
+    let group = "add your user to the `docker` group (`sudo usermod -aG docker $USER`, then log in again)";
     match kind {
         Some(ErrorKind::PermissionDenied) => {
             format!("permission denied on `{socket}`: {group}")
@@ -116,8 +106,6 @@ fn daemon_hint(endpoint: &str, source: &bollard::errors::Error) -> String {
         Some(ErrorKind::NotFound) | Some(ErrorKind::ConnectionRefused) => {
             format!("{start}, or point `DOCKER_HOST` at a running daemon")
         }
-        _ => format!(
-            "{start}; if `{socket}` refuses you, {group}; check `DOCKER_HOST` if you set it"
-        ),
+        _ => format!("{start}; if `{socket}` refuses you, {group}; check `DOCKER_HOST` if you set it"),
     }
 }

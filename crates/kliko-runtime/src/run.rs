@@ -108,7 +108,9 @@ impl Removal {
         let task = self.task.take().expect("finish is called once");
         match task.await {
             Ok(result) => result,
-            Err(e) => Err(RuntimeError::RemovalInterrupted { container: self.container.clone(), message: e.to_string() }),
+            Err(e) => {
+                Err(RuntimeError::RemovalInterrupted { container: self.container.clone(), message: e.to_string() })
+            }
         }
     }
 }
@@ -150,9 +152,7 @@ impl Docker {
         cancel: CancellationToken,
     ) -> Result<(RunOutcome, Removal), RuntimeError> {
         let body = container_body(spec)?;
-        let id = self
-            .create(&spec.image_id, spec.name.as_deref(), body)
-            .await?;
+        let id = self.create(&spec.image_id, spec.name.as_deref(), body).await?;
         kliko_core::trace::mark("container created");
         let guard = RemoveOnDrop::new(self.inner.clone(), id.clone());
         let result = self.drive(&id, spec, logs, &cancel).await;
@@ -185,22 +185,14 @@ impl Docker {
     ) -> Result<RunOutcome, RuntimeError> {
         // Attach before start, as `docker run` does, so that not a byte of a
         // short-lived container's output is missed.
-        let options = AttachContainerOptionsBuilder::new()
-            .stream(true)
-            .stdout(true)
-            .stderr(true)
-            .build();
+        let options = AttachContainerOptionsBuilder::new().stream(true).stdout(true).stderr(true).build();
         let attached = self
             .inner
             .attach_container(id, Some(options))
             .await
             .map_err(|e| RuntimeError::docker(format!("attach to container `{id}`"), e))?;
         let exited = CancellationToken::new();
-        let pump = AbortOnDrop(tokio::spawn(pump_logs(
-            attached.output,
-            logs,
-            exited.clone(),
-        )));
+        let pump = AbortOnDrop(tokio::spawn(pump_logs(attached.output, logs, exited.clone())));
 
         let started_at = SystemTime::now();
         if cancel.is_cancelled() {
@@ -244,55 +236,33 @@ impl Docker {
         // Logs that broke off matter only for a run that ended by itself: a
         // stopped container's stream may end any which way.
         if let (Outcome::Exited(_), Err(e)) = (outcome, pumped) {
-            return Err(RuntimeError::docker(
-                format!("stream the logs of container `{id}`"),
-                e,
-            ));
+            return Err(RuntimeError::docker(format!("stream the logs of container `{id}`"), e));
         }
-        Ok(RunOutcome {
-            outcome,
-            container_id: id.to_string(),
-            started_at,
-            finished_at,
-        })
+        Ok(RunOutcome { outcome, container_id: id.to_string(), started_at, finished_at })
     }
 
     /// The exit status, from the first answer of the `wait` endpoint.
     async fn wait_exit(&self, id: &str) -> Result<i64, RuntimeError> {
-        let mut wait = self
-            .inner
-            .wait_container(id, None::<bollard::query_parameters::WaitContainerOptions>);
+        let mut wait = self.inner.wait_container(id, None::<bollard::query_parameters::WaitContainerOptions>);
         match wait.next().await {
             Some(Ok(response)) => match response.error.and_then(|e| e.message) {
-                Some(message) if response.status_code == 0 && !message.is_empty() => {
-                    Err(RuntimeError::docker(
-                        format!("wait for container `{id}`"),
-                        BollardError::DockerContainerWaitError {
-                            error: message,
-                            code: 0,
-                        },
-                    ))
-                }
+                Some(message) if response.status_code == 0 && !message.is_empty() => Err(RuntimeError::docker(
+                    format!("wait for container `{id}`"),
+                    BollardError::DockerContainerWaitError { error: message, code: 0 },
+                )),
                 _ => Ok(response.status_code),
             },
             // bollard turns a non-zero exit into this error: it is an outcome.
             Some(Err(BollardError::DockerContainerWaitError { code, .. })) => Ok(code),
-            Some(Err(e)) => Err(RuntimeError::docker(
-                format!("wait for container `{id}`"),
-                e,
-            )),
-            None => Err(RuntimeError::NoExitStatus {
-                container: id.to_string(),
-            }),
+            Some(Err(e)) => Err(RuntimeError::docker(format!("wait for container `{id}`"), e)),
+            None => Err(RuntimeError::NoExitStatus { container: id.to_string() }),
         }
     }
 
     /// `SIGTERM`, then `SIGKILL` after the stop grace; returns once it is down.
     async fn stop(&self, id: &str) -> Result<(), RuntimeError> {
         let grace = self.stop_grace.as_secs() + u64::from(self.stop_grace.subsec_nanos() > 0);
-        let options = StopContainerOptionsBuilder::new()
-            .t(i32::try_from(grace).unwrap_or(i32::MAX))
-            .build();
+        let options = StopContainerOptionsBuilder::new().t(i32::try_from(grace).unwrap_or(i32::MAX)).build();
         match self.inner.stop_container(id, Some(options)).await {
             // 304: already stopped; 404: already gone. Both are what we wanted.
             Err(e) if is_status(&e, 404) || is_status(&e, 304) => Ok(()),
@@ -321,19 +291,10 @@ async fn pump_logs(
         let chunk = match item {
             None => return Ok(()),
             Some(item) => match item? {
-                LogOutput::StdOut { message } => LogChunk {
-                    stream: Stream::Stdout,
-                    bytes: message,
-                },
-                LogOutput::StdErr { message } => LogChunk {
-                    stream: Stream::Stderr,
-                    bytes: message,
-                },
+                LogOutput::StdOut { message } => LogChunk { stream: Stream::Stdout, bytes: message },
+                LogOutput::StdErr { message } => LogChunk { stream: Stream::Stderr, bytes: message },
                 // Only seen with a TTY, which we never allocate.
-                LogOutput::Console { message } => LogChunk {
-                    stream: Stream::Stdout,
-                    bytes: message,
-                },
+                LogOutput::Console { message } => LogChunk { stream: Stream::Stdout, bytes: message },
                 LogOutput::StdIn { .. } => continue,
             },
         };
@@ -353,9 +314,7 @@ impl AbortOnDrop<Result<(), BollardError>> {
         match result {
             Ok(r) => r,
             // Not aborted (we still own it): only a panic gets here.
-            Err(e) => Err(BollardError::IOError {
-                err: std::io::Error::other(e),
-            }),
+            Err(e) => Err(BollardError::IOError { err: std::io::Error::other(e) }),
         }
     }
 }
@@ -370,14 +329,10 @@ fn container_body(spec: &ContainerSpec) -> Result<ContainerCreateBody, RuntimeEr
     let mut mounts = Vec::with_capacity(spec.mounts.len());
     for m in &spec.mounts {
         if !m.host.is_absolute() {
-            return Err(RuntimeError::RelativeMount {
-                path: m.host.clone(),
-            });
+            return Err(RuntimeError::RelativeMount { path: m.host.clone() });
         }
         if !m.container.starts_with('/') {
-            return Err(RuntimeError::RelativeMountTarget {
-                target: m.container.clone(),
-            });
+            return Err(RuntimeError::RelativeMountTarget { target: m.container.clone() });
         }
         mounts.push(bollard::models::Mount {
             typ: Some(MountType::BIND),
@@ -394,11 +349,7 @@ fn container_body(spec: &ContainerSpec) -> Result<ContainerCreateBody, RuntimeEr
         }
         env.push(format!("{name}={value}"));
     }
-    let mut labels: HashMap<String, String> = spec
-        .labels
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
+    let mut labels: HashMap<String, String> = spec.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     labels.insert(MANAGED_LABEL.to_string(), "true".to_string());
 
     Ok(ContainerCreateBody {
@@ -429,21 +380,13 @@ mod tests {
     use super::*;
 
     fn spec() -> ContainerSpec {
-        ContainerSpec {
-            image_id: "sha256:abc".into(),
-            cmd: vec!["/kliko".into()],
-            ..Default::default()
-        }
+        ContainerSpec { image_id: "sha256:abc".into(), cmd: vec!["/kliko".into()], ..Default::default() }
     }
 
     #[test]
     fn relative_mount_is_rejected() {
         let mut s = spec();
-        s.mounts.push(Mount {
-            host: "out".into(),
-            container: "/output".into(),
-            read_only: false,
-        });
+        s.mounts.push(Mount { host: "out".into(), container: "/output".into(), read_only: false });
         assert!(matches!(
             container_body(&s),
             Err(RuntimeError::RelativeMount { path }) if path.as_os_str() == "out"
@@ -469,9 +412,6 @@ mod tests {
     fn bad_env_name_is_rejected() {
         let mut s = spec();
         s.env.push(("A=B".into(), "c".into()));
-        assert!(matches!(
-            container_body(&s),
-            Err(RuntimeError::InvalidEnvName { .. })
-        ));
+        assert!(matches!(container_body(&s), Err(RuntimeError::InvalidEnvName { .. })));
     }
 }

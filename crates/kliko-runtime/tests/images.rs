@@ -7,8 +7,7 @@ use kliko_runtime::RuntimeError;
 use kliko_testkit::{ImageBuilder, TestImage};
 
 fn is_sha256_id(id: &str) -> bool {
-    id.strip_prefix("sha256:")
-        .is_some_and(|hex| hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
+    id.strip_prefix("sha256:").is_some_and(|hex| hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 fn entrypoint_image() -> TestImage {
@@ -35,15 +34,9 @@ async fn missing_image_is_image_not_found_with_a_hint() {
     let docker = docker().await;
     let reference = "kliko-test-no-such-image:never";
     let err = docker.inspect_image(reference).await.unwrap_err();
-    assert!(
-        matches!(&err, RuntimeError::ImageNotFound { reference: r } if r == reference),
-        "{err:?}"
-    );
+    assert!(matches!(&err, RuntimeError::ImageNotFound { reference: r } if r == reference), "{err:?}");
     let msg = err.to_string();
-    assert!(
-        msg.contains("docker build -t kliko-test-no-such-image:never ."),
-        "{msg}"
-    );
+    assert!(msg.contains("docker build -t kliko-test-no-such-image:never ."), "{msg}");
     assert!(msg.contains("docker pull"), "{msg}");
 
     let err = docker.read_file(reference, "/kliko.yml").await.unwrap_err();
@@ -64,32 +57,20 @@ async fn inspect_resolves_tag_and_ids_to_the_same_image() {
     assert_eq!(by_short, by_tag);
 
     assert!(by_tag.repo_tags.contains(&image.tag));
-    assert_eq!(
-        by_tag.entrypoint,
-        Some(vec!["/bin/echo".to_string(), "from-entrypoint".to_string()])
-    );
+    assert_eq!(by_tag.entrypoint, Some(vec!["/bin/echo".to_string(), "from-entrypoint".to_string()]));
     assert_eq!(by_tag.user.as_deref(), Some("1234"));
-    assert_eq!(
-        by_tag.labels.get("org.example.kind").map(String::as_str),
-        Some("test")
-    );
+    assert_eq!(by_tag.labels.get("org.example.kind").map(String::as_str), Some("test"));
     assert!(by_tag.created.is_some());
 
     let all = docker.list_images().await.unwrap();
-    assert!(all
-        .iter()
-        .any(|i| i.id == image.id && i.repo_tags.contains(&image.tag)));
+    assert!(all.iter().any(|i| i.id == image.id && i.repo_tags.contains(&image.tag)));
 }
 
 #[tokio::test]
 async fn read_file_works_without_a_shell() {
     let docker = docker().await;
-    let image = ImageBuilder::new("rt-noshell")
-        .no_shell()
-        .kliko_yml(KLIKO_YML)
-        .kliko_c(HELLO_C)
-        .build()
-        .expect("build image");
+    let image =
+        ImageBuilder::new("rt-noshell").no_shell().kliko_yml(KLIKO_YML).kliko_c(HELLO_C).build().expect("build image");
     let bytes = docker.read_file(&image.id, "/kliko.yml").await.unwrap();
     assert_eq!(bytes, KLIKO_YML.as_bytes());
     assert!(managed_from_image(&docker, &image.id).await.is_empty());
@@ -125,31 +106,13 @@ async fn read_file_missing_and_non_regular_paths() {
     );
     assert!(err.to_string().contains("`/kliko.yml`"), "{err}");
 
-    let err = docker
-        .read_file(&image.id, "/dangling.yml")
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(err, RuntimeError::FileNotInImage { .. }),
-        "{err:?}"
-    );
+    let err = docker.read_file(&image.id, "/dangling.yml").await.unwrap_err();
+    assert!(matches!(err, RuntimeError::FileNotInImage { .. }), "{err:?}");
 
     let err = docker.read_file(&image.id, "/bin").await.unwrap_err();
-    assert!(
-        matches!(
-            err,
-            RuntimeError::NotARegularFile {
-                kind: "directory",
-                ..
-            }
-        ),
-        "{err:?}"
-    );
+    assert!(matches!(err, RuntimeError::NotARegularFile { kind: "directory", .. }), "{err:?}");
     let err = docker.read_file(&image.id, "/").await.unwrap_err();
-    assert!(
-        matches!(err, RuntimeError::NotARegularFile { .. }),
-        "{err:?}"
-    );
+    assert!(matches!(err, RuntimeError::NotARegularFile { .. }), "{err:?}");
 
     let err = docker.read_file(&image.id, "/loop-a").await.unwrap_err();
     assert!(matches!(err, RuntimeError::SymlinkLoop { .. }), "{err:?}");

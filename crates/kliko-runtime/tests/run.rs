@@ -12,11 +12,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 fn script_image(prefix: &str, script: &str) -> TestImage {
-    ImageBuilder::new(prefix)
-        .kliko_yml(KLIKO_YML)
-        .kliko_script(script)
-        .build()
-        .expect("build image")
+    ImageBuilder::new(prefix).kliko_yml(KLIKO_YML).kliko_script(script).build().expect("build image")
 }
 
 fn current_user() -> String {
@@ -58,12 +54,7 @@ async fn immediate_exit_output_is_not_lost() {
     let image = script_image("rt-quick", "echo quick");
     for _ in 0..3 {
         let label = unique_value("quick");
-        let got = run_collect(
-            &docker,
-            &spec(&image.id, &["/kliko"], &label),
-            CancellationToken::new(),
-        )
-        .await;
+        let got = run_collect(&docker, &spec(&image.id, &["/kliko"], &label), CancellationToken::new()).await;
         assert_eq!(got.outcome(), Outcome::Exited(0));
         assert_eq!(got.stdout(), "quick\n");
         assert!(leftovers(&docker, &label).await.is_empty());
@@ -75,12 +66,7 @@ async fn nonzero_exit_is_an_outcome() {
     let docker = docker().await;
     let image = script_image("rt-exit3", "echo failing >&2; exit 3");
     let label = unique_value("exit3");
-    let got = run_collect(
-        &docker,
-        &spec(&image.id, &["/kliko"], &label),
-        CancellationToken::new(),
-    )
-    .await;
+    let got = run_collect(&docker, &spec(&image.id, &["/kliko"], &label), CancellationToken::new()).await;
     assert_eq!(got.outcome(), Outcome::Exited(3));
     assert_eq!(got.stderr(), "failing\n");
     assert!(leftovers(&docker, &label).await.is_empty());
@@ -105,10 +91,8 @@ async fn timeout_stops_and_removes_the_container() {
 async fn timeout_with_grace_lets_a_term_handler_run() {
     let docker = docker().await.with_stop_grace(Duration::from_secs(10));
     // A workload that exits on SIGTERM: stop must not wait out the grace.
-    let image = script_image(
-        "rt-grace",
-        "trap 'echo got-term; exit 0' TERM; echo started; while true; do sleep 1; done",
-    );
+    let image =
+        script_image("rt-grace", "trap 'echo got-term; exit 0' TERM; echo started; while true; do sleep 1; done");
     let label = unique_value("grace");
     let mut spec = spec(&image.id, &["/kliko"], &label);
     spec.timeout = Some(Duration::from_millis(500));
@@ -164,17 +148,9 @@ async fn failure_to_start_is_an_error_and_still_cleans_up() {
     let docker = docker().await;
     let image = script_image("rt-nostart", "true");
     let label = unique_value("nostart");
-    let got = run_collect(
-        &docker,
-        &spec(&image.id, &["/no/such/binary"], &label),
-        CancellationToken::new(),
-    )
-    .await;
+    let got = run_collect(&docker, &spec(&image.id, &["/no/such/binary"], &label), CancellationToken::new()).await;
     let err = got.outcome.unwrap_err();
-    assert!(
-        matches!(&err, RuntimeError::Docker { action, .. } if action.starts_with("start container")),
-        "{err:?}"
-    );
+    assert!(matches!(&err, RuntimeError::Docker { action, .. } if action.starts_with("start container")), "{err:?}");
     assert!(leftovers(&docker, &label).await.is_empty());
 }
 
@@ -185,14 +161,7 @@ async fn dropped_log_receiver_does_not_fail_the_run() {
     let label = unique_value("droprx");
     let (tx, rx) = mpsc::channel(1);
     drop(rx);
-    let run = docker
-        .run(
-            &spec(&image.id, &["/kliko"], &label),
-            tx,
-            CancellationToken::new(),
-        )
-        .await
-        .expect("run");
+    let run = docker.run(&spec(&image.id, &["/kliko"], &label), tx, CancellationToken::new()).await.expect("run");
     assert_eq!(run.outcome, Outcome::Exited(4));
     assert!(leftovers(&docker, &label).await.is_empty());
 }
@@ -202,12 +171,7 @@ async fn network_is_none_by_default() {
     let docker = docker().await;
     let image = script_image("rt-net", "ls /sys/class/net");
     let label = unique_value("net");
-    let got = run_collect(
-        &docker,
-        &spec(&image.id, &["/kliko"], &label),
-        CancellationToken::new(),
-    )
-    .await;
+    let got = run_collect(&docker, &spec(&image.id, &["/kliko"], &label), CancellationToken::new()).await;
     assert_eq!(got.outcome(), Outcome::Exited(0));
     assert_eq!(got.stdout().split_whitespace().collect::<Vec<_>>(), ["lo"]);
     assert!(leftovers(&docker, &label).await.is_empty());
@@ -231,10 +195,7 @@ async fn user_env_workdir_and_limits_apply() {
     spec.name = Some(unique_value("kliko-rt-named"));
     let got = run_collect(&docker, &spec, CancellationToken::new()).await;
     assert_eq!(got.outcome(), Outcome::Exited(0), "{}", got.stderr());
-    assert_eq!(
-        got.stdout(),
-        format!("1234\n1234\nhello world\n/tmp\n{}\n", 64 * 1024 * 1024)
-    );
+    assert_eq!(got.stdout(), format!("1234\n1234\nhello world\n/tmp\n{}\n", 64 * 1024 * 1024));
     assert!(leftovers(&docker, &label).await.is_empty());
 }
 
@@ -258,37 +219,16 @@ async fn mounts_read_only_read_write_and_single_file() {
     let mut spec = spec(&image.id, &["/kliko"], &label);
     spec.user = Some(current_user());
     spec.mounts = vec![
-        Mount {
-            host: input.path().to_path_buf(),
-            container: "/input".into(),
-            read_only: true,
-        },
-        Mount {
-            host: output.path().to_path_buf(),
-            container: "/output".into(),
-            read_only: false,
-        },
-        Mount {
-            host: params.path().to_path_buf(),
-            container: "/parameters.json".into(),
-            read_only: true,
-        },
+        Mount { host: input.path().to_path_buf(), container: "/input".into(), read_only: true },
+        Mount { host: output.path().to_path_buf(), container: "/output".into(), read_only: false },
+        Mount { host: params.path().to_path_buf(), container: "/parameters.json".into(), read_only: true },
     ];
     let got = run_collect(&docker, &spec, CancellationToken::new()).await;
     assert_eq!(got.outcome(), Outcome::Exited(0), "{}", got.stderr());
-    assert_eq!(
-        got.stdout(),
-        "input data\n{\"n\": 1}\ninput-readonly\nparams-readonly\n"
-    );
+    assert_eq!(got.stdout(), "input data\n{\"n\": 1}\ninput-readonly\nparams-readonly\n");
     assert!(!input.path().join("new").exists());
-    assert_eq!(
-        std::fs::read_to_string(params.path()).unwrap(),
-        "{\"n\": 1}"
-    );
-    assert_eq!(
-        std::fs::read_to_string(output.path().join("copied.txt")).unwrap(),
-        "input data"
-    );
+    assert_eq!(std::fs::read_to_string(params.path()).unwrap(), "{\"n\": 1}");
+    assert_eq!(std::fs::read_to_string(output.path().join("copied.txt")).unwrap(), "input data");
     assert!(leftovers(&docker, &label).await.is_empty());
 }
 
@@ -297,16 +237,9 @@ async fn relative_mount_is_refused_before_anything_is_created() {
     let docker = docker().await;
     let label = unique_value("relative");
     let mut spec = spec("sha256:not-needed", &["/kliko"], &label);
-    spec.mounts = vec![Mount {
-        host: "output".into(),
-        container: "/output".into(),
-        read_only: false,
-    }];
+    spec.mounts = vec![Mount { host: "output".into(), container: "/output".into(), read_only: false }];
     let (tx, _rx) = mpsc::channel(1);
-    let err = docker
-        .run(&spec, tx, CancellationToken::new())
-        .await
-        .unwrap_err();
+    let err = docker.run(&spec, tx, CancellationToken::new()).await.unwrap_err();
     assert!(matches!(err, RuntimeError::RelativeMount { .. }), "{err:?}");
     assert!(err.to_string().contains("`output`"), "{err}");
     assert!(leftovers(&docker, &label).await.is_empty());
@@ -322,12 +255,7 @@ async fn entrypoint_stays_and_cmd_is_appended() {
         .build()
         .expect("build image");
     let label = unique_value("entry");
-    let got = run_collect(
-        &docker,
-        &spec(&image.id, &["/kliko"], &label),
-        CancellationToken::new(),
-    )
-    .await;
+    let got = run_collect(&docker, &spec(&image.id, &["/kliko"], &label), CancellationToken::new()).await;
     assert_eq!(got.outcome(), Outcome::Exited(0));
     assert_eq!(got.stdout(), "entry /kliko\n");
     assert!(leftovers(&docker, &label).await.is_empty());
@@ -343,12 +271,7 @@ async fn static_binary_runs_in_an_image_without_a_shell() {
         .build()
         .expect("build image");
     let label = unique_value("noshell");
-    let got = run_collect(
-        &docker,
-        &spec(&image.id, &["/kliko", "arg"], &label),
-        CancellationToken::new(),
-    )
-    .await;
+    let got = run_collect(&docker, &spec(&image.id, &["/kliko", "arg"], &label), CancellationToken::new()).await;
     assert_eq!(got.outcome(), Outcome::Exited(0));
     assert_eq!(got.stdout(), "hello from c arg\n");
     assert_eq!(got.stderr(), "to stderr\n");
@@ -361,11 +284,7 @@ async fn missing_image_is_image_not_found() {
     let label = unique_value("noimage");
     let (tx, _rx) = mpsc::channel(1);
     let err = docker
-        .run(
-            &spec("kliko-test-no-such-image:never", &["/kliko"], &label),
-            tx,
-            CancellationToken::new(),
-        )
+        .run(&spec("kliko-test-no-such-image:never", &["/kliko"], &label), tx, CancellationToken::new())
         .await
         .unwrap_err();
     assert!(matches!(err, RuntimeError::ImageNotFound { .. }), "{err:?}");

@@ -18,16 +18,8 @@ impl Field {
     /// `` `key` (label), `key2` `` — the label only where it differs from the key.
     pub fn choices_display(&self) -> Option<String> {
         let choices = self.choices.as_ref()?;
-        let parts: Vec<String> = choices
-            .iter()
-            .map(|(k, l)| {
-                if k == l {
-                    format!("`{k}`")
-                } else {
-                    format!("`{k}` ({l})")
-                }
-            })
-            .collect();
+        let parts: Vec<String> =
+            choices.iter().map(|(k, l)| if k == l { format!("`{k}`") } else { format!("`{k}` ({l})") }).collect();
         Some(parts.join(", "))
     }
 
@@ -69,11 +61,7 @@ pub fn field_flags_help(spec: &Spec) -> String {
                 notes.push(format!("choices: {c}"));
             }
             if let Some(d) = field.default_display() {
-                notes.push(if d.is_empty() {
-                    "default: empty".to_string()
-                } else {
-                    format!("default: `{d}`")
-                });
+                notes.push(if d.is_empty() { "default: empty".to_string() } else { format!("default: `{d}`") });
             } else if !field.required {
                 notes.push("optional".to_string());
             }

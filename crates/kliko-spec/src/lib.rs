@@ -72,8 +72,7 @@ pub mod yaml;
 
 pub use help::field_flags_help;
 pub use params::{
-    canonical_float, ParamError, ParamErrors, ParamLayer, Params, Value, CANONICAL_PARAMS_FORMAT,
-    PARAM_FILES_DIR,
+    canonical_float, ParamError, ParamErrors, ParamLayer, Params, Value, CANONICAL_PARAMS_FORMAT, PARAM_FILES_DIR,
 };
 pub use spec::{
     validate_file, Field, FieldType, IoMode, Problem, Section, Spec, SpecError, UnknownFieldType,

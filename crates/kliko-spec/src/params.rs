@@ -137,11 +137,7 @@ pub(crate) fn parse_bool(s: &str) -> Option<bool> {
 
 /// Applies `field`'s type (and choices and `max_length`) to an input. A relative file
 /// path is joined to `base_dir` when one is given.
-pub(crate) fn convert(
-    field: &Field,
-    input: &Input,
-    base_dir: Option<&Path>,
-) -> Result<Value, Vec<Invalid>> {
+pub(crate) fn convert(field: &Field, input: &Input, base_dir: Option<&Path>) -> Result<Value, Vec<Invalid>> {
     match input {
         Input::Null => Ok(Value::Null),
         Input::Map => Err(vec![Invalid {
@@ -162,23 +158,16 @@ pub(crate) fn convert(
     }
 }
 
-fn convert_list(
-    field: &Field,
-    items: &[Input],
-    base_dir: Option<&Path>,
-) -> Result<Value, Vec<Invalid>> {
+fn convert_list(field: &Field, items: &[Input], base_dir: Option<&Path>) -> Result<Value, Vec<Invalid>> {
     let item_ty = field.ty.item_type();
     let mut out = Vec::with_capacity(items.len());
     let mut errors = Vec::new();
     for (i, item) in items.iter().enumerate() {
         let result = match item {
             Input::Scalar(s) => scalar(field, item_ty, s, base_dir),
-            other => Err(Invalid {
-                value: other.to_string(),
-                item: None,
-                expected: expected(field, item_ty),
-                hint: None,
-            }),
+            other => {
+                Err(Invalid { value: other.to_string(), item: None, expected: expected(field, item_ty), hint: None })
+            }
         };
         match result {
             Ok(v) => out.push(v),
@@ -212,34 +201,16 @@ fn expected(field: &Field, ty: FieldType) -> String {
 }
 
 fn choice_keys(field: &Field) -> String {
-    let keys: Vec<String> = field
-        .choices
-        .iter()
-        .flatten()
-        .map(|(k, _)| format!("`{k}`"))
-        .collect();
+    let keys: Vec<String> = field.choices.iter().flatten().map(|(k, _)| format!("`{k}`")).collect();
     keys.join(", ")
 }
 
-fn scalar(
-    field: &Field,
-    ty: FieldType,
-    s: &str,
-    base_dir: Option<&Path>,
-) -> Result<Value, Invalid> {
-    let invalid = |hint: Option<String>| Invalid {
-        value: s.to_string(),
-        item: None,
-        expected: expected(field, ty),
-        hint,
-    };
+fn scalar(field: &Field, ty: FieldType, s: &str, base_dir: Option<&Path>) -> Result<Value, Invalid> {
+    let invalid =
+        |hint: Option<String>| Invalid { value: s.to_string(), item: None, expected: expected(field, ty), hint };
     match ty {
         FieldType::Bool => parse_bool(s).map(Value::Bool).ok_or_else(|| invalid(None)),
-        FieldType::Int => s
-            .trim()
-            .parse::<i64>()
-            .map(Value::Int)
-            .map_err(|_| invalid(None)),
+        FieldType::Int => s.trim().parse::<i64>().map(Value::Int).map_err(|_| invalid(None)),
         FieldType::Float => match s.trim().parse::<f64>() {
             Ok(x) if x.is_finite() => Ok(Value::Float(x)),
             _ => Err(invalid(None)),
@@ -262,15 +233,13 @@ fn scalar(
                 return Ok(Value::Str(s.to_string()));
             }
             // A user who typed what the form showed gave a label, not the key.
-            let by_label = choices.iter().find(|(_, l)| l == s).or_else(|| {
-                choices
-                    .iter()
-                    .find(|(k, l)| l.eq_ignore_ascii_case(s) || k.eq_ignore_ascii_case(s))
-            });
+            let by_label = choices
+                .iter()
+                .find(|(_, l)| l == s)
+                .or_else(|| choices.iter().find(|(k, l)| l.eq_ignore_ascii_case(s) || k.eq_ignore_ascii_case(s)));
             let hint = match by_label {
                 Some((k, _)) => Some(format!("did you mean `{k}`?")),
-                None => suggest(s, choices.iter().map(|(k, _)| k.as_str()))
-                    .map(|k| format!("did you mean `{k}`?")),
+                None => suggest(s, choices.iter().map(|(k, _)| k.as_str())).map(|k| format!("did you mean `{k}`?")),
             };
             Err(invalid(hint))
         }
@@ -284,12 +253,7 @@ fn scalar(
                 _ => Ok(Value::File(path.to_path_buf())),
             }
         }
-        list => Err(Invalid {
-            value: s.to_string(),
-            item: None,
-            expected: format!("a `{list}`"),
-            hint: None,
-        }),
+        list => Err(Invalid { value: s.to_string(), item: None, expected: format!("a `{list}`"), hint: None }),
     }
 }
 
@@ -297,11 +261,7 @@ fn scalar(
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ParamError {
     #[error("unknown parameter `{name}` from {origin}{}", suggestion.as_ref().map(|s| format!("; did you mean `{s}`?")).unwrap_or_default())]
-    Unknown {
-        name: String,
-        origin: String,
-        suggestion: Option<String>,
-    },
+    Unknown { name: String, origin: String, suggestion: Option<String> },
     #[error(
         "invalid value `{value}` for `{field}`{} from {origin}: expected {expected}{}",
         item.map(|i| format!(" (item {i})")).unwrap_or_default(),
@@ -318,12 +278,7 @@ pub enum ParamError {
         hint: Option<String>,
     },
     #[error("`{field}` is given more than once from {origin} (`{first}`, then `{second}`); only list parameters may be repeated")]
-    Repeated {
-        field: String,
-        origin: String,
-        first: String,
-        second: String,
-    },
+    Repeated { field: String, origin: String, first: String, second: String },
     #[error("missing required parameter `{field}` (`{ty}`, no default)")]
     Missing { field: String, ty: FieldType },
     #[error("cannot read parameters from {origin}: {message}")]
@@ -404,9 +359,7 @@ impl ParamLayer {
         ParamLayer {
             origin: "the command line".into(),
             base_dir: None,
-            source: LayerSource::Strings(
-                raw.into_iter().map(|(k, v)| (k.into(), v.into())).collect(),
-            ),
+            source: LayerSource::Strings(raw.into_iter().map(|(k, v)| (k.into(), v.into())).collect()),
         }
     }
 
@@ -415,11 +368,7 @@ impl ParamLayer {
         ParamLayer {
             origin: "the parameters file".into(),
             base_dir: None,
-            source: LayerSource::Document(
-                obj.iter()
-                    .map(|(k, v)| (k.clone(), Input::from_json(v)))
-                    .collect(),
-            ),
+            source: LayerSource::Document(obj.iter().map(|(k, v)| (k.clone(), Input::from_json(v))).collect()),
         }
     }
 
@@ -427,12 +376,7 @@ impl ParamLayer {
     /// text, so `version: 1.10` for a `str` field stays `1.10`. Origin is `` `name` ``.
     pub fn from_document(name: &str, text: &str) -> Result<ParamLayer, ParamErrors> {
         let origin = format!("`{name}`");
-        let fail = |message: String| {
-            ParamErrors(vec![ParamError::Document {
-                origin: origin.clone(),
-                message,
-            }])
-        };
+        let fail = |message: String| ParamErrors(vec![ParamError::Document { origin: origin.clone(), message }]);
         let root = yaml::parse(text).map_err(|e| match e.pos {
             Some(p) => fail(format!("{p}: invalid YAML: {}", e.message)),
             None => fail(format!("invalid YAML: {}", e.message)),
@@ -443,11 +387,7 @@ impl ParamLayer {
             Some(yaml::Node::Map { entries: map, .. }) => {
                 for (k, v) in &map {
                     let Some(key) = k.as_scalar() else {
-                        return Err(fail(format!(
-                            "{}: expected a parameter name, found {}",
-                            k.pos(),
-                            k.kind()
-                        )));
+                        return Err(fail(format!("{}: expected a parameter name, found {}", k.pos(), k.kind())));
                     };
                     if entries.iter().any(|(seen, _)| seen == key) {
                         return Err(fail(format!("{}: `{key}` is given twice", k.pos())));
@@ -464,11 +404,7 @@ impl ParamLayer {
                 )))
             }
         }
-        Ok(ParamLayer {
-            origin,
-            base_dir: None,
-            source: LayerSource::Document(entries),
-        })
+        Ok(ParamLayer { origin, base_dir: None, source: LayerSource::Document(entries) })
     }
 
     /// How messages name this layer, e.g. "`params.yml`" or "the web form".
@@ -516,17 +452,15 @@ impl Spec {
                     Ok(v) => {
                         given.insert(field.name.as_str(), v);
                     }
-                    Err(invalids) => {
-                        errors.extend(invalids.into_iter().map(|e| ParamError::Invalid {
-                            field: field.name.clone(),
-                            ty: field.ty,
-                            item: e.item,
-                            value: e.value,
-                            origin: layer.origin.clone(),
-                            expected: e.expected,
-                            hint: e.hint,
-                        }))
-                    }
+                    Err(invalids) => errors.extend(invalids.into_iter().map(|e| ParamError::Invalid {
+                        field: field.name.clone(),
+                        ty: field.ty,
+                        item: e.item,
+                        value: e.value,
+                        origin: layer.origin.clone(),
+                        expected: e.expected,
+                        hint: e.hint,
+                    })),
                 }
             }
         }
@@ -539,10 +473,7 @@ impl Spec {
                 None => field.initial.clone().unwrap_or(Value::Null),
             };
             if value == Value::Null && field.required {
-                errors.push(ParamError::Missing {
-                    field: field.name.clone(),
-                    ty: field.ty,
-                });
+                errors.push(ParamError::Missing { field: field.name.clone(), ty: field.ty });
             }
             values.push((field.name.clone(), value));
         }
@@ -559,10 +490,7 @@ impl Spec {
     }
 
     /// A parsed JSON/YAML object only; see [`Spec::resolve`].
-    pub fn params_from_json(
-        &self,
-        obj: &serde_json::Map<String, serde_json::Value>,
-    ) -> Result<Params, ParamErrors> {
+    pub fn params_from_json(&self, obj: &serde_json::Map<String, serde_json::Value>) -> Result<Params, ParamErrors> {
         self.resolve(&[ParamLayer::json(obj)])
     }
 
@@ -644,9 +572,7 @@ impl Params {
             write_string(&mut out, name);
             out.push_str(": ");
             match value {
-                Value::File(host) => {
-                    write_string(&mut out, &container_path(&placement(name, None, host)))
-                }
+                Value::File(host) => write_string(&mut out, &container_path(&placement(name, None, host))),
                 Value::List(items) => {
                     out.push('[');
                     for (j, item) in items.iter().enumerate() {
@@ -654,10 +580,9 @@ impl Params {
                             out.push_str(", ");
                         }
                         match item {
-                            Value::File(host) => write_string(
-                                &mut out,
-                                &container_path(&placement(name, Some(j), host)),
-                            ),
+                            Value::File(host) => {
+                                write_string(&mut out, &container_path(&placement(name, Some(j), host)))
+                            }
                             other => write_container_scalar(&mut out, other),
                         }
                     }
@@ -665,11 +590,7 @@ impl Params {
                 }
                 other => write_container_scalar(&mut out, other),
             }
-            out.push_str(if i + 1 < self.values.len() {
-                ",\n"
-            } else {
-                "\n"
-            });
+            out.push_str(if i + 1 < self.values.len() { ",\n" } else { "\n" });
         }
         out.push_str("}\n");
         out.into_bytes()
@@ -681,9 +602,7 @@ impl Params {
         let mut out = Vec::new();
         for (name, value) in &self.values {
             match value {
-                Value::File(host) => {
-                    out.push((host.clone(), PathBuf::from(placement(name, None, host))))
-                }
+                Value::File(host) => out.push((host.clone(), PathBuf::from(placement(name, None, host)))),
                 Value::List(items) => {
                     for (j, item) in items.iter().enumerate() {
                         if let Value::File(host) = item {
@@ -702,10 +621,7 @@ impl Params {
     /// and each file replaced by `{"digest":<file_digest(host)>,"path":<placement>}`.
     /// Host paths never appear, so moving an input file does not change the key;
     /// changing its content or the name the container sees does.
-    pub fn canonical_key_json<E>(
-        &self,
-        mut file_digest: impl FnMut(&Path) -> Result<String, E>,
-    ) -> Result<Vec<u8>, E> {
+    pub fn canonical_key_json<E>(&self, mut file_digest: impl FnMut(&Path) -> Result<String, E>) -> Result<Vec<u8>, E> {
         let mut sorted: Vec<&(String, Value)> = self.values.iter().collect();
         sorted.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
         let mut out = String::from("{");
@@ -749,10 +665,7 @@ fn placement(field: &str, index: Option<usize>, host: &Path) -> String {
         None => field.to_string(),
         Some(i) => {
             // Parsing guarantees a file name; the fallback only covers hand-built values.
-            let base = host
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_else(|| "file".into());
+            let base = host.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "file".into());
             format!("{field}/{i}/{base}")
         }
     }

@@ -33,16 +33,11 @@ sections:
 }
 
 fn strings(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
 }
 
 fn one(spec: &Spec, name: &str, raw: &str) -> Result<Value, String> {
-    spec.params_from_strings(&strings(&[(name, raw)]))
-        .map(|p| p.get(name).unwrap().clone())
-        .map_err(|e| e.to_string())
+    spec.params_from_strings(&strings(&[(name, raw)])).map(|p| p.get(name).unwrap().clone()).map_err(|e| e.to_string())
 }
 
 #[test]
@@ -71,19 +66,13 @@ fn numbers() {
         "invalid value `3.5` for `count` from the command line: expected an integer"
     );
     assert!(one(&spec, "count", "99999999999999999999").is_err());
-    assert_eq!(
-        one(&spec, "ratio", "3"),
-        Ok(Value::Float(3.0)),
-        "float accepts ints"
-    );
+    assert_eq!(one(&spec, "ratio", "3"), Ok(Value::Float(3.0)), "float accepts ints");
     assert_eq!(one(&spec, "ratio", "1e-6"), Ok(Value::Float(1e-6)));
     assert_eq!(one(&spec, "ratio", ".75"), Ok(Value::Float(0.75)));
     for bad in ["nan", "inf", "-infinity", "1e400", "x"] {
         assert_eq!(
             one(&spec, "ratio", bad).unwrap_err(),
-            format!(
-                "invalid value `{bad}` for `ratio` from the command line: expected a finite number"
-            )
+            format!("invalid value `{bad}` for `ratio` from the command line: expected a finite number")
         );
     }
 }
@@ -92,11 +81,7 @@ fn numbers() {
 fn strings_and_max_length() {
     let spec = scalars();
     assert_eq!(one(&spec, "label", "abcd"), Ok(Value::Str("abcd".into())));
-    assert_eq!(
-        one(&spec, "label", "äöüß"),
-        Ok(Value::Str("äöüß".into())),
-        "characters, not bytes"
-    );
+    assert_eq!(one(&spec, "label", "äöüß"), Ok(Value::Str("äöüß".into())), "characters, not bytes");
     assert_eq!(
         one(&spec, "label", "abcde").unwrap_err(),
         "invalid value `abcde` for `label` from the command line: expected at most 4 characters (this has 5)"
@@ -125,19 +110,10 @@ fn choices_take_keys_and_hint_at_labels() {
 #[test]
 fn files_need_a_file_name() {
     let spec = scalars();
-    assert_eq!(
-        one(&spec, "model", "sky.fits"),
-        Ok(Value::File("sky.fits".into()))
-    );
-    assert!(one(&spec, "model", "")
-        .unwrap_err()
-        .contains("expected a path to a file"));
-    assert!(one(&spec, "model", "/")
-        .unwrap_err()
-        .contains("expected a path to a file"));
-    assert!(one(&spec, "model", "a/..")
-        .unwrap_err()
-        .contains("expected a path to a file"));
+    assert_eq!(one(&spec, "model", "sky.fits"), Ok(Value::File("sky.fits".into())));
+    assert!(one(&spec, "model", "").unwrap_err().contains("expected a path to a file"));
+    assert!(one(&spec, "model", "/").unwrap_err().contains("expected a path to a file"));
+    assert!(one(&spec, "model", "a/..").unwrap_err().contains("expected a path to a file"));
     let layer = ParamLayer::strings([("model", "sky.fits")]).with_base_dir("/data");
     let p = spec.resolve(&[layer]).unwrap();
     assert_eq!(p.get("model"), Some(&Value::File("/data/sky.fits".into())));
@@ -167,32 +143,18 @@ fn required_is_the_default_and_initial_fills_in() {
     )
     .unwrap();
     let e = spec.params_from_strings(&[]).unwrap_err();
-    assert_eq!(
-        e.to_string(),
-        "missing required parameter `must` (`int`, no default)"
-    );
-    let p = spec
-        .params_from_strings(&strings(&[("must", "1")]))
-        .unwrap();
+    assert_eq!(e.to_string(), "missing required parameter `must` (`int`, no default)");
+    let p = spec.params_from_strings(&strings(&[("must", "1")])).unwrap();
     assert_eq!(
         p.iter().collect::<Vec<_>>(),
-        [
-            ("must", &Value::Int(1)),
-            ("has_default", &Value::Int(5)),
-            ("maybe", &Value::Null)
-        ]
+        [("must", &Value::Int(1)), ("has_default", &Value::Int(5)), ("maybe", &Value::Null)]
     );
     // A value replaces the default; an explicit null clears it, and then it is missing.
-    let p = spec
-        .params_from_strings(&strings(&[("must", "1"), ("has_default", "6")]))
-        .unwrap();
+    let p = spec.params_from_strings(&strings(&[("must", "1"), ("has_default", "6")])).unwrap();
     assert_eq!(p.get("has_default"), Some(&Value::Int(6)));
     let obj = serde_json::json!({"must": 1, "has_default": null});
     let e = spec.params_from_json(obj.as_object().unwrap()).unwrap_err();
-    assert_eq!(
-        e.to_string(),
-        "missing required parameter `has_default` (`int`, no default)"
-    );
+    assert_eq!(e.to_string(), "missing required parameter `has_default` (`int`, no default)");
 }
 
 #[test]
@@ -205,25 +167,11 @@ fn lists_comma_separated_and_repeated() {
         spec.params_from_strings(&raw)
     };
     let p = with(&[("sizes", "4,5"), ("sizes", "6")]).unwrap();
-    assert_eq!(
-        p.get("sizes"),
-        Some(&Value::List(vec![
-            Value::Int(4),
-            Value::Int(5),
-            Value::Int(6)
-        ]))
-    );
+    assert_eq!(p.get("sizes"), Some(&Value::List(vec![Value::Int(4), Value::Int(5), Value::Int(6)])));
     let p = with(&[("sizes", "")]).unwrap();
-    assert_eq!(
-        p.get("sizes"),
-        Some(&Value::List(vec![])),
-        "an empty value is the empty list"
-    );
+    assert_eq!(p.get("sizes"), Some(&Value::List(vec![])), "an empty value is the empty list");
     let p = with(&[("flags", "yes,off")]).unwrap();
-    assert_eq!(
-        p.get("flags"),
-        Some(&Value::List(vec![Value::Bool(true), Value::Bool(false)]))
-    );
+    assert_eq!(p.get("flags"), Some(&Value::List(vec![Value::Bool(true), Value::Bool(false)])));
     let e = with(&[("sizes", "1,x,3.5")]).unwrap_err();
     assert_eq!(
         e.to_string(),
@@ -238,14 +186,8 @@ fn lists_comma_separated_and_repeated() {
     // In a document a list is a list; a string is split like a flag.
     let obj = serde_json::json!({"title": "t", "inputs": ["a", "b"], "sizes": "7,8", "scales": [1, "2.5"]});
     let p = spec.params_from_json(obj.as_object().unwrap()).unwrap();
-    assert_eq!(
-        p.get("sizes"),
-        Some(&Value::List(vec![Value::Int(7), Value::Int(8)]))
-    );
-    assert_eq!(
-        p.get("scales"),
-        Some(&Value::List(vec![Value::Float(1.0), Value::Float(2.5)]))
-    );
+    assert_eq!(p.get("sizes"), Some(&Value::List(vec![Value::Int(7), Value::Int(8)])));
+    assert_eq!(p.get("scales"), Some(&Value::List(vec![Value::Float(1.0), Value::Float(2.5)])));
     let obj = serde_json::json!({"title": "t", "inputs": ["a"], "niter": [1, 2]});
     let e = spec.params_from_json(obj.as_object().unwrap()).unwrap_err();
     assert_eq!(
@@ -286,54 +228,26 @@ fn unknown_names_suggest_and_all_errors_come_at_once() {
          invalid value `abc` for `ratio` from `params.yml`: expected a finite number\n\
          unknown parameter `zzz` from `params.yml`"
     );
-    assert_eq!(
-        e.iter().map(|e| e.field().unwrap()).collect::<Vec<_>>(),
-        ["conut", "flag", "ratio", "zzz"]
-    );
+    assert_eq!(e.iter().map(|e| e.field().unwrap()).collect::<Vec<_>>(), ["conut", "flag", "ratio", "zzz"]);
     // `-` for `_` and case are forgiven in suggestions: flags are often spelled so.
-    let e = spec
-        .params_from_strings(&strings(&[("Out-put", "img")]))
-        .unwrap_err();
-    assert_eq!(
-        e.to_string(),
-        "unknown parameter `Out-put` from the command line; did you mean `output`?"
-    );
+    let e = spec.params_from_strings(&strings(&[("Out-put", "img")])).unwrap_err();
+    assert_eq!(e.to_string(), "unknown parameter `Out-put` from the command line; did you mean `output`?");
 }
 
 #[test]
 fn later_layers_win() {
     let spec = every_type();
-    let file = ParamLayer::from_document(
-        "params.yml",
-        "niter: 10\ntitle: '007'\ninputs: [a.ms]\nsizes: [1]\n",
-    )
-    .unwrap()
-    .with_base_dir("/cfg");
+    let file = ParamLayer::from_document("params.yml", "niter: 10\ntitle: '007'\ninputs: [a.ms]\nsizes: [1]\n")
+        .unwrap()
+        .with_base_dir("/cfg");
     let cli = ParamLayer::strings([("niter", "20"), ("sizes", "2"), ("sizes", "3")]);
     let p = spec.resolve(&[file, cli]).unwrap();
     assert_eq!(p.get("niter"), Some(&Value::Int(20)));
-    assert_eq!(
-        p.get("title"),
-        Some(&Value::Str("007".into())),
-        "document text is kept as written"
-    );
-    assert_eq!(
-        p.get("sizes"),
-        Some(&Value::List(vec![Value::Int(2), Value::Int(3)])),
-        "a later list replaces"
-    );
-    assert_eq!(
-        p.get("inputs"),
-        Some(&Value::List(vec![Value::File("/cfg/a.ms".into())]))
-    );
-    assert!(ParamLayer::from_document("p.yml", "- a\n")
-        .unwrap_err()
-        .to_string()
-        .contains("expected a mapping"));
-    assert!(ParamLayer::from_document("p.yml", "a: 1\na: 2\n")
-        .unwrap_err()
-        .to_string()
-        .contains("`a` is given twice"));
+    assert_eq!(p.get("title"), Some(&Value::Str("007".into())), "document text is kept as written");
+    assert_eq!(p.get("sizes"), Some(&Value::List(vec![Value::Int(2), Value::Int(3)])), "a later list replaces");
+    assert_eq!(p.get("inputs"), Some(&Value::List(vec![Value::File("/cfg/a.ms".into())])));
+    assert!(ParamLayer::from_document("p.yml", "- a\n").unwrap_err().to_string().contains("expected a mapping"));
+    assert!(ParamLayer::from_document("p.yml", "a: 1\na: 2\n").unwrap_err().to_string().contains("`a` is given twice"));
     assert!(ParamLayer::from_document("p.yml", "").is_ok());
 }
 
@@ -382,24 +296,17 @@ fn container_json_golden() {
 }
 
 /// Digests by "content": the test's stand-in for hashing the file.
-fn digests<'a>(
-    contents: &'a HashMap<PathBuf, &'a str>,
-) -> impl FnMut(&Path) -> Result<String, Infallible> + 'a {
+fn digests<'a>(contents: &'a HashMap<PathBuf, &'a str>) -> impl FnMut(&Path) -> Result<String, Infallible> + 'a {
     move |p: &Path| Ok(format!("h({})", contents[p]))
 }
 
 #[test]
 fn canonical_key_golden() {
-    let contents: HashMap<PathBuf, &str> = [
-        ("/data/masks/mask.fits".into(), "M"),
-        ("/data/a.ms".into(), "A"),
-        ("/data/b.ms".into(), "B"),
-    ]
-    .into_iter()
-    .collect();
-    let key = golden_params()
-        .canonical_key_json(digests(&contents))
-        .unwrap();
+    let contents: HashMap<PathBuf, &str> =
+        [("/data/masks/mask.fits".into(), "M"), ("/data/a.ms".into(), "A"), ("/data/b.ms".into(), "B")]
+            .into_iter()
+            .collect();
+    let key = golden_params().canonical_key_json(digests(&contents)).unwrap();
     assert_eq!(
         String::from_utf8(key).unwrap(),
         r#"{"flags":null,"gain":1e-1,"inputs":[{"digest":"h(A)","path":"inputs/0/a.ms"},{"digest":"h(B)","path":"inputs/1/b.ms"}],"mask":{"digest":"h(M)","path":"mask"},"mode":"fast","niter":50,"scales":[5e-1,1e3],"sizes":[1,2,3],"tags":["x","y\tz"],"title":"plot \"one\"","verbose":false}"#
@@ -429,70 +336,22 @@ fn canonical_key_ignores_order_and_host_paths_but_not_content() {
         let p = spec.params_from_strings(&raw).unwrap();
         String::from_utf8(p.canonical_key_json(digests(&contents)).unwrap()).unwrap()
     };
-    let base = key(&[
-        ("niter", "5"),
-        ("mask", "/one/mask.fits"),
-        ("inputs", "/one/a.ms"),
-        ("gain", "0.5"),
-    ]);
+    let base = key(&[("niter", "5"), ("mask", "/one/mask.fits"), ("inputs", "/one/a.ms"), ("gain", "0.5")]);
     // Order given, and spellings of the same value, do not matter.
-    assert_eq!(
-        base,
-        key(&[
-            ("gain", "5e-1"),
-            ("inputs", "/one/a.ms"),
-            ("mask", "/one/mask.fits"),
-            ("niter", "+5")
-        ])
-    );
+    assert_eq!(base, key(&[("gain", "5e-1"), ("inputs", "/one/a.ms"), ("mask", "/one/mask.fits"), ("niter", "+5")]));
     // Where the files live on the host does not matter, nor the name of a `file`
     // field's file (the container sees `/param_files/mask` either way).
-    assert_eq!(
-        base,
-        key(&[
-            ("niter", "5"),
-            ("mask", "/two/elsewhere.fits"),
-            ("inputs", "/two/a.ms"),
-            ("gain", "0.5")
-        ])
-    );
+    assert_eq!(base, key(&[("niter", "5"), ("mask", "/two/elsewhere.fits"), ("inputs", "/two/a.ms"), ("gain", "0.5")]));
     assert!(!base.contains("/one/"));
     // Content does.
-    assert_ne!(
-        base,
-        key(&[
-            ("niter", "5"),
-            ("mask", "/one/changed.fits"),
-            ("inputs", "/one/a.ms"),
-            ("gain", "0.5")
-        ])
-    );
+    assert_ne!(base, key(&[("niter", "5"), ("mask", "/one/changed.fits"), ("inputs", "/one/a.ms"), ("gain", "0.5")]));
     // A `List[file]` item's name reaches the container, so it counts.
-    assert_ne!(
-        base,
-        key(&[
-            ("niter", "5"),
-            ("mask", "/one/mask.fits"),
-            ("inputs", "/two/b.ms"),
-            ("gain", "0.5")
-        ])
-    );
+    assert_ne!(base, key(&[("niter", "5"), ("mask", "/one/mask.fits"), ("inputs", "/two/b.ms"), ("gain", "0.5")]));
     // And so does every value.
-    assert_ne!(
-        base,
-        key(&[
-            ("niter", "6"),
-            ("mask", "/one/mask.fits"),
-            ("inputs", "/one/a.ms"),
-            ("gain", "0.5")
-        ])
-    );
+    assert_ne!(base, key(&[("niter", "6"), ("mask", "/one/mask.fits"), ("inputs", "/one/a.ms"), ("gain", "0.5")]));
     // A digest error is passed through.
-    let p = spec
-        .params_from_strings(&strings(&[("inputs", "/nowhere/x"), ("title", "t")]))
-        .unwrap();
-    let r: Result<Vec<u8>, String> =
-        p.canonical_key_json(|p| Err(format!("cannot hash `{}`", p.display())));
+    let p = spec.params_from_strings(&strings(&[("inputs", "/nowhere/x"), ("title", "t")])).unwrap();
+    let r: Result<Vec<u8>, String> = p.canonical_key_json(|p| Err(format!("cannot hash `{}`", p.display())));
     assert_eq!(r.unwrap_err(), "cannot hash `/nowhere/x`");
 }
 

@@ -142,11 +142,9 @@ impl FieldType {
     /// Whether a document of `schema_version` may use this type.
     pub fn allowed_in(self, schema_version: u8) -> bool {
         match self {
-            FieldType::Choice
-            | FieldType::Float
-            | FieldType::File
-            | FieldType::Bool
-            | FieldType::Int => (2..=4).contains(&schema_version),
+            FieldType::Choice | FieldType::Float | FieldType::File | FieldType::Bool | FieldType::Int => {
+                (2..=4).contains(&schema_version)
+            }
             FieldType::Char => (2..=3).contains(&schema_version),
             FieldType::Str => (3..=4).contains(&schema_version),
             FieldType::ListInt
@@ -159,10 +157,7 @@ impl FieldType {
 
     /// The types a document of `schema_version` may use, in kliko.yml order.
     pub fn allowed(schema_version: u8) -> Vec<FieldType> {
-        FieldType::ALL
-            .into_iter()
-            .filter(|t| t.allowed_in(schema_version))
-            .collect()
+        FieldType::ALL.into_iter().filter(|t| t.allowed_in(schema_version)).collect()
     }
 
     pub fn is_list(self) -> bool {
@@ -206,10 +201,7 @@ pub struct UnknownFieldType(pub String);
 impl FromStr for FieldType {
     type Err = UnknownFieldType;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        FieldType::ALL
-            .into_iter()
-            .find(|t| t.as_str() == s)
-            .ok_or_else(|| UnknownFieldType(s.to_string()))
+        FieldType::ALL.into_iter().find(|t| t.as_str() == s).ok_or_else(|| UnknownFieldType(s.to_string()))
     }
 }
 
@@ -248,10 +240,7 @@ pub enum SpecError {
     },
     /// Every problem found, in document order (validation goes on past the first).
     #[error("{}", render_problems(source_name, problems))]
-    Invalid {
-        source_name: String,
-        problems: Vec<Problem>,
-    },
+    Invalid { source_name: String, problems: Vec<Problem> },
 }
 
 impl SpecError {
@@ -281,28 +270,10 @@ pub fn validate_file(path: &Path) -> Result<Spec, SpecError> {
     Spec::parse_file(path)
 }
 
-const TOP_KEYS: &[&str] = &[
-    "schema_version",
-    "name",
-    "description",
-    "author",
-    "container",
-    "email",
-    "url",
-    "io",
-    "sections",
-];
+const TOP_KEYS: &[&str] =
+    &["schema_version", "name", "description", "author", "container", "email", "url", "io", "sections"];
 const SECTION_KEYS: &[&str] = &["name", "description", "fields"];
-const FIELD_KEYS: &[&str] = &[
-    "name",
-    "type",
-    "initial",
-    "max_length",
-    "choices",
-    "label",
-    "help_text",
-    "required",
-];
+const FIELD_KEYS: &[&str] = &["name", "type", "initial", "max_length", "choices", "label", "help_text", "required"];
 const TOP: &str = "at the top level";
 const V2_REQUIRED: &[&str] = &["name", "description", "author", "container", "email"];
 
@@ -310,9 +281,7 @@ impl Spec {
     /// Parses and validates a kliko.yml. `source_name` names the document in messages:
     /// a path, or something like `image foo:latest:/kliko.yml`.
     pub fn parse(source_name: &str, text: &str) -> Result<Spec, SpecError> {
-        let mut cx = Checker {
-            problems: Vec::new(),
-        };
+        let mut cx = Checker { problems: Vec::new() };
         let spec = match yaml::parse(text) {
             Err(e) => {
                 cx.problems.push(Problem {
@@ -337,20 +306,15 @@ impl Spec {
             _ => {
                 let mut problems = cx.problems;
                 problems.sort_by_key(|p| (p.line.unwrap_or(0), p.column.unwrap_or(0)));
-                Err(SpecError::Invalid {
-                    source_name: source_name.to_string(),
-                    problems,
-                })
+                Err(SpecError::Invalid { source_name: source_name.to_string(), problems })
             }
         }
     }
 
     /// Reads `path` and parses it; messages name the path.
     pub fn parse_file(path: &Path) -> Result<Spec, SpecError> {
-        let text = std::fs::read_to_string(path).map_err(|source| SpecError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| SpecError::Io { path: path.to_path_buf(), source })?;
         Spec::parse(&path.display().to_string(), &text)
     }
 
@@ -377,29 +341,19 @@ struct Entries<'a> {
 
 impl<'a> Entries<'a> {
     fn get(&self, key: &str) -> Option<&'a Node> {
-        self.entries
-            .iter()
-            .find(|(k, _, v)| *k == key && !v.is_null())
-            .map(|(_, _, v)| *v)
+        self.entries.iter().find(|(k, _, v)| *k == key && !v.is_null()).map(|(_, _, v)| *v)
     }
 
     /// Where `key` itself is written: errors about a key's presence, or about a value
     /// that is not a scalar, point here.
     fn key_pos(&self, key: &str) -> Pos {
-        self.entries
-            .iter()
-            .find(|(k, _, _)| *k == key)
-            .map_or(self.pos, |(_, p, _)| *p)
+        self.entries.iter().find(|(k, _, _)| *k == key).map_or(self.pos, |(_, p, _)| *p)
     }
 }
 
 impl Checker {
     fn err(&mut self, pos: Pos, message: String) {
-        self.problems.push(Problem {
-            line: Some(pos.line),
-            column: Some(pos.column),
-            message,
-        });
+        self.problems.push(Problem { line: Some(pos.line), column: Some(pos.column), message });
     }
 
     /// Checks that `node` is a mapping with only `allowed` keys. `context` reads after
@@ -412,27 +366,18 @@ impl Checker {
         context: &str,
     ) -> Option<Entries<'a>> {
         let Node::Map { entries, pos } = node else {
-            self.err(
-                node.pos(),
-                format!("{what} must be a mapping, found {}", node.kind()),
-            );
+            self.err(node.pos(), format!("{what} must be a mapping, found {}", node.kind()));
             return None;
         };
         let mut out: Vec<(&'a str, Pos, &'a Node)> = Vec::new();
         for (k, v) in entries {
             let Some(key) = k.as_scalar() else {
-                self.err(
-                    k.pos(),
-                    format!("expected a plain key {context}, found {}", k.kind()),
-                );
+                self.err(k.pos(), format!("expected a plain key {context}, found {}", k.kind()));
                 continue;
             };
             if let Some((_, first, _)) = out.iter().find(|(seen, _, _)| *seen == key) {
                 let first = *first;
-                self.err(
-                    k.pos(),
-                    format!("duplicate key `{key}` {context} (first at {first})"),
-                );
+                self.err(k.pos(), format!("duplicate key `{key}` {context} (first at {first})"));
                 continue;
             }
             if let Some(allowed) = allowed {
@@ -452,10 +397,7 @@ impl Checker {
             }
             out.push((key, k.pos(), v));
         }
-        Some(Entries {
-            pos: *pos,
-            entries: out,
-        })
+        Some(Entries { pos: *pos, entries: out })
     }
 
     fn string(&mut self, e: &Entries<'_>, key: &str, context: &str) -> Option<String> {
@@ -463,10 +405,7 @@ impl Checker {
         match node.as_scalar() {
             Some(s) => Some(s.to_string()),
             None => {
-                self.err(
-                    e.key_pos(key),
-                    format!("`{key}` {context} must be a string, found {}", node.kind()),
-                );
+                self.err(e.key_pos(key), format!("`{key}` {context} must be a string, found {}", node.kind()));
                 None
             }
         }
@@ -484,13 +423,7 @@ impl Checker {
             Some(node) => match node.as_scalar().map(|s| s.trim().parse::<i64>()) {
                 Some(Ok(v @ 2..=4)) => (v as u8, true),
                 _ => {
-                    self.err(
-                        node.pos(),
-                        format!(
-                            "`schema_version` must be 2, 3 or 4, found `{}`",
-                            display_node(node)
-                        ),
-                    );
+                    self.err(node.pos(), format!("`schema_version` must be 2, 3 or 4, found `{}`", display_node(node)));
                     (DEFAULT_SCHEMA_VERSION, false)
                 }
             },
@@ -506,23 +439,15 @@ impl Checker {
         if known && version == 2 {
             for key in V2_REQUIRED {
                 if top.get(key).is_none() {
-                    self.err(
-                        top.pos,
-                        format!("missing required key `{key}` (required by schema version 2)"),
-                    );
+                    self.err(top.pos, format!("missing required key `{key}` (required by schema version 2)"));
                 }
             }
         }
         if let (Some(c), Some(node)) = (&container, top.get("container")) {
             let parts: Vec<&str> = c.split('/').collect();
-            let ok = parts.len() >= 2
-                && parts.iter().all(|p| !p.is_empty())
-                && !c.chars().any(char::is_whitespace);
+            let ok = parts.len() >= 2 && parts.iter().all(|p| !p.is_empty()) && !c.chars().any(char::is_whitespace);
             if !ok {
-                self.err(
-                    node.pos(),
-                    format!("`container` must have the form `owner/name`, found `{c}`"),
-                );
+                self.err(node.pos(), format!("`container` must have the form `owner/name`, found `{c}`"));
             }
         }
         if let (Some(m), Some(node)) = (&email, top.get("email")) {
@@ -533,41 +458,27 @@ impl Checker {
         }
         if let (Some(u), Some(node)) = (&url, top.get("url")) {
             if !is_http_url(u) {
-                self.err(
-                    node.pos(),
-                    format!("`url` must be an http or https URL, found `{u}`"),
-                );
+                self.err(node.pos(), format!("`url` must be an http or https URL, found `{u}`"));
             }
         }
 
         let io = match top.get("io") {
             None => {
-                self.err(
-                    top.pos,
-                    "missing required key `io` (expected `split` or `join`)".into(),
-                );
+                self.err(top.pos, "missing required key `io` (expected `split` or `join`)".into());
                 None
             }
             Some(node) => match node.as_scalar() {
                 Some("split") => Some(IoMode::Split),
                 Some("join") => Some(IoMode::Join),
                 _ => {
-                    self.err(
-                        node.pos(),
-                        format!(
-                            "`io` must be `split` or `join`, found `{}`",
-                            display_node(node)
-                        ),
-                    );
+                    self.err(node.pos(), format!("`io` must be `split` or `join`, found `{}`", display_node(node)));
                     None
                 }
             },
         };
 
         let version_note = if declared.is_none() {
-            format!(
-                " (the document has no `schema_version`, so it is read as version {DEFAULT_SCHEMA_VERSION})"
-            )
+            format!(" (the document has no `schema_version`, so it is read as version {DEFAULT_SCHEMA_VERSION})")
         } else {
             String::new()
         };
@@ -577,23 +488,14 @@ impl Checker {
             None => {}
             Some(Node::Seq { items, .. }) => {
                 for (i, item) in items.iter().enumerate() {
-                    let ctx = SectionCx {
-                        version,
-                        known,
-                        version_note: &version_note,
-                    };
+                    let ctx = SectionCx { version, known, version_note: &version_note };
                     if let Some(s) = self.section(item, i + 1, &ctx, &mut names) {
                         sections.push(s);
                     }
                 }
             }
-            Some(other) => self.err(
-                top.key_pos("sections"),
-                format!(
-                    "`sections` must be a list of sections, found {}",
-                    other.kind()
-                ),
-            ),
+            Some(other) => self
+                .err(top.key_pos("sections"), format!("`sections` must be a list of sections, found {}", other.kind())),
         }
 
         Some(Spec {
@@ -642,17 +544,10 @@ impl Checker {
             }
             Some(other) => self.err(
                 e.key_pos("fields"),
-                format!(
-                    "`fields` in {label} must be a list of fields, found {}",
-                    other.kind()
-                ),
+                format!("`fields` in {label} must be a list of fields, found {}", other.kind()),
             ),
         }
-        Some(Section {
-            name: name?,
-            description: description?,
-            fields,
-        })
+        Some(Section { name: name?, description: description?, fields })
     }
 
     fn field(
@@ -713,10 +608,7 @@ impl Checker {
                 None => {
                     self.err(
                         node.pos(),
-                        format!(
-                            "`required` {in_field} must be `true` or `false`, found `{}`",
-                            display_node(node)
-                        ),
+                        format!("`required` {in_field} must be `true` or `false`, found `{}`", display_node(node)),
                     );
                     true
                 }
@@ -771,16 +663,8 @@ impl Checker {
         let label_text = self.string(&e, "label", &in_field);
         let help_text = self.string(&e, "help_text", &in_field);
 
-        let mut field = Field {
-            name: name?,
-            ty: ty?,
-            initial: None,
-            max_length,
-            choices,
-            label: label_text,
-            help_text,
-            required,
-        };
+        let mut field =
+            Field { name: name?, ty: ty?, initial: None, max_length, choices, label: label_text, help_text, required };
 
         if let Some(node) = e.get("initial") {
             if field.ty.is_file() {
@@ -800,9 +684,7 @@ impl Checker {
                             let item = err.item.map(|i| format!(" (item {i})")).unwrap_or_default();
                             // Point at the bad item of a YAML list, else at the value.
                             let pos = match (node, err.item) {
-                                (Node::Seq { items, .. }, Some(i)) => {
-                                    items.get(i - 1).map_or(node.pos(), Node::pos)
-                                }
+                                (Node::Seq { items, .. }, Some(i)) => items.get(i - 1).map_or(node.pos(), Node::pos),
                                 (Node::Scalar { .. }, _) => node.pos(),
                                 _ => e.key_pos("initial"),
                             };
@@ -825,10 +707,7 @@ impl Checker {
         let allowed = FieldType::allowed(cx.version);
         let list = |ts: &[FieldType]| ts.iter().map(|t| t.as_str()).collect::<Vec<_>>().join(", ");
         let Some(text) = node.as_scalar() else {
-            self.err(
-                node.pos(),
-                format!("`type` in {label} must be a string, found {}", node.kind()),
-            );
+            self.err(node.pos(), format!("`type` in {label} must be a string, found {}", node.kind()));
             return None;
         };
         let Ok(ty) = text.parse::<FieldType>() else {
@@ -844,11 +723,7 @@ impl Checker {
             return None;
         };
         if cx.known && !ty.allowed_in(cx.version) {
-            let hint = if ty == FieldType::Char {
-                "; use `str`"
-            } else {
-                ""
-            };
+            let hint = if ty == FieldType::Char { "; use `str`" } else { "" };
             self.err(
                 node.pos(),
                 format!(
@@ -868,19 +743,11 @@ impl Checker {
         let Node::Map { .. } = node else {
             self.err(
                 key_pos,
-                format!(
-                    "`choices` in {label} must be a mapping from key to label, found {}",
-                    node.kind()
-                ),
+                format!("`choices` in {label} must be a mapping from key to label, found {}", node.kind()),
             );
             return None;
         };
-        let e = self.entries(
-            node,
-            None,
-            &format!("`choices` in {label}"),
-            &format!("in the `choices` of {label}"),
-        )?;
+        let e = self.entries(node, None, &format!("`choices` in {label}"), &format!("in the `choices` of {label}"))?;
         let mut out = Vec::new();
         for (key, _, value) in &e.entries {
             let text = if value.is_null() {
@@ -890,10 +757,7 @@ impl Checker {
             } else {
                 self.err(
                     value.pos(),
-                    format!(
-                        "the label of choice `{key}` in {label} must be a string, found {}",
-                        value.kind()
-                    ),
+                    format!("the label of choice `{key}` in {label} must be a string, found {}", value.kind()),
                 );
                 continue;
             };
@@ -946,9 +810,7 @@ pub(crate) fn input_from_node(node: &Node) -> Input {
 
 fn is_http_url(u: &str) -> bool {
     let lower = u.to_ascii_lowercase();
-    let rest = lower
-        .strip_prefix("https://")
-        .or_else(|| lower.strip_prefix("http://"));
+    let rest = lower.strip_prefix("https://").or_else(|| lower.strip_prefix("http://"));
     match rest {
         Some(rest) => {
             let host = rest.split(['/', '?', '#']).next().unwrap_or("");

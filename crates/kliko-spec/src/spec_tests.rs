@@ -46,41 +46,22 @@ fn every_version_with_every_type() {
                 assert_eq!(spec.field("f").unwrap().ty, ty);
                 assert_eq!(spec.schema_version, v);
             } else {
-                let e = result
-                    .expect_err(&format!("{ty} must be rejected in version {v}"))
-                    .to_string();
-                assert!(
-                    e.contains(&format!(
-                        "type `{ty}` in field `f` is not allowed in schema version {v}"
-                    )),
-                    "{e}"
-                );
+                let e = result.expect_err(&format!("{ty} must be rejected in version {v}")).to_string();
+                assert!(e.contains(&format!("type `{ty}` in field `f` is not allowed in schema version {v}")), "{e}");
                 let line = match version {
                     Some(2) => 13,
                     Some(_) => 8,
                     None => 7,
                 };
-                assert!(
-                    e.starts_with(&format!("`kliko.yml` line {line}, column 15: ")),
-                    "{e}"
-                );
+                assert!(e.starts_with(&format!("`kliko.yml` line {line}, column 15: ")), "{e}");
             }
         }
     }
     // Pin the contract's table.
-    let names = |v| {
-        FieldType::allowed(v)
-            .iter()
-            .map(|t| t.as_str())
-            .collect::<Vec<_>>()
-            .join(" ")
-    };
+    let names = |v| FieldType::allowed(v).iter().map(|t| t.as_str()).collect::<Vec<_>>().join(" ");
     assert_eq!(names(2), "choice char float file bool int");
     assert_eq!(names(3), "choice char str float file bool int");
-    assert_eq!(
-        names(4),
-        "choice str float file bool int List[int] List[bool] List[file] List[float] List[str]"
-    );
+    assert_eq!(names(4), "choice str float file bool int List[int] List[bool] List[file] List[float] List[str]");
 }
 
 #[test]
@@ -93,41 +74,22 @@ fn fixtures_parse() {
     let names: Vec<&str> = spec.fields().map(|f| f.name.as_str()).collect();
     assert_eq!(
         names,
-        [
-            "mode", "title", "gain", "mask", "verbose", "niter", "sizes", "flags", "inputs",
-            "scales", "tags"
-        ]
+        ["mode", "title", "gain", "mask", "verbose", "niter", "sizes", "flags", "inputs", "scales", "tags"]
     );
     let mode = spec.field("mode").unwrap();
     assert_eq!(
         mode.choices.as_deref().unwrap(),
-        [
-            ("fast".to_string(), "Fast mode".to_string()),
-            ("exact".to_string(), "Exact mode".to_string())
-        ]
+        [("fast".to_string(), "Fast mode".to_string()), ("exact".to_string(), "Exact mode".to_string())]
     );
     assert_eq!(mode.initial, Some(Value::Str("fast".into())));
-    assert_eq!(
-        spec.field("verbose").unwrap().initial,
-        Some(Value::Bool(false))
-    );
+    assert_eq!(spec.field("verbose").unwrap().initial, Some(Value::Bool(false)));
     assert_eq!(spec.field("niter").unwrap().initial, Some(Value::Int(1000)));
     assert_eq!(
         spec.field("sizes").unwrap().initial,
-        Some(Value::List(vec![
-            Value::Int(1),
-            Value::Int(2),
-            Value::Int(3)
-        ]))
+        Some(Value::List(vec![Value::Int(1), Value::Int(2), Value::Int(3)]))
     );
-    assert_eq!(
-        spec.field("scales").unwrap().initial,
-        Some(Value::List(vec![Value::Float(0.5), Value::Float(1000.0)]))
-    );
-    assert_eq!(
-        spec.field("tags").unwrap().initial,
-        Some(Value::List(vec![]))
-    );
+    assert_eq!(spec.field("scales").unwrap().initial, Some(Value::List(vec![Value::Float(0.5), Value::Float(1000.0)])));
+    assert_eq!(spec.field("tags").unwrap().initial, Some(Value::List(vec![])));
     assert!(!spec.field("mask").unwrap().required);
     assert!(spec.field("inputs").unwrap().required);
     assert_eq!(spec.field("title").unwrap().max_length, Some(12));
@@ -135,26 +97,11 @@ fn fixtures_parse() {
     let spec = Spec::parse("simulator-v2.yml", SIMULATOR_V2).unwrap();
     assert_eq!(spec.schema_version, 2);
     assert_eq!(spec.io, IoMode::Join);
-    assert_eq!(
-        spec.field("ms_dfreq").unwrap().initial,
-        Some(Value::Float(50e3))
-    );
-    assert_eq!(
-        spec.field("moresane_tolerance").unwrap().initial,
-        Some(Value::Float(0.75))
-    );
-    assert_eq!(
-        spec.field("moresane_accuracy").unwrap().initial,
-        Some(Value::Float(1e-6))
-    );
-    assert_eq!(
-        spec.field("add_noise").unwrap().initial,
-        Some(Value::Bool(true))
-    );
-    assert!(
-        !spec.field("sefd").unwrap().required,
-        "`required: False` means optional"
-    );
+    assert_eq!(spec.field("ms_dfreq").unwrap().initial, Some(Value::Float(50e3)));
+    assert_eq!(spec.field("moresane_tolerance").unwrap().initial, Some(Value::Float(0.75)));
+    assert_eq!(spec.field("moresane_accuracy").unwrap().initial, Some(Value::Float(1e-6)));
+    assert_eq!(spec.field("add_noise").unwrap().initial, Some(Value::Bool(true)));
+    assert!(!spec.field("sefd").unwrap().required, "`required: False` means optional");
 }
 
 #[test]
@@ -174,10 +121,7 @@ fn parse_file_names_its_path() {
     let missing = dir.path().join("nope.yml");
     let e = validate_file(&missing).unwrap_err();
     assert!(matches!(e, SpecError::Io { .. }));
-    assert_eq!(
-        e.to_string(),
-        format!("cannot read `{}`", missing.display())
-    );
+    assert_eq!(e.to_string(), format!("cannot read `{}`", missing.display()));
 }
 
 #[test]
@@ -185,8 +129,9 @@ fn version_2_requires_its_keys() {
     let p = problems("schema_version: 2\nio: split\n");
     assert_eq!(
         p,
-        ["name", "description", "author", "container", "email"]
-            .map(|k| format!("`kliko.yml` line 1, column 1: missing required key `{k}` (required by schema version 2)"))
+        ["name", "description", "author", "container", "email"].map(|k| format!(
+            "`kliko.yml` line 1, column 1: missing required key `{k}` (required by schema version 2)"
+        ))
     );
     // From version 3 on only `io` is required.
     Spec::parse("kliko.yml", "schema_version: 3\nio: split\n").unwrap();
@@ -215,7 +160,9 @@ fn absent_schema_version_is_3() {
     Spec::parse("kliko.yml", &one_field_doc(None, FieldType::Char)).unwrap();
     let e = one_problem(&one_field_doc(None, FieldType::ListInt));
     assert!(
-        e.contains("not allowed in schema version 3 (the document has no `schema_version`, so it is read as version 3)"),
+        e.contains(
+            "not allowed in schema version 3 (the document has no `schema_version`, so it is read as version 3)"
+        ),
         "{e}"
     );
 }
@@ -231,16 +178,16 @@ fn char_and_list_by_version() {
     );
     Spec::parse("kliko.yml", &one_field_doc(Some(4), FieldType::ListStr)).unwrap();
     let e = one_problem(&one_field_doc(Some(3), FieldType::ListInt));
-    assert!(e.contains("type `List[int]` in field `f` is not allowed in schema version 3 (allowed: choice, char, str"), "{e}");
+    assert!(
+        e.contains("type `List[int]` in field `f` is not allowed in schema version 3 (allowed: choice, char, str"),
+        "{e}"
+    );
 }
 
 #[test]
 fn schema_version_must_be_known() {
     let e = one_problem("schema_version: 5\nio: split\n");
-    assert_eq!(
-        e,
-        "`kliko.yml` line 1, column 17: `schema_version` must be 2, 3 or 4, found `5`"
-    );
+    assert_eq!(e, "`kliko.yml` line 1, column 17: `schema_version` must be 2, 3 or 4, found `5`");
     // With an unknown version, types are not also blamed on the version.
     let doc = one_field_doc(Some(1), FieldType::ListInt);
     assert_eq!(problems(&doc).len(), 1);
@@ -273,14 +220,15 @@ sections:
         "`kliko.yml` line 8, column 9: unknown key `colour` in field `threshold` (expected one of: name, type, \
          initial, max_length, choices, label, help_text, required)"
     );
-    let doc = "io: split\nsections:\n  - name: main\n    description: d\n    fields:\n      - type: int\n        lable: x\n";
+    let doc =
+        "io: split\nsections:\n  - name: main\n    description: d\n    fields:\n      - type: int\n        lable: x\n";
     let p = problems(doc);
     assert_eq!(p.len(), 2, "{p:#?}");
-    assert!(p[0].starts_with("`kliko.yml` line 6, column 9: field 1 of section `main` is missing required key `name`"), "{p:#?}");
     assert!(
-        p[1].contains("line 7, column 9: unknown key `lable` in field 1 of section `main`"),
+        p[0].starts_with("`kliko.yml` line 6, column 9: field 1 of section `main` is missing required key `name`"),
         "{p:#?}"
     );
+    assert!(p[1].contains("line 7, column 9: unknown key `lable` in field 1 of section `main`"), "{p:#?}");
     assert!(p[1].ends_with("did you mean `label`?"), "{p:#?}");
 }
 
@@ -317,7 +265,9 @@ sections:
 
 #[test]
 fn field_names_must_be_usable_as_paths() {
-    let e = one_problem("io: split\nsections:\n  - name: s\n    description: d\n    fields:\n      - {name: a/b, type: file}\n");
+    let e = one_problem(
+        "io: split\nsections:\n  - name: s\n    description: d\n    fields:\n      - {name: a/b, type: file}\n",
+    );
     assert!(e.contains("field name `a/b` cannot be used"), "{e}");
 }
 
@@ -325,10 +275,7 @@ fn field_names_must_be_usable_as_paths() {
 fn metadata_is_checked() {
     let base = "schema_version: 3\nio: split\n";
     let e = one_problem(&format!("{base}email: nobody\n"));
-    assert_eq!(
-        e,
-        "`kliko.yml` line 3, column 8: `email` must contain `@`, found `nobody`"
-    );
+    assert_eq!(e, "`kliko.yml` line 3, column 8: `email` must contain `@`, found `nobody`");
     let e = one_problem(&format!("{base}url: ftp://example.org\n"));
     assert_eq!(e, "`kliko.yml` line 3, column 6: `url` must be an http or https URL, found `ftp://example.org`");
     let e = one_problem(&format!("{base}container: justaname\n"));
@@ -336,9 +283,7 @@ fn metadata_is_checked() {
     assert!(one_problem(&format!("{base}container: /name\n")).contains("owner/name"));
     assert!(one_problem(&format!("{base}name: [a, b]\n"))
         .contains("`name` at the top level must be a string, found a list"));
-    let ok = format!(
-        "{base}email: a@b.org\nurl: HTTPS://example.org/x?y=1\ncontainer: registry/owner/name\n"
-    );
+    let ok = format!("{base}email: a@b.org\nurl: HTTPS://example.org/x?y=1\ncontainer: registry/owner/name\n");
     Spec::parse("kliko.yml", &ok).unwrap();
 }
 
@@ -353,21 +298,13 @@ fn sections_need_name_description_fields() {
         ]
     );
     let e = one_problem("io: split\nsections: {a: 1}\n");
-    assert_eq!(
-        e,
-        "`kliko.yml` line 2, column 1: `sections` must be a list of sections, found a mapping"
-    );
+    assert_eq!(e, "`kliko.yml` line 2, column 1: `sections` must be a list of sections, found a mapping");
     let e = one_problem("io: split\nsections:\n  - just a string\n");
-    assert_eq!(
-        e,
-        "`kliko.yml` line 3, column 5: section 1 must be a mapping, found a scalar"
-    );
+    assert_eq!(e, "`kliko.yml` line 3, column 5: section 1 must be a mapping, found a scalar");
 }
 
 fn field_doc(field_yaml: &str) -> String {
-    let mut doc =
-        "schema_version: 4\nio: split\nsections:\n  - name: s\n    description: d\n    fields:\n"
-            .to_string();
+    let mut doc = "schema_version: 4\nio: split\nsections:\n  - name: s\n    description: d\n    fields:\n".to_string();
     for line in field_yaml.lines() {
         doc.push_str("      ");
         doc.push_str(line);
@@ -379,12 +316,14 @@ fn field_doc(field_yaml: &str) -> String {
 #[test]
 fn type_is_required_and_known() {
     let e = one_problem(&field_doc("- name: x"));
-    assert_eq!(
-        e,
-        "`kliko.yml` line 7, column 9: field `x` is missing required key `type`"
-    );
+    assert_eq!(e, "`kliko.yml` line 7, column 9: field `x` is missing required key `type`");
     let e = one_problem(&field_doc("- name: x\n  type: integer"));
-    assert!(e.starts_with("`kliko.yml` line 8, column 15: unknown type `integer` in field `x` (expected one of: choice, str,"), "{e}");
+    assert!(
+        e.starts_with(
+            "`kliko.yml` line 8, column 15: unknown type `integer` in field `x` (expected one of: choice, str,"
+        ),
+        "{e}"
+    );
     let e = one_problem(&field_doc("- name: x\n  type: List[Int]"));
     assert!(e.ends_with("did you mean `List[int]`?"), "{e}");
 }
@@ -392,39 +331,25 @@ fn type_is_required_and_known() {
 #[test]
 fn choices_rules() {
     let e = one_problem(&field_doc("- name: x\n  type: choice"));
-    assert_eq!(
-        e,
-        "`kliko.yml` line 7, column 9: field `x` has type `choice` but no `choices`"
-    );
+    assert_eq!(e, "`kliko.yml` line 7, column 9: field `x` has type `choice` but no `choices`");
     let e = one_problem(&field_doc("- name: x\n  type: str\n  choices: {a: A}"));
     assert_eq!(e, "`kliko.yml` line 9, column 9: `choices` only applies to `choice` fields; field `x` is `str`");
     let e = one_problem(&field_doc("- name: x\n  type: choice\n  choices: [a, b]"));
-    assert!(
-        e.contains("`choices` in field `x` must be a mapping from key to label, found a list"),
-        "{e}"
-    );
+    assert!(e.contains("`choices` in field `x` must be a mapping from key to label, found a list"), "{e}");
     let e = one_problem(&field_doc("- name: x\n  type: choice\n  choices: {}"));
     assert!(e.contains("`choices` in field `x` is empty"), "{e}");
-    let e = one_problem(&field_doc(
-        "- name: x\n  type: choice\n  choices: {a: A, b: B}\n  initial: c",
-    ));
+    let e = one_problem(&field_doc("- name: x\n  type: choice\n  choices: {a: A, b: B}\n  initial: c"));
     assert_eq!(e, "`kliko.yml` line 10, column 18: invalid `initial` value `c` in field `x`: expected one of `a`, `b`");
     // Keys are text whatever YAML would resolve them to; a missing label is the key.
     let spec = Spec::parse(
         "kliko.yml",
-        &field_doc(
-            "- name: x\n  type: choice\n  choices: {1: One, yes: , 0.5: half}\n  initial: 1",
-        ),
+        &field_doc("- name: x\n  type: choice\n  choices: {1: One, yes: , 0.5: half}\n  initial: 1"),
     )
     .unwrap();
     let f = spec.field("x").unwrap();
     assert_eq!(
         f.choices.as_deref().unwrap(),
-        [
-            ("1".into(), "One".into()),
-            ("yes".into(), "yes".into()),
-            ("0.5".into(), "half".into())
-        ]
+        [("1".into(), "One".into()), ("yes".into(), "yes".into()), ("0.5".into(), "half".into())]
     );
     assert_eq!(f.initial, Some(Value::Str("1".into())));
 }
@@ -432,47 +357,37 @@ fn choices_rules() {
 #[test]
 fn max_length_rules() {
     let e = one_problem(&field_doc("- name: x\n  type: str\n  max_length: -1"));
-    assert_eq!(e, "`kliko.yml` line 9, column 21: `max_length` in field `x` must be a non-negative integer, found `-1`");
+    assert_eq!(
+        e,
+        "`kliko.yml` line 9, column 21: `max_length` in field `x` must be a non-negative integer, found `-1`"
+    );
     let e = one_problem(&field_doc("- name: x\n  type: int\n  max_length: 3"));
+    assert!(e.contains("`max_length` only applies to `char`, `str` and `List[str]` fields; field `x` is `int`"), "{e}");
+    let e = one_problem(&field_doc("- name: x\n  type: str\n  max_length: 3\n  initial: abcd"));
     assert!(
-        e.contains(
-            "`max_length` only applies to `char`, `str` and `List[str]` fields; field `x` is `int`"
-        ),
+        e.ends_with("invalid `initial` value `abcd` in field `x`: expected at most 3 characters (this has 4)"),
         "{e}"
     );
-    let e = one_problem(&field_doc(
-        "- name: x\n  type: str\n  max_length: 3\n  initial: abcd",
-    ));
-    assert!(e.ends_with("invalid `initial` value `abcd` in field `x`: expected at most 3 characters (this has 4)"), "{e}");
     // Characters, not bytes.
-    Spec::parse(
-        "kliko.yml",
-        &field_doc("- name: x\n  type: str\n  max_length: 3\n  initial: äöü"),
-    )
-    .unwrap();
-    let e = one_problem(&field_doc(
-        "- name: x\n  type: List[str]\n  max_length: 2\n  initial: [ab, abc]",
-    ));
-    assert!(
-        e.contains("invalid `initial` value `abc` (item 2) in field `x`"),
-        "{e}"
-    );
+    Spec::parse("kliko.yml", &field_doc("- name: x\n  type: str\n  max_length: 3\n  initial: äöü")).unwrap();
+    let e = one_problem(&field_doc("- name: x\n  type: List[str]\n  max_length: 2\n  initial: [ab, abc]"));
+    assert!(e.contains("invalid `initial` value `abc` (item 2) in field `x`"), "{e}");
 }
 
 #[test]
 fn required_defaults_to_true() {
-    let spec = Spec::parse("kliko.yml", &field_doc("- {name: a, type: int}\n- {name: b, type: int, required: false}\n- {name: c, type: int, required: yes}")).unwrap();
-    assert!(
-        spec.field("a").unwrap().required,
-        "absent `required` means required"
-    );
+    let spec = Spec::parse(
+        "kliko.yml",
+        &field_doc(
+            "- {name: a, type: int}\n- {name: b, type: int, required: false}\n- {name: c, type: int, required: yes}",
+        ),
+    )
+    .unwrap();
+    assert!(spec.field("a").unwrap().required, "absent `required` means required");
     assert!(!spec.field("b").unwrap().required);
     assert!(spec.field("c").unwrap().required);
     let e = one_problem(&field_doc("- {name: a, type: int, required: maybe}"));
-    assert!(
-        e.contains("`required` in field `a` must be `true` or `false`, found `maybe`"),
-        "{e}"
-    );
+    assert!(e.contains("`required` in field `a` must be `true` or `false`, found `maybe`"), "{e}");
 }
 
 #[test]
@@ -484,14 +399,9 @@ fn initial_must_match_the_type() {
     let e = one_problem(&field_doc("- {name: x, type: float, initial: .nan}"));
     assert!(e.contains("expected a finite number"), "{e}");
     let e = one_problem(&field_doc("- {name: f, type: file, initial: /etc/passwd}"));
-    assert!(
-        e.contains("field `f` has type `file`, which cannot have an `initial` value"),
-        "{e}"
-    );
+    assert!(e.contains("field `f` has type `file`, which cannot have an `initial` value"), "{e}");
     // Every bad item is reported, each at its own place.
-    let p = problems(&field_doc(
-        "- {name: l, type: 'List[int]', initial: [1, x, 3.5]}",
-    ));
+    let p = problems(&field_doc("- {name: l, type: 'List[int]', initial: [1, x, 3.5]}"));
     assert_eq!(
         p,
         [
@@ -501,11 +411,7 @@ fn initial_must_match_the_type() {
     );
     let spec = Spec::parse("kliko.yml", &field_doc("- {name: x, type: float, initial: 3}\n- {name: s, type: str, initial: 007}\n- {name: o, type: str, required: false, initial: ~}")).unwrap();
     assert_eq!(spec.field("x").unwrap().initial, Some(Value::Float(3.0)));
-    assert_eq!(
-        spec.field("s").unwrap().initial,
-        Some(Value::Str("007".into())),
-        "text is kept as written"
-    );
+    assert_eq!(spec.field("s").unwrap().initial, Some(Value::Str("007".into())), "text is kept as written");
     assert_eq!(spec.field("o").unwrap().initial, None, "null is absent");
 }
 
@@ -514,19 +420,10 @@ fn yaml_errors_have_places() {
     let e = one_problem("io: split\nsections: [\n");
     assert!(e.starts_with("`kliko.yml` line 3, column"), "{e}");
     assert!(e.contains("invalid YAML"), "{e}");
-    assert_eq!(
-        one_problem(""),
-        "`kliko.yml`: the document is empty (expected a mapping with at least `io`)"
-    );
-    assert_eq!(
-        one_problem("- a\n- b\n"),
-        "`kliko.yml` line 1, column 1: the document must be a mapping, found a list"
-    );
+    assert_eq!(one_problem(""), "`kliko.yml`: the document is empty (expected a mapping with at least `io`)");
+    assert_eq!(one_problem("- a\n- b\n"), "`kliko.yml` line 1, column 1: the document must be a mapping, found a list");
     let e = one_problem("io: split\n---\nio: join\n");
-    assert!(
-        e.contains("line 2, column 1: invalid YAML: expected a single YAML document"),
-        "{e}"
-    );
+    assert!(e.contains("line 2, column 1: invalid YAML: expected a single YAML document"), "{e}");
 }
 
 #[test]
@@ -548,11 +445,7 @@ sections:
     let lines: Vec<usize> = p.iter().map(|p| p.line.unwrap()).collect();
     assert_eq!(lines, [2, 3, 8, 9, 9]);
     for problem in p {
-        assert!(
-            problem.message.starts_with(|c: char| !c.is_uppercase()),
-            "{}",
-            problem.message
-        );
+        assert!(problem.message.starts_with(|c: char| !c.is_uppercase()), "{}", problem.message);
     }
 }
 
@@ -565,8 +458,5 @@ fn field_type_round_trips() {
     assert_eq!(FieldType::ListFile.item_type(), FieldType::File);
     assert!(FieldType::ListFile.is_file() && FieldType::ListFile.is_list());
     assert_eq!(serde_json::to_string(&IoMode::Join).unwrap(), "\"join\"");
-    assert_eq!(
-        serde_json::from_str::<IoMode>("\"split\"").unwrap(),
-        IoMode::Split
-    );
+    assert_eq!(serde_json::from_str::<IoMode>("\"split\"").unwrap(), IoMode::Split);
 }

@@ -22,10 +22,7 @@ pub struct Pos {
 impl Pos {
     fn from_marker(m: Marker) -> Pos {
         // yaml-rust2 counts lines from 1 and columns from 0.
-        Pos {
-            line: m.line().max(1),
-            column: m.col() + 1,
-        }
+        Pos { line: m.line().max(1), column: m.col() + 1 }
     }
 }
 
@@ -106,14 +103,10 @@ impl MarkedEventReceiver for Collector {
 pub fn parse(text: &str) -> Result<Option<Node>, SyntaxError> {
     let mut collector = Collector { events: Vec::new() };
     let mut parser = Parser::new_from_str(text);
-    parser.load(&mut collector, true).map_err(|e| SyntaxError {
-        pos: Some(Pos::from_marker(*e.marker())),
-        message: e.info().to_string(),
-    })?;
-    let mut builder = Builder {
-        events: collector.events.into_iter(),
-        anchors: HashMap::new(),
-    };
+    parser
+        .load(&mut collector, true)
+        .map_err(|e| SyntaxError { pos: Some(Pos::from_marker(*e.marker())), message: e.info().to_string() })?;
+    let mut builder = Builder { events: collector.events.into_iter(), anchors: HashMap::new() };
     let mut root = None;
     let mut documents = 0;
     while let Some((ev, mark)) = builder.events.next() {
@@ -154,10 +147,11 @@ impl Builder {
                 (Node::Scalar { text, plain, pos }, anchor)
             }
             Event::Alias(id) => {
-                let node = self.anchors.get(&id).cloned().ok_or_else(|| SyntaxError {
-                    pos: Some(pos),
-                    message: "alias to an unknown anchor".into(),
-                })?;
+                let node = self
+                    .anchors
+                    .get(&id)
+                    .cloned()
+                    .ok_or_else(|| SyntaxError { pos: Some(pos), message: "alias to an unknown anchor".into() })?;
                 return Ok(node);
             }
             Event::SequenceStart(anchor, _) => {
@@ -188,12 +182,7 @@ impl Builder {
                 let pos = entries.first().map_or(pos, |(k, _)| k.pos());
                 (Node::Map { entries, pos }, anchor)
             }
-            other => {
-                return Err(SyntaxError {
-                    pos: Some(pos),
-                    message: format!("unexpected YAML event {other:?}"),
-                })
-            }
+            other => return Err(SyntaxError { pos: Some(pos), message: format!("unexpected YAML event {other:?}") }),
         };
         if anchor != 0 {
             self.anchors.insert(anchor, node.clone());
@@ -202,10 +191,7 @@ impl Builder {
     }
 
     fn next(&mut self, pos: Pos) -> Result<(Event, Marker), SyntaxError> {
-        self.events.next().ok_or(SyntaxError {
-            pos: Some(pos),
-            message: "unexpected end of the YAML document".into(),
-        })
+        self.events.next().ok_or(SyntaxError { pos: Some(pos), message: "unexpected end of the YAML document".into() })
     }
 }
 
@@ -216,29 +202,19 @@ mod tests {
     #[test]
     fn positions_are_one_based() {
         let root = parse("a: 1\nb:\n  - x: 'q'\n").unwrap().unwrap();
-        let Node::Map { entries, pos } = root else {
-            panic!()
-        };
+        let Node::Map { entries, pos } = root else { panic!() };
         assert_eq!(pos, Pos { line: 1, column: 1 });
         assert_eq!(entries[1].0.pos(), Pos { line: 2, column: 1 });
-        let Node::Seq { items, .. } = &entries[1].1 else {
-            panic!()
-        };
-        let Node::Map { entries: inner, .. } = &items[0] else {
-            panic!()
-        };
+        let Node::Seq { items, .. } = &entries[1].1 else { panic!() };
+        let Node::Map { entries: inner, .. } = &items[0] else { panic!() };
         assert_eq!(inner[0].0.pos(), Pos { line: 3, column: 5 });
         assert!(matches!(&inner[0].1, Node::Scalar { text, plain: false, .. } if text == "q"));
     }
 
     #[test]
     fn aliases_resolve_and_nulls_are_recognised() {
-        let root = parse("a: &x [1, 2]\nb: *x\nc:\nd: ~\ne: ''\n")
-            .unwrap()
-            .unwrap();
-        let Node::Map { entries, .. } = root else {
-            panic!()
-        };
+        let root = parse("a: &x [1, 2]\nb: *x\nc:\nd: ~\ne: ''\n").unwrap().unwrap();
+        let Node::Map { entries, .. } = root else { panic!() };
         assert!(matches!(&entries[1].1, Node::Seq { items, .. } if items.len() == 2));
         assert!(entries[2].1.is_null());
         assert!(entries[3].1.is_null());

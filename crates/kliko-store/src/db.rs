@@ -188,7 +188,11 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let store = Store::open(root.path()).unwrap();
         let logs = || {
-            std::fs::read_dir(store.db_path()).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().ends_with(".log")).count()
+            std::fs::read_dir(store.db_path())
+                .unwrap()
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".log"))
+                .count()
         };
         for i in 0..(3 * MAX_LOG_FILES as u32) {
             let db = store.db().unwrap();

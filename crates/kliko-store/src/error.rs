@@ -6,9 +6,17 @@ use kliko_core::Digest;
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("i/o error on `{}`", path.display())]
-    Io { path: PathBuf, #[source] source: io::Error },
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("the store index at `{}` cannot be used", path.display())]
-    Db { path: PathBuf, #[source] source: rocksdb::Error },
+    Db {
+        path: PathBuf,
+        #[source]
+        source: rocksdb::Error,
+    },
     #[error(transparent)]
     Hash(#[from] kliko_core::hash::HashError),
     #[error("stored object `{digest}` is missing")]
@@ -16,13 +24,21 @@ pub enum StoreError {
     #[error("stored object `{expected}` is corrupt (its content hashes to `{actual}`); run `kliko store fsck`")]
     Corrupt { expected: Digest, actual: Digest },
     #[error("stored tree `{digest}` cannot be decoded")]
-    BadTree { digest: Digest, #[source] source: kliko_core::tree::TreeError },
+    BadTree {
+        digest: Digest,
+        #[source]
+        source: kliko_core::tree::TreeError,
+    },
     #[error("`{}` is not empty", path.display())]
     NotEmpty { path: PathBuf },
     #[error("the store at `{}` has format `{found}`, this kliko reads `{expected}`", path.display())]
     Format { path: PathBuf, found: String, expected: String },
     #[error("record `{key}` in the store index is unreadable")]
-    BadRecord { key: String, #[source] source: serde_json::Error },
+    BadRecord {
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
     #[error("`{prefix}` matches more than one stored object: {candidates}")]
     Ambiguous { prefix: String, candidates: String },
 }

@@ -242,7 +242,8 @@ impl Store {
             let lock = dir.join(SCRATCH_LOCK);
             let orphan = if let Ok(m) = fs::metadata(&lock) {
                 // A minute's grace covers a run between creating its lock file and locking it.
-                let settled = m.modified().is_ok_and(|t| t < std::time::SystemTime::now() - std::time::Duration::from_secs(60));
+                let settled =
+                    m.modified().is_ok_and(|t| t < std::time::SystemTime::now() - std::time::Duration::from_secs(60));
                 settled && lock_scratch(&dir).is_some()
             } else {
                 e.metadata().and_then(|m| m.modified()).is_ok_and(|t| t < cutoff)

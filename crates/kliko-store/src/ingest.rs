@@ -139,7 +139,9 @@ impl Store {
                     continue;
                 }
                 match write_tmp(&tmp, enc) {
-                    Ok(from) => staged_ok.push(Staged { from, to: self.object_path(ObjectKind::Tree, d), temporary: true }),
+                    Ok(from) => {
+                        staged_ok.push(Staged { from, to: self.object_path(ObjectKind::Tree, d), temporary: true })
+                    }
                     Err(e) => {
                         first_err = Some(e);
                         break;

@@ -69,7 +69,11 @@ impl Store {
         match std::fs::read_to_string(&format) {
             Ok(found) if found.trim() == FORMAT_TEXT => {}
             Ok(found) => {
-                return Err(StoreError::Format { path: root, found: found.trim().to_string(), expected: FORMAT_TEXT.into() })
+                return Err(StoreError::Format {
+                    path: root,
+                    found: found.trim().to_string(),
+                    expected: FORMAT_TEXT.into(),
+                })
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 blobs::write_atomic(&root.join(TMP_DIR), &format, format!("{FORMAT_TEXT}\n").as_bytes(), 0o644)?;

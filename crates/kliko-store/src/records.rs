@@ -167,7 +167,8 @@ impl Store {
         let mut out = Vec::new();
         for item in db.iterator_cf(db.cf(CF_ACTIONS), IteratorMode::Start) {
             let (k, v) = item.map_err(db.err(self))?;
-            let r = serde_json::from_slice(&v).map_err(|source| StoreError::BadRecord { key: hex::encode(&k), source })?;
+            let r =
+                serde_json::from_slice(&v).map_err(|source| StoreError::BadRecord { key: hex::encode(&k), source })?;
             out.push(r);
         }
         Ok(out)

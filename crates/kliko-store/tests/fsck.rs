@@ -31,7 +31,6 @@ fn quarantined(store: &Store) -> usize {
     fs::read_dir(store.root().join(QUARANTINE_DIR)).unwrap().count()
 }
 
-
 #[test]
 fn a_clean_store_is_clean() {
     let (_t, store, _) = setup();
@@ -150,7 +149,9 @@ fn first_subtree(store: &Store, d: &Digest) -> Digest {
         .entries
         .values()
         .find_map(|e| match e {
-            kliko_core::tree::Entry::Dir { digest } if *digest != kliko_core::tree::Tree::new().digest() => Some(*digest),
+            kliko_core::tree::Entry::Dir { digest } if *digest != kliko_core::tree::Tree::new().digest() => {
+                Some(*digest)
+            }
             _ => None,
         })
         .unwrap()

@@ -94,7 +94,8 @@ fn a_damaged_journal_file_is_quarantined_and_the_store_still_opens() {
     let db = store.db().unwrap();
     assert!(store.get_result(&db, &good.key).unwrap().is_some());
     assert_eq!(journal_files(&store), 0);
-    let quarantined: Vec<_> = fs::read_dir(store.root().join(QUARANTINE_DIR)).unwrap().flatten().map(|e| e.file_name()).collect();
+    let quarantined: Vec<_> =
+        fs::read_dir(store.root().join(QUARANTINE_DIR)).unwrap().flatten().map(|e| e.file_name()).collect();
     assert_eq!(quarantined, vec![bad.file_name().unwrap().to_owned()]);
 }
 

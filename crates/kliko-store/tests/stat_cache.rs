@@ -28,7 +28,11 @@ struct Run {
 
 fn hash(store: &Store, p: &Path) -> Run {
     let h = store.hash_path(p, &NoProgress).unwrap();
-    Run { digest: h.digest, read: h.stats.bytes_read.load(Ordering::Relaxed), cached: h.stats.bytes_cached.load(Ordering::Relaxed) }
+    Run {
+        digest: h.digest,
+        read: h.stats.bytes_read.load(Ordering::Relaxed),
+        cached: h.stats.bytes_cached.load(Ordering::Relaxed),
+    }
 }
 
 /// Rewrite every stat-cache record as if it had been made after the racy window.

@@ -80,9 +80,7 @@ impl Drop for TestImage {
         // By tag, not id: two identical builds can share an id, and the other
         // test still needs its image. Best effort: a failure must not panic
         // inside a (possibly already panicking) test.
-        let _ = Command::new("docker")
-            .args(["image", "rm", "--force", &self.tag])
-            .output();
+        let _ = Command::new("docker").args(["image", "rm", "--force", &self.tag]).output();
     }
 }
 
@@ -124,11 +122,7 @@ impl ImageBuilder {
     /// `/kliko`, mode 0755: a busybox `sh` script (`#!/bin/sh` is prepended
     /// unless the text starts with `#!`).
     pub fn kliko_script(self, script: &str) -> Self {
-        let text = if script.starts_with("#!") {
-            script.to_string()
-        } else {
-            format!("#!/bin/sh\n{script}\n")
-        };
+        let text = if script.starts_with("#!") { script.to_string() } else { format!("#!/bin/sh\n{script}\n") };
         self.file("/kliko", text.as_bytes(), 0o755)
     }
 
@@ -136,15 +130,13 @@ impl ImageBuilder {
     /// for images without a shell. Panics if the compiler fails: that is a
     /// broken test, not a condition to handle.
     pub fn kliko_c(self, c_source: &str) -> Self {
-        let binary = static_c_binary(c_source)
-            .unwrap_or_else(|e| panic!("compiling the test's C source failed: {e}"));
+        let binary = static_c_binary(c_source).unwrap_or_else(|e| panic!("compiling the test's C source failed: {e}"));
         self.file("/kliko", &binary, 0o755)
     }
 
     /// Any file at an absolute path in the image; parent directories are created (0755).
     pub fn file(mut self, path_in_image: &str, bytes: &[u8], mode: u32) -> Self {
-        self.files
-            .push((path_in_image.to_string(), bytes.to_vec(), mode));
+        self.files.push((path_in_image.to_string(), bytes.to_vec(), mode));
         self
     }
 
@@ -189,9 +181,7 @@ impl ImageBuilder {
 
     /// Build and tag the image with the `docker` CLI.
     pub fn build(self) -> io::Result<TestImage> {
-        let context = tempfile::Builder::new()
-            .prefix("kliko-testkit-")
-            .tempdir()?;
+        let context = tempfile::Builder::new().prefix("kliko-testkit-").tempdir()?;
         let rootfs = context.path().join("rootfs");
         make_dir(&rootfs)?;
         make_dir(&rootfs.join("tmp"))?;
@@ -205,8 +195,7 @@ impl ImageBuilder {
                 make_dir(parent)?;
             }
             std::fs::write(&dest, bytes).map_err(|e| at(&dest, e))?;
-            std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(*mode))
-                .map_err(|e| at(&dest, e))?;
+            std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(*mode)).map_err(|e| at(&dest, e))?;
         }
         for (link, target) in &self.symlinks {
             let dest = in_rootfs(&rootfs, link)?;
@@ -243,22 +232,10 @@ impl ImageBuilder {
         // --no-cache: parallel tests never share (and so never race to delete)
         // intermediate images.
         let mut build = Command::new("docker");
-        build
-            .args([
-                "build",
-                "--quiet",
-                "--no-cache",
-                "--force-rm",
-                "--tag",
-                &tag,
-            ])
-            .arg(context.path());
+        build.args(["build", "--quiet", "--no-cache", "--force-rm", "--tag", &tag]).arg(context.path());
         run_ok(&mut build, "docker build")?;
         // From here the tag exists: own it, so a failure below still removes it.
-        let mut image = TestImage {
-            tag,
-            id: String::new(),
-        };
+        let mut image = TestImage { tag, id: String::new() };
         let out = run_ok(
             Command::new("docker").args(["image", "inspect", "--format", "{{.Id}}", &image.tag]),
             "docker image inspect",
@@ -285,19 +262,11 @@ pub fn unique_tag(prefix: &str) -> String {
 
 /// Compile C source into a static executable with `gcc -static -Os`.
 pub fn static_c_binary(c_source: &str) -> io::Result<Vec<u8>> {
-    let dir = tempfile::Builder::new()
-        .prefix("kliko-testkit-cc-")
-        .tempdir()?;
+    let dir = tempfile::Builder::new().prefix("kliko-testkit-cc-").tempdir()?;
     let src = dir.path().join("main.c");
     let bin = dir.path().join("main");
     std::fs::write(&src, c_source).map_err(|e| at(&src, e))?;
-    run_ok(
-        Command::new("gcc")
-            .args(["-static", "-Os", "-s", "-o"])
-            .arg(&bin)
-            .arg(&src),
-        "gcc -static",
-    )?;
+    run_ok(Command::new("gcc").args(["-static", "-Os", "-s", "-o"]).arg(&bin).arg(&src), "gcc -static")?;
     std::fs::read(&bin).map_err(|e| at(&bin, e))
 }
 
@@ -314,26 +283,19 @@ pub fn containers_with_label(key: &str, value: &str) -> io::Result<Vec<String>> 
         ]),
         "docker ps",
     )?;
-    Ok(String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::to_string)
-        .collect())
+    Ok(String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect())
 }
 
 /// Force-remove containers, best effort (for test teardown).
 pub fn remove_containers(ids: &[String]) {
     if !ids.is_empty() {
-        let _ = Command::new("docker")
-            .args(["rm", "--force", "--volumes"])
-            .args(ids)
-            .output();
+        let _ = Command::new("docker").args(["rm", "--force", "--volumes"]).args(ids).output();
     }
 }
 
 fn install_busybox(rootfs: &Path) -> io::Result<()> {
-    let source = std::env::var_os("KLIKO_TEST_BUSYBOX")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_BUSYBOX));
+    let source =
+        std::env::var_os("KLIKO_TEST_BUSYBOX").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(DEFAULT_BUSYBOX));
     let bin = rootfs.join("bin");
     make_dir(&bin)?;
     let dest = bin.join("busybox");
@@ -346,18 +308,15 @@ fn install_busybox(rootfs: &Path) -> io::Result<()> {
             ),
         )
     })?;
-    std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(0o755))
-        .map_err(|e| at(&dest, e))?;
+    std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(0o755)).map_err(|e| at(&dest, e))?;
     let listed = Command::new(&source).arg("--list").output().ok();
     let applets: Vec<String> = match listed {
-        Some(out) if out.status.success() && !out.stdout.is_empty() => {
-            String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .map(str::trim)
-                .filter(|a| !a.is_empty() && !a.contains('/') && *a != "busybox")
-                .map(str::to_string)
-                .collect()
-        }
+        Some(out) if out.status.success() && !out.stdout.is_empty() => String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::trim)
+            .filter(|a| !a.is_empty() && !a.contains('/') && *a != "busybox")
+            .map(str::to_string)
+            .collect(),
         _ => FALLBACK_APPLETS.iter().map(|a| a.to_string()).collect(),
     };
     for applet in applets {
@@ -389,9 +348,7 @@ fn at(path: &Path, e: io::Error) -> io::Error {
 }
 
 fn run_ok(cmd: &mut Command, what: &str) -> io::Result<Output> {
-    let out = cmd
-        .output()
-        .map_err(|e| io::Error::new(e.kind(), format!("cannot run `{what}`: {e}")))?;
+    let out = cmd.output().map_err(|e| io::Error::new(e.kind(), format!("cannot run `{what}`: {e}")))?;
     if out.status.success() {
         Ok(out)
     } else {

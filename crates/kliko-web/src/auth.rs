@@ -42,13 +42,16 @@ fn percent_decode(s: &str) -> String {
     while i < b.len() {
         match b[i] {
             b'+' => out.push(b' '),
-            b'%' if i + 2 < b.len() => match std::str::from_utf8(&b[i + 1..i + 3]).ok().and_then(|h| u8::from_str_radix(h, 16).ok()).ok_or(()) {
-                Ok(v) => {
-                    out.push(v);
-                    i += 2;
+            b'%' if i + 2 < b.len() => {
+                match std::str::from_utf8(&b[i + 1..i + 3]).ok().and_then(|h| u8::from_str_radix(h, 16).ok()).ok_or(())
+                {
+                    Ok(v) => {
+                        out.push(v);
+                        i += 2;
+                    }
+                    Err(_) => out.push(b'%'),
                 }
-                Err(_) => out.push(b'%'),
-            },
+            }
             c => out.push(c),
         }
         i += 1;
@@ -85,8 +88,13 @@ pub async fn require_token(State(st): State<Arc<AppState>>, req: Request, next: 
         let set = format!("{COOKIE}={cookie}; HttpOnly; SameSite=Strict; Path=/");
         let mut resp = if req.method() == Method::GET {
             let path = req.uri().path().to_string();
-            let rest: Vec<&str> =
-                req.uri().query().unwrap_or("").split('&').filter(|kv| !kv.starts_with("token=") && !kv.is_empty()).collect();
+            let rest: Vec<&str> = req
+                .uri()
+                .query()
+                .unwrap_or("")
+                .split('&')
+                .filter(|kv| !kv.starts_with("token=") && !kv.is_empty())
+                .collect();
             let target = if rest.is_empty() { path } else { format!("{path}?{}", rest.join("&")) };
             let mut r = StatusCode::SEE_OTHER.into_response();
             if let Ok(v) = HeaderValue::from_str(&target) {

@@ -55,7 +55,9 @@ impl Submitted {
             let name = &field.name;
             let v = match field.ty {
                 FieldType::Bool => Some(J::String(self.scalars.contains_key(name).to_string())),
-                FieldType::File => self.files.get(name).and_then(|f| f.first()).map(|p| J::String(p.display().to_string())),
+                FieldType::File => {
+                    self.files.get(name).and_then(|f| f.first()).map(|p| J::String(p.display().to_string()))
+                }
                 FieldType::ListFile => self
                     .files
                     .get(name)
@@ -66,11 +68,13 @@ impl Submitted {
                     Some(if items.is_empty() { J::Null } else { J::Array(items.into_iter().map(J::String).collect()) })
                 }
                 _ => match self.scalars.get(name) {
-                    Some(s) if !s.trim().is_empty() => Some(J::String(if field.ty == FieldType::Str || field.ty == FieldType::Char {
-                        s.clone()
-                    } else {
-                        s.trim().to_string()
-                    })),
+                    Some(s) if !s.trim().is_empty() => {
+                        Some(J::String(if field.ty == FieldType::Str || field.ty == FieldType::Char {
+                            s.clone()
+                        } else {
+                            s.trim().to_string()
+                        }))
+                    }
                     // A cleared field is unset, even when kliko.yml gives an initial value.
                     Some(_) => Some(J::Null),
                     // Not in the submission at all: the initial value applies.
@@ -100,7 +104,12 @@ fn kept_note(submitted: Option<&Submitted>, name: &str) -> String {
     let Some(files) = submitted.and_then(|s| s.files.get(name)).filter(|f| !f.is_empty()) else { return String::new() };
     let names: Vec<String> = files
         .iter()
-        .map(|p| format!("<code>{}</code>", esc(&p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default())))
+        .map(|p| {
+            format!(
+                "<code>{}</code>",
+                esc(&p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default())
+            )
+        })
         .collect();
     format!("<div class=\"help kept\">Kept from your last submission: {}.</div>", names.join(", "))
 }
@@ -153,7 +162,8 @@ pub fn render(
 
     // Folders.
     b.push_str("<fieldset><legend>Data</legend>");
-    let roots_text: Vec<String> = roots.iter().map(|r| format!("<code>{}</code>", esc(&r.display().to_string()))).collect();
+    let roots_text: Vec<String> =
+        roots.iter().map(|r| format!("<code>{}</code>", esc(&r.display().to_string()))).collect();
     b.push_str(&format!(
         "<p class=\"desc\">Folders are inside the data folder{} of this server: {}. A relative path is taken inside the first.</p>",
         if roots.len() == 1 { "" } else { "s" },
@@ -162,12 +172,26 @@ pub fn render(
     let s = submitted.cloned().unwrap_or_default();
     match spec.io {
         IoMode::Split => {
-            folder_field(&mut b, "input", "Input folder", &s.input, "Mounted read-only at /input. Leave empty for no input.", errors);
+            folder_field(
+                &mut b,
+                "input",
+                "Input folder",
+                &s.input,
+                "Mounted read-only at /input. Leave empty for no input.",
+                errors,
+            );
             folder_field(&mut b, "output", "Output folder", &s.output, "Receives /output (created if absent; must be empty). Leave empty to keep the output in the store only: it is listed and downloadable on the run page.", errors);
         }
         IoMode::Join => {
             folder_field(&mut b, "work", "Work folder", &s.work, "The image changes a private copy of it (/work); your folder is only replaced once the result is safely stored.", errors);
-            folder_field(&mut b, "output", "Result folder", &s.output, "Where the changed work folder goes. Leave empty to put it back into the work folder.", errors);
+            folder_field(
+                &mut b,
+                "output",
+                "Result folder",
+                &s.output,
+                "Where the changed work folder goes. Leave empty to put it back into the work folder.",
+                errors,
+            );
         }
     }
     b.push_str(&format!(
@@ -225,8 +249,16 @@ fn field_html(b: &mut String, field: &Field, submitted: Option<&Submitted>, erro
     let id = format!("p-{}", url_path(name).replace(['%', '/', ':', '@', '.', '~'], "_"));
     let errs = errors.by_field.get(name);
     let label = field.label.clone().unwrap_or_else(|| name.clone());
-    let req = if field.required && field.ty != FieldType::Bool { "<span class=\"req\" title=\"required\">*</span>" } else { "" };
-    b.push_str(&format!("<div class=\"field{}\" data-field=\"{}\">", if errs.is_some() { " invalid" } else { "" }, esc(name)));
+    let req = if field.required && field.ty != FieldType::Bool {
+        "<span class=\"req\" title=\"required\">*</span>"
+    } else {
+        ""
+    };
+    b.push_str(&format!(
+        "<div class=\"field{}\" data-field=\"{}\">",
+        if errs.is_some() { " invalid" } else { "" },
+        esc(name)
+    ));
     let pname = esc(&format!("p.{name}"));
     match field.ty {
         FieldType::Bool => {
@@ -259,7 +291,10 @@ fn field_html(b: &mut String, field: &Field, submitted: Option<&Submitted>, erro
                     let cur = shown(field, submitted);
                     b.push_str(&format!("<select id=\"{id}\" name=\"{pname}\">"));
                     if !field.required || field.initial.is_none() {
-                        b.push_str(&format!("<option value=\"\"{}>—</option>", if cur.is_empty() { " selected" } else { "" }));
+                        b.push_str(&format!(
+                            "<option value=\"\"{}>—</option>",
+                            if cur.is_empty() { " selected" } else { "" }
+                        ));
                     }
                     for (k, l) in field.choices.iter().flatten() {
                         b.push_str(&format!(
@@ -284,7 +319,9 @@ fn field_html(b: &mut String, field: &Field, submitted: Option<&Submitted>, erro
                 }
                 t if t.is_list() => {
                     let text = match submitted {
-                        Some(s) if s.listjs.iter().any(|n| n == name) => s.items.get(name).cloned().unwrap_or_default().join(", "),
+                        Some(s) if s.listjs.iter().any(|n| n == name) => {
+                            s.items.get(name).cloned().unwrap_or_default().join(", ")
+                        }
                         Some(s) => s.csv.get(name).cloned().unwrap_or_default(),
                         None => shown(field, None).split(',').collect::<Vec<_>>().join(", "),
                     };

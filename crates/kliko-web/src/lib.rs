@@ -74,9 +74,17 @@ impl Default for ServeConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum WebError {
     #[error("cannot listen on `{addr}`")]
-    Bind { addr: SocketAddr, #[source] source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("the data folder `{}` cannot be used", path.display())]
-    DataRoot { path: PathBuf, #[source] source: std::io::Error },
+    DataRoot {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("the web server failed")]
     Serve(#[source] std::io::Error),
 }
@@ -133,10 +141,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     let limit = usize::try_from(state.upload_limit).unwrap_or(usize::MAX);
     Router::new()
         .route("/", get(pages::index))
-        .route(
-            "/image/{*reference}",
-            get(pages::image_form).post(pages::submit).layer(DefaultBodyLimit::max(limit)),
-        )
+        .route("/image/{*reference}", get(pages::image_form).post(pages::submit).layer(DefaultBodyLimit::max(limit)))
         .route("/run/{id}", get(pages::run_page))
         .route("/run/{id}/events", get(pages::run_events))
         .route("/run/{id}/cancel", post(pages::run_cancel))
@@ -183,12 +188,11 @@ impl Server {
         let app = router(state.clone());
         let shutdown = state.shutdown.clone();
         let stop2 = stop.clone();
-        let serving = std::future::IntoFuture::into_future(axum::serve(self.listener, app).with_graceful_shutdown(
-            async move {
+        let serving =
+            std::future::IntoFuture::into_future(axum::serve(self.listener, app).with_graceful_shutdown(async move {
                 stop2.cancelled().await;
                 shutdown.cancel();
-            },
-        ));
+            }));
         // A browser may keep connections open indefinitely: give requests in flight a
         // moment, then stop regardless.
         let result = tokio::select! {
@@ -211,8 +215,9 @@ impl Server {
 /// Bind the listener and build the state.
 pub async fn bind(engine: Arc<Engine>, config: ServeConfig) -> Result<Server, WebError> {
     let state = AppState::new(engine, &config)?;
-    let listener =
-        tokio::net::TcpListener::bind(config.bind).await.map_err(|source| WebError::Bind { addr: config.bind, source })?;
+    let listener = tokio::net::TcpListener::bind(config.bind)
+        .await
+        .map_err(|source| WebError::Bind { addr: config.bind, source })?;
     let addr = listener.local_addr().map_err(|source| WebError::Bind { addr: config.bind, source })?;
     Ok(Server { listener, state, addr })
 }

@@ -1,8 +1,8 @@
 //! Request handlers. Store work runs in `spawn_blocking`, and the index handle (`store.db()`)
 //! lives only inside those closures: holding it would block every `kliko` command.
 
-use std::convert::Infallible;
 use std::collections::HashMap;
+use std::convert::Infallible;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -41,7 +41,8 @@ impl PageError {
 impl IntoResponse for PageError {
     fn into_response(self) -> Response {
         let title = self.0.canonical_reason().unwrap_or("Error");
-        let body = format!("<h1>{}</h1><div class=\"alert bad\">{}</div>", esc(title), esc(&self.1).replace('\n', "<br>"));
+        let body =
+            format!("<h1>{}</h1><div class=\"alert bad\">{}</div>", esc(title), esc(&self.1).replace('\n', "<br>"));
         (self.0, Html(page(title, Nav::None, &body))).into_response()
     }
 }
@@ -112,8 +113,10 @@ pub async fn index(State(st): St) -> Result<Html<String>, PageError> {
             Err(_) => {}
         }
     }
-    let mut b = String::from("<h1>Images</h1><p class=\"sub\">The kliko images on this machine. Choose one to run it.</p>");
-    let kliko: Vec<&ImageMeta> = listed.iter().filter_map(|l| if let Listed::Kliko(m) = l { Some(&**m) } else { None }).collect();
+    let mut b =
+        String::from("<h1>Images</h1><p class=\"sub\">The kliko images on this machine. Choose one to run it.</p>");
+    let kliko: Vec<&ImageMeta> =
+        listed.iter().filter_map(|l| if let Listed::Kliko(m) = l { Some(&**m) } else { None }).collect();
     if kliko.is_empty() {
         b.push_str("<div class=\"card\">No kliko images found. A kliko image has a <code>/kliko.yml</code>; build one with <code>docker build</code>.</div>");
     } else {
@@ -141,7 +144,11 @@ pub async fn index(State(st): St) -> Result<Html<String>, PageError> {
             for t in m.info.repo_tags.iter().filter(|t| !t.contains("<none>")) {
                 b.push_str(&format!("<span class=\"tag\">{}</span>", esc(t)));
             }
-            b.push_str(&format!("<span class=\"tag\" title=\"{}\">{}</span>", esc(&m.info.id), esc(&short_id(&m.info.id))));
+            b.push_str(&format!(
+                "<span class=\"tag\" title=\"{}\">{}</span>",
+                esc(&m.info.id),
+                esc(&short_id(&m.info.id))
+            ));
             b.push_str("</div></div>");
         }
         b.push_str("</div>");
@@ -232,7 +239,10 @@ fn multipart_error(e: axum::extract::multipart::MultipartError, limit: u64) -> P
     if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
         PageError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
-            format!("the upload is larger than this server accepts ({}); see `kliko serve --upload-limit`", html::bytes(limit)),
+            format!(
+                "the upload is larger than this server accepts ({}); see `kliko serve --upload-limit`",
+                html::bytes(limit)
+            ),
         )
     } else {
         PageError::new(e.status(), format!("the form could not be read: {}", e.body_text()))
@@ -380,7 +390,9 @@ pub async fn submit(State(st): St, Path(reference): Path<String>, mut mp: Multip
         }
     };
     let (input, output) = match meta.spec.io {
-        IoMode::Split => (folder(&sub.input, "input", &mut errors, true), folder(&sub.output, "output", &mut errors, false)),
+        IoMode::Split => {
+            (folder(&sub.input, "input", &mut errors, true), folder(&sub.output, "output", &mut errors, false))
+        }
         IoMode::Join => {
             if sub.work.trim().is_empty() {
                 errors.add("work", "a work folder is required: the image changes it in place");
@@ -452,7 +464,12 @@ fn status_badge(s: &crate::RunState) -> String {
 }
 
 fn get_run(st: &AppState, id: &str) -> Result<Arc<RunEntry>, PageError> {
-    st.run(id).ok_or_else(|| PageError::new(StatusCode::NOT_FOUND, format!("no run `{id}` on this server (runs are kept while it runs; see History for older ones)")))
+    st.run(id).ok_or_else(|| {
+        PageError::new(
+            StatusCode::NOT_FOUND,
+            format!("no run `{id}` on this server (runs are kept while it runs; see History for older ones)"),
+        )
+    })
 }
 
 fn logs_html(chunks: &[(bool, String)], dropped: bool) -> String {
@@ -487,14 +504,28 @@ pub async fn run_page(State(st): St, Path(id): Path<String>) -> Result<Html<Stri
         None => String::new(),
     };
     b.push_str("<div class=\"card status\">");
-    b.push_str(&format!("<div><div class=\"label\">status</div><div class=\"big\" id=\"status\">{}</div></div>", status_badge(&s)));
+    b.push_str(&format!(
+        "<div><div class=\"label\">status</div><div class=\"big\" id=\"status\">{}</div></div>",
+        status_badge(&s)
+    ));
     if let Some(r) = &s.report {
-        b.push_str(&format!("<div><div class=\"label\">exit code</div><div class=\"big\" id=\"exit-code\">{}</div></div>", r.exit_code));
-        b.push_str(&format!("<div><div class=\"label\">wall time</div><div class=\"big\">{}</div></div>", esc(&html::duration_ms(r.wall_ms))));
+        b.push_str(&format!(
+            "<div><div class=\"label\">exit code</div><div class=\"big\" id=\"exit-code\">{}</div></div>",
+            r.exit_code
+        ));
+        b.push_str(&format!(
+            "<div><div class=\"label\">wall time</div><div class=\"big\">{}</div></div>",
+            esc(&html::duration_ms(r.wall_ms))
+        ));
         if r.cache == Cache::Hit {
-            b.push_str(&format!("<div><div class=\"label\">saved</div><div class=\"big\">{}</div></div>", esc(&html::duration_ms(r.saved_ms))));
+            b.push_str(&format!(
+                "<div><div class=\"label\">saved</div><div class=\"big\">{}</div></div>",
+                esc(&html::duration_ms(r.saved_ms))
+            ));
         }
-        b.push_str(&format!("<div><div class=\"label\">cache</div><div class=\"big\" id=\"cache\">{cache}</div></div>"));
+        b.push_str(&format!(
+            "<div><div class=\"label\">cache</div><div class=\"big\" id=\"cache\">{cache}</div></div>"
+        ));
     }
     if !s.finished {
         b.push_str(&format!(
@@ -548,7 +579,11 @@ pub async fn run_page(State(st): St, Path(id): Path<String>) -> Result<Html<Stri
     if let Some(out) = s.report.as_ref().and_then(|r| r.output) {
         let store = st.engine.store().clone();
         let files = blocking(move || list_tree(&store, &out, 2000)).await?;
-        b.push_str(&format!("<h2>Output <span class=\"meta\">{} file{}</span></h2>", files.len(), if files.len() == 1 { "" } else { "s" }));
+        b.push_str(&format!(
+            "<h2>Output <span class=\"meta\">{} file{}</span></h2>",
+            files.len(),
+            if files.len() == 1 { "" } else { "s" }
+        ));
         b.push_str(&files_table(&files, &format!("/run/{}/file", url_path(&run.id))));
     }
 
@@ -616,9 +651,10 @@ pub async fn run_events(
                 let end = matches!(m, LiveMsg::Done);
                 Some((m, (rx, end, shutdown)))
             }
-            Err(RecvError::Lagged(n)) => {
-                Some((LiveMsg::Log { stderr: true, text: format!("[{n} log chunks skipped]\n") }, (rx, false, shutdown)))
-            }
+            Err(RecvError::Lagged(n)) => Some((
+                LiveMsg::Log { stderr: true, text: format!("[{n} log chunks skipped]\n") },
+                (rx, false, shutdown),
+            )),
             Err(RecvError::Closed) => None,
         }
     });
@@ -646,7 +682,11 @@ pub async fn run_cancel(State(st): St, Path(id): Path<String>, body: String) -> 
 
 pub async fn run_file(State(st): St, Path((id, path)): Path<(String, String)>) -> Result<Response, PageError> {
     let run = get_run(&st, &id)?;
-    let out = run.snapshot().report.and_then(|r| r.output).ok_or_else(|| PageError::new(StatusCode::NOT_FOUND, "this run has no output (yet)"))?;
+    let out = run
+        .snapshot()
+        .report
+        .and_then(|r| r.output)
+        .ok_or_else(|| PageError::new(StatusCode::NOT_FOUND, "this run has no output (yet)"))?;
     serve_tree_file(&st, out, path).await
 }
 
@@ -958,7 +998,11 @@ async fn provenance_body(st: &AppState, typed: &str, q: Option<&str>) -> Result<
 
 fn result_card(r: &ActionResult, role: &str) -> String {
     let k = r.key.to_hex();
-    let mut b = format!("<div class=\"card result\"><h3>{} <a href=\"/provenance/{k}\"><code>{}</code></a></h3><dl class=\"kv\">", esc(role), esc(&r.key.short(16)));
+    let mut b = format!(
+        "<div class=\"card result\"><h3>{} <a href=\"/provenance/{k}\"><code>{}</code></a></h3><dl class=\"kv\">",
+        esc(role),
+        esc(&r.key.short(16))
+    );
     let kv = |b: &mut String, k: &str, v: String| b.push_str(&format!("<dt>{}</dt><dd>{v}</dd>", esc(k)));
     kv(&mut b, "image", format!("<code>{}</code>", esc(&r.image_ref)));
     kv(&mut b, "image ID", format!("<code>{}</code>", esc(&r.image_id)));
@@ -997,4 +1041,3 @@ fn result_card(r: &ActionResult, role: &str) -> String {
     b.push_str("</dl></div>");
     b
 }
-

@@ -64,7 +64,10 @@ impl DataRoots {
         }
         let canon = std::fs::canonicalize(&existing).map_err(|e| format!("cannot resolve it: {e}"))?;
         // The part that does not exist may not climb out with `..` (canonicalize did not see it).
-        if rest.iter().any(|c| matches!(Path::new(c).components().next(), Some(Component::ParentDir | Component::CurDir))) {
+        if rest
+            .iter()
+            .any(|c| matches!(Path::new(c).components().next(), Some(Component::ParentDir | Component::CurDir)))
+        {
             return Err("a folder to be created may not contain `..`".into());
         }
         let mut full = canon;

@@ -184,9 +184,8 @@ impl Cdp {
     }
 
     async fn eval(&self, js: &str) -> Value {
-        let r = self
-            .call("Runtime.evaluate", json!({"expression": js, "awaitPromise": true, "returnByValue": true}))
-            .await;
+        let r =
+            self.call("Runtime.evaluate", json!({"expression": js, "awaitPromise": true, "returnByValue": true})).await;
         if let Some(e) = r.get("exceptionDetails") {
             panic!("script failed: {e}\n{js}");
         }
@@ -367,12 +366,14 @@ async fn a_browser_fills_the_form_runs_it_and_sees_a_cache_hit() {
     assert!(text.contains("3 sources found") && text.contains("image.fits"), "logs shown: {text}");
     let written = std::fs::read_to_string(data.path().join("results/run-1/parameters.json")).unwrap();
     let p: Value = serde_json::from_str(&written).unwrap();
-    assert_eq!((p["threshold"].clone(), p["method"].clone(), p["deblend"].clone()), (json!(4.5), json!("rms"), json!(false)));
+    assert_eq!(
+        (p["threshold"].clone(), p["method"].clone(), p["deblend"].clone()),
+        (json!(4.5), json!("rms"), json!(false))
+    );
     assert_eq!(p["apertures"], json!([1.5, 3.0, 6.0]));
     // Follow the link to an output file.
-    let csv = cdp
-        .eval("fetch(document.querySelector('a[href$=\"/file/catalogue.csv\"]').href).then(r => r.text())")
-        .await;
+    let csv =
+        cdp.eval("fetch(document.querySelector('a[href$=\"/file/catalogue.csv\"]').href).then(r => r.text())").await;
     assert_eq!(csv, json!("ra,dec,flux\n10.1,-30.2,1.5\n"));
     cdp.screenshot(&shots.join("run.png")).await;
 

@@ -140,17 +140,41 @@ async fn uploads_are_kept_when_the_form_comes_back_with_errors() {
     };
     let r = f.post_form(&path, &parts("abc")).await;
     assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
-    assert!(field_block(&r.body, "upload").contains("Kept from your last submission: <code>calib.txt</code>"), "{}", r.body);
-    let token = r.body.split("name=\"kept\" value=\"").nth(1).and_then(|t| t.split('"').next()).expect("a kept token").to_string();
+    assert!(
+        field_block(&r.body, "upload").contains("Kept from your last submission: <code>calib.txt</code>"),
+        "{}",
+        r.body
+    );
+    let token = r
+        .body
+        .split("name=\"kept\" value=\"")
+        .nth(1)
+        .and_then(|t| t.split('"').next())
+        .expect("a kept token")
+        .to_string();
 
     // Corrected, with no file chosen this time: the kept one is used.
-    let resubmit = vec![csrf(&f), text("kept", token.clone()), text("input", "in"), text("output", "out"), text("p.count", "3"), text("p.mode", "exact")];
+    let resubmit = vec![
+        csrf(&f),
+        text("kept", token.clone()),
+        text("input", "in"),
+        text("output", "out"),
+        text("p.count", "3"),
+        text("p.mode", "exact"),
+    ];
     let id = f.run(&path, &resubmit).await;
     let st = f.state.run(&id).unwrap().snapshot();
     assert!(st.report.is_some(), "run failed: {:?}", st.error);
     assert_eq!(std::fs::read_to_string(f.data_path().join("out/upload.txt")).unwrap(), "the calibration table");
     // A token is good for one submission.
-    let again = vec![csrf(&f), text("kept", token), text("input", "in"), text("output", "out2"), text("p.count", "x"), text("p.mode", "exact")];
+    let again = vec![
+        csrf(&f),
+        text("kept", token),
+        text("input", "in"),
+        text("output", "out2"),
+        text("p.count", "x"),
+        text("p.mode", "exact"),
+    ];
     let r = f.post_form(&path, &again).await;
     assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
     assert!(!r.body.contains("Kept from your last submission"), "{}", r.body);
@@ -185,7 +209,8 @@ async fn a_run_shows_logs_and_outputs_and_the_same_run_is_a_cache_hit() {
     let report = st.report.as_ref().unwrap_or_else(|| panic!("run failed: {:?}", st.error));
     assert_eq!(report.exit_code, 0);
     let out = f.data_path().join("out1");
-    let params: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("parameters.json")).unwrap()).unwrap();
+    let params: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("parameters.json")).unwrap()).unwrap();
     assert_eq!(params["count"], 7);
     assert_eq!(params["ratio"], 0.25);
     assert_eq!(params["verbose"], true);

@@ -217,7 +217,8 @@ pub fn stored(w: &World, args: &[&dyn AsRef<std::ffi::OsStr>]) -> bool {
     all.push(&"--json");
     let o = w.run(&all);
     o.ok();
-    let v: Value = serde_json::from_str(&o.stdout).unwrap_or_else(|e| panic!("--explain --json is not JSON ({e}): {}", o.stdout));
+    let v: Value =
+        serde_json::from_str(&o.stdout).unwrap_or_else(|e| panic!("--explain --json is not JSON ({e}): {}", o.stdout));
     v["stored"].as_bool().expect("`stored` in the explanation")
 }
 

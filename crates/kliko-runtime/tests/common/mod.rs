@@ -17,11 +17,7 @@ pub async fn docker() -> Docker {
 /// A label value no other test uses.
 pub fn unique_value(what: &str) -> String {
     static N: AtomicU64 = AtomicU64::new(0);
-    format!(
-        "{what}-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    )
+    format!("{what}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
 }
 
 /// A spec for `image` running `cmd`, labelled for this test.
@@ -58,11 +54,7 @@ impl Collected {
 }
 
 /// Run and gather the logs, reading them concurrently as a real caller would.
-pub async fn run_collect(
-    docker: &Docker,
-    spec: &ContainerSpec,
-    cancel: CancellationToken,
-) -> Collected {
+pub async fn run_collect(docker: &Docker, spec: &ContainerSpec, cancel: CancellationToken) -> Collected {
     let (tx, mut rx) = mpsc::channel(16);
     let reader = tokio::spawn(async move {
         let mut chunks = Vec::new();
@@ -81,40 +73,24 @@ pub async fn run_collect(
             Stream::Stderr => stderr.extend_from_slice(&c.bytes),
         }
     }
-    Collected {
-        outcome,
-        stdout,
-        stderr,
-        chunks,
-    }
+    Collected { outcome, stdout, stderr, chunks }
 }
 
 /// Containers (any state) that carry this test's label: must be none after a run.
 pub async fn leftovers(docker: &Docker, label: &str) -> Vec<String> {
-    docker
-        .containers_with_label(TEST_LABEL, label)
-        .await
-        .expect("list containers")
+    docker.containers_with_label(TEST_LABEL, label).await.expect("list containers")
 }
 
 /// Containers created from `image` by this crate (read_file adds only the managed label).
 pub async fn managed_from_image(docker: &Docker, image: &str) -> Vec<String> {
     use bollard::query_parameters::ListContainersOptionsBuilder;
     let filters = HashMap::from([
-        (
-            "label",
-            vec![format!("{}=true", kliko_runtime::MANAGED_LABEL)],
-        ),
+        ("label", vec![format!("{}=true", kliko_runtime::MANAGED_LABEL)]),
         ("ancestor", vec![image.to_string()]),
     ]);
     docker
         .bollard()
-        .list_containers(Some(
-            ListContainersOptionsBuilder::new()
-                .all(true)
-                .filters(&filters)
-                .build(),
-        ))
+        .list_containers(Some(ListContainersOptionsBuilder::new().all(true).filters(&filters).build()))
         .await
         .expect("list containers")
         .into_iter()

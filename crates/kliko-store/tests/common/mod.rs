@@ -12,9 +12,9 @@ use std::path::{Path, PathBuf};
 
 use kliko_core::hash::Hasher;
 use kliko_core::key::{ActionPreimage, ACTION_FORMAT};
+use kliko_core::Digest;
 use kliko_store::records::ActionResult;
 use kliko_store::ObjectKind;
-use kliko_core::Digest;
 use kliko_store::{Store, BLOBS_DIR, TREES_DIR};
 
 /// Content above the memory-mapped hashing threshold, so both hashing paths are exercised.

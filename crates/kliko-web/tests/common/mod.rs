@@ -88,7 +88,11 @@ impl Fixture {
         let data = tempfile::tempdir().expect("tempdir");
         let store = Arc::new(kliko_store::Store::open(store_dir.path()).expect("store"));
         let engine = Arc::new(kliko_engine::Engine::new(store));
-        let mut config = ServeConfig { bind: "127.0.0.1:0".parse().unwrap(), data_roots: vec![data.path().to_path_buf()], ..Default::default() };
+        let mut config = ServeConfig {
+            bind: "127.0.0.1:0".parse().unwrap(),
+            data_roots: vec![data.path().to_path_buf()],
+            ..Default::default()
+        };
         f(&mut config);
         let state = AppState::new(engine, &config).expect("state");
         Fixture { store_dir, data, state }
