@@ -13,7 +13,7 @@ pub fn run(store_root: &Path, cmd: StoreCommand) -> anyhow::Result<ExitCode> {
         Store::open(store_root).with_context(|| format!("cannot open the store at `{}`", store_root.display()))?;
     match cmd {
         StoreCommand::Fsck { repair, json } => {
-            let r = store.fsck(&FsckOptions { repair })?;
+            let r = store.fsck(&FsckOptions { repair, check_image_file: Some(check_image_file) })?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {
@@ -30,6 +30,18 @@ pub fn run(store_root: &Path, cmd: StoreCommand) -> anyhow::Result<ExitCode> {
                 for s in &r.stray {
                     println!("stray file: {}", s.display());
                 }
+                if r.removed_stray > 0 {
+                    println!("moved {} stray files to quarantine/", r.removed_stray);
+                }
+                for b in &r.bad_image_files {
+                    println!("unusable cached image file: {b}");
+                }
+                if r.removed_image_files > 0 {
+                    println!(
+                        "moved {} cached image files to quarantine/ (read from the image again on next use)",
+                        r.removed_image_files
+                    );
+                }
                 for i in &r.incomplete_results {
                     println!("incomplete result: {i}");
                 }
@@ -41,7 +53,7 @@ pub fn run(store_root: &Path, cmd: StoreCommand) -> anyhow::Result<ExitCode> {
                         "{} temporary files left by interrupted writes ({} removed){}",
                         r.temp_files,
                         r.removed_temp_files,
-                        if repair { "" } else { "; `--repair` removes those older than an hour" }
+                        if repair { "" } else { "; `--repair` removes those of dead processes" }
                     );
                 }
                 println!("{}", if r.is_clean() { "store is consistent" } else { "store has problems (see above)" });
@@ -93,3 +105,11 @@ pub fn run(store_root: &Path, cmd: StoreCommand) -> anyhow::Result<ExitCode> {
 }
 
 pub use kliko_core::units::human_bytes;
+
+/// A cached `/kliko.yml` must parse as the engine will parse it when it runs the image.
+fn check_image_file(path: &str, bytes: &[u8]) -> Result<(), String> {
+    if path != "/kliko.yml" {
+        return Ok(());
+    }
+    kliko_spec::Spec::parse(path, &String::from_utf8_lossy(bytes)).map(|_| ()).map_err(|e| e.to_string())
+}

@@ -1,8 +1,17 @@
 //! `fsck`: re-hash every stored object, quarantine corrupt ones, find results that name
-//! missing objects, and report leftovers of interrupted writes.
+//! missing objects, check the cached image files, and report leftovers of interrupted writes.
+//!
+//! fsck runs while other processes use the store, gc included, and does not lock gc out
+//! (re-hashing a large store takes minutes, and gc would wait that long). Instead it tells a
+//! concurrent deletion from damage: only gc deletes objects (under gc.lock, held exclusively),
+//! so an object that was listed and is gone when fsck opens it was collected, not lost, and
+//! is skipped. Losing an object that a result still needs is damage, and is found by the
+//! result check, which runs with the index open, and so holding gc.lock shared: no gc runs
+//! while it checks, and a missing object it finds is missing for real.
 
 use std::fs;
-use std::path::PathBuf;
+use std::io;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use kliko_core::Digest;
@@ -14,13 +23,22 @@ use crate::error::{IoContext, Result};
 use crate::{Store, QUARANTINE_DIR};
 
 /// One object file as fsck saw it: path, the digest its name gives (if any), whether its
-/// content matches, its size.
-type Checked = (PathBuf, Option<Digest>, bool, u64);
+/// content matches, its size. `None`: it vanished between listing and reading (gc).
+type Checked = Option<(PathBuf, Option<Digest>, bool, u64)>;
+
+/// Checks the content of a cached image file (`images-v1/`): given the file's path in the
+/// image (`/kliko.yml`) and its bytes, why it is unusable, if it is. The store does not know
+/// the formats (kliko-spec does), so the caller provides this.
+pub type ImageFileCheck = fn(&str, &[u8]) -> std::result::Result<(), String>;
 
 #[derive(Clone, Debug, Default)]
 pub struct FsckOptions {
-    /// Delete results that name missing objects, and temporary files older than an hour.
+    /// Delete results that name missing objects, move stray files and unusable image files
+    /// to `quarantine/`, and remove temporary files of dead processes (and loose ones older
+    /// than an hour).
     pub repair: bool,
+    /// How to check a cached image file's content (only its name and readability if `None`).
+    pub check_image_file: Option<ImageFileCheck>,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -33,11 +51,23 @@ pub struct FsckReport {
     pub corrupt: Vec<String>,
     /// Files in the object folders that are not named like objects.
     pub stray: Vec<PathBuf>,
+    /// Stray files `--repair` moved to `quarantine/`.
+    pub removed_stray: u64,
+    /// Cached image files (`images-v1/`) checked.
+    pub image_files: u64,
+    /// `path: why` for each cached image file that is unusable (a bad name, unreadable, or
+    /// content that does not parse); kliko reads it from the image again once it is gone.
+    pub bad_image_files: Vec<String>,
+    /// Bad image files `--repair` moved to `quarantine/`.
+    pub removed_image_files: u64,
+    /// Objects listed that gc deleted before fsck could read them (not damage).
+    pub vanished: u64,
     /// `key: missing object` for each result that is not complete.
     pub incomplete_results: Vec<String>,
     /// Results deleted by `--repair`.
     pub removed_results: u64,
-    /// Files in `tmp/` (left by interrupted writes; harmless).
+    /// Leftovers in `tmp/` of interrupted writes (dead processes' folders, loose files;
+    /// harmless, and removed by the next store open or gc).
     pub temp_files: u64,
     pub removed_temp_files: u64,
 }
@@ -45,7 +75,10 @@ pub struct FsckReport {
 impl FsckReport {
     /// Clean: nothing corrupt, stray or incomplete (leftover temporary files are harmless).
     pub fn is_clean(&self) -> bool {
-        self.corrupt.is_empty() && self.stray.is_empty() && self.incomplete_results.len() as u64 == self.removed_results
+        self.corrupt.is_empty()
+            && self.stray.len() as u64 == self.removed_stray
+            && self.bad_image_files.len() as u64 == self.removed_image_files
+            && self.incomplete_results.len() as u64 == self.removed_results
     }
 }
 
@@ -56,6 +89,10 @@ impl Store {
             let dir = self.root().join(kind.dir());
             let mut paths = Vec::new();
             for e in walkdir::WalkDir::new(&dir).min_depth(1).max_depth(2) {
+                if e.as_ref().err().and_then(|e| e.io_error()).is_some_and(|e| e.kind() == io::ErrorKind::NotFound) {
+                    report.vanished += 1;
+                    continue;
+                }
                 let e = e.map_err(|e| {
                     let path = e.path().map(|p| p.to_path_buf()).unwrap_or_else(|| dir.clone());
                     crate::StoreError::Io { path, source: e.into() }
@@ -81,25 +118,43 @@ impl Store {
                         .zip(p.file_name())
                         .map(|(a, b)| format!("{}{}", a.to_string_lossy(), b.to_string_lossy()));
                     let Some(expected) = name.and_then(|n| n.parse::<Digest>().ok()) else {
-                        return Ok((p, None, false, 0));
+                        return Ok(Some((p, None, false, 0)));
                     };
+                    // Only gc deletes objects: one gone since the listing was collected.
+                    let gone = |e: &std::io::Error| e.kind() == io::ErrorKind::NotFound;
                     let ok = match kind {
                         ObjectKind::Blob => {
-                            let meta = fs::symlink_metadata(&p).at(&p)?;
-                            let (actual, _) = kliko_core::hash::hash_file_stable(&p, &meta)?;
-                            actual == expected
+                            let meta = match fs::symlink_metadata(&p) {
+                                Ok(m) => m,
+                                Err(e) if gone(&e) => return Ok(None),
+                                Err(e) => return Err(e).at(&p),
+                            };
+                            match kliko_core::hash::hash_file_stable(&p, &meta) {
+                                Ok((actual, _)) => actual == expected,
+                                Err(kliko_core::hash::HashError::Io { source, .. }) if gone(&source) => {
+                                    return Ok(None)
+                                }
+                                Err(e) => return Err(e.into()),
+                            }
                         }
                         ObjectKind::Tree => {
-                            let bytes = fs::read(&p).at(&p)?;
+                            let bytes = match fs::read(&p) {
+                                Ok(b) => b,
+                                Err(e) if gone(&e) => return Ok(None),
+                                Err(e) => return Err(e).at(&p),
+                            };
                             kind.digest_of(&bytes) == expected && kliko_core::tree::Tree::decode(&bytes).is_ok()
                         }
                     };
                     let size = fs::symlink_metadata(&p).map(|m| m.len()).unwrap_or(0);
-                    Ok((p, Some(expected), ok, size))
+                    Ok(Some((p, Some(expected), ok, size)))
                 })
                 .collect();
             for c in checked {
-                let (path, digest, ok, size) = c?;
+                let Some((path, digest, ok, size)) = c? else {
+                    report.vanished += 1;
+                    continue;
+                };
                 let Some(digest) = digest else {
                     report.stray.push(path);
                     continue;
@@ -116,7 +171,14 @@ impl Store {
                         digest.to_hex(),
                         crate::records::now_ms()
                     ));
-                    fs::rename(&path, &q).at(&path)?;
+                    match fs::rename(&path, &q) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                            report.vanished += 1;
+                            continue;
+                        }
+                        Err(e) => return Err(e).at(&path),
+                    }
                     report.corrupt.push(format!("{} {} (moved to `{}`)", kind.dir(), digest, q.display()));
                 }
             }
@@ -134,17 +196,83 @@ impl Store {
                 }
             }
         }
-        let tmp = self.tmp_dir();
+        self.fsck_image_files(opts, &mut report)?;
+        if opts.repair {
+            for path in &report.stray {
+                if quarantine(self, "stray", path).is_ok() {
+                    report.removed_stray += 1;
+                }
+            }
+        }
+        // Leftovers in tmp/: folders of dead processes (the store's open removed those it
+        // found; more may have died since), and loose files (older kliko versions).
+        let tmp = self.root().join(crate::TMP_DIR);
         let hour_ago = SystemTime::now() - Duration::from_secs(3600);
         for e in fs::read_dir(&tmp).at(&tmp)? {
             let e = e.at(&tmp)?;
+            let path = e.path();
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                if crate::litter::owner(&path) == crate::litter::Owner::Dead {
+                    report.temp_files += 1;
+                }
+                continue;
+            }
             report.temp_files += 1;
             let old = e.metadata().and_then(|m| m.modified()).is_ok_and(|t| t < hour_ago);
-            if opts.repair && old && fs::remove_file(e.path()).is_ok() {
+            if opts.repair && old && fs::remove_file(&path).is_ok() {
                 report.removed_temp_files += 1;
             }
         }
+        if opts.repair {
+            report.removed_temp_files += crate::litter::remove_dead(&tmp, crate::is_owned_tmp).0;
+        }
         Ok(report)
+    }
+
+    /// Check every cached image file: named `<64 hex>-<path>`, a readable regular file, and
+    /// (given a check) usable content. There is no digest to compare: the file is the image's
+    /// own, read once by image ID.
+    fn fsck_image_files(&self, opts: &FsckOptions, report: &mut FsckReport) -> Result<()> {
+        let dir = self.root().join(crate::IMAGES_DIR);
+        let rd = match fs::read_dir(&dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e).at(&dir),
+        };
+        for e in rd {
+            let e = e.at(&dir)?;
+            let path = e.path();
+            report.image_files += 1;
+            let name = e.file_name().to_string_lossy().into_owned();
+            let in_image = name
+                .split_once('-')
+                .filter(|(id, rest)| {
+                    id.len() == 64
+                        && id.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+                        && !rest.is_empty()
+                })
+                .map(|(_, rest)| format!("/{}", rest.replace('%', "/")));
+            let problem = match (in_image, fs::symlink_metadata(&path)) {
+                (_, Err(e)) if e.kind() == io::ErrorKind::NotFound => {
+                    report.image_files -= 1;
+                    continue;
+                }
+                (None, _) => Some("not named `<image id>-<path>`".to_string()),
+                (_, Ok(m)) if !m.is_file() => Some("not a regular file".to_string()),
+                (_, Err(e)) => Some(format!("unreadable: {e}")),
+                (Some(in_image), Ok(_)) => match fs::read(&path) {
+                    Err(e) => Some(format!("unreadable: {e}")),
+                    Ok(bytes) => opts.check_image_file.and_then(|check| check(&in_image, &bytes).err()),
+                },
+            };
+            if let Some(why) = problem {
+                report.bad_image_files.push(format!("{}: {why}", path.display()));
+                if opts.repair && quarantine(self, "image", &path).is_ok() {
+                    report.removed_image_files += 1;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The first object of a result that is missing or damaged, described.
@@ -215,4 +343,11 @@ impl Store {
 
 fn count_entries(dir: &std::path::Path) -> u64 {
     fs::read_dir(dir).map(|it| it.count() as u64).unwrap_or(0)
+}
+
+/// Move `path` into `quarantine/` (named by `what`, its file name and the time).
+fn quarantine(store: &Store, what: &str, path: &Path) -> std::io::Result<()> {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let q = store.root().join(QUARANTINE_DIR).join(format!("{what}-{name}-{}", crate::records::now_ms()));
+    fs::rename(path, q)
 }

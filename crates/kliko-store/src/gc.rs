@@ -16,7 +16,7 @@ use serde::Serialize;
 
 use crate::blobs::ObjectKind;
 use crate::error::{IoContext, Result};
-use crate::records::{now_ms, ActionResult};
+use crate::records::{now_ms, ActionResult, TreeObjects};
 use crate::Store;
 
 /// A held `gc.lock` (shared or exclusive); released on drop.
@@ -75,6 +75,56 @@ pub struct GcReport {
     pub dry_run: bool,
     /// Scratch folders of runs that died (their lock was free).
     pub scratch_removed: u64,
+    /// `tmp/` folders of processes that died, and the bytes they held.
+    pub tmp_removed: u64,
+    pub tmp_bytes_removed: u64,
+    /// The disk was too full to write the index even after the sweep: the evicted results'
+    /// objects are deleted, but the results are still listed (as incomplete: misses).
+    pub index_not_updated: bool,
+}
+
+/// A result as gc weighs it.
+struct Candidate {
+    access: u64,
+    pinned: bool,
+    /// False for a journaled result read while the index cannot be written.
+    evictable: bool,
+    result: ActionResult,
+}
+
+#[derive(Default)]
+struct Plan {
+    results: u64,
+    pinned_kept: u64,
+    /// Results to evict, with their output's objects.
+    evict: Vec<(ActionResult, Option<TreeObjects>)>,
+    /// Object → (size, how many kept results need it).
+    refs: HashMap<(ObjectKind, Digest), (u64, u64)>,
+}
+
+/// Whether an error means the disk (or quota) is full.
+fn out_of_space(e: &crate::StoreError) -> bool {
+    match e {
+        crate::StoreError::Io { source, .. } => matches!(source.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)),
+        crate::StoreError::Db { source, .. } => {
+            let m = source.to_string();
+            m.contains("No space left on device") || m.contains("Disk quota exceeded")
+        }
+        _ => false,
+    }
+}
+
+/// Less than 1 MiB available to this user on the store's filesystem (opening the index
+/// writes a few KiB; a RocksDB write that fails for space leaves it read-only until reopened).
+fn low_on_space(root: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(root.as_os_str().as_bytes()) else { return false };
+    // SAFETY: a zeroed statvfs is a valid out-parameter; the path is NUL-terminated.
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
+        return false;
+    }
+    (s.f_bavail as u64).saturating_mul(s.f_frsize as u64) < 1 << 20
 }
 
 /// The lock file a run holds inside its scratch folder.
@@ -133,44 +183,165 @@ impl Store {
 
     /// Collect garbage. Call it with no index handle alive in this process (gc takes
     /// gc.lock exclusively, and an open index holds it shared).
+    ///
+    /// gc must work on a full disk, since it is what frees space, and opening the index
+    /// writes (RocksDB starts a new log and manifest at every open; the journal goes into
+    /// the index). So it first removes the litter of dead processes (their `tmp/` folders and
+    /// scratch folders: no index needed), and if the index still cannot be opened for lack
+    /// of space it reads the index read-only (which writes nothing), deletes the objects no
+    /// kept result needs, including those of the results it evicts, and then opens the index
+    /// again, now with room, to delete the evicted results. Deleting objects before their
+    /// result is safe: gc holds gc.lock exclusively, so nobody is reading, and a result whose
+    /// objects are gone is a miss (lookups check completeness).
     pub fn gc(&self, opts: &GcOptions) -> Result<GcReport> {
         let guard = self.gc_exclusive()?;
-        // The index under our exclusive gc.lock (the usual way takes it shared).
-        let db = self.db_under(guard)?;
+        let mut report = GcReport { dry_run: opts.dry_run, ..Default::default() };
+        if !opts.dry_run {
+            self.clean_litter(&mut report);
+        }
+        // With (almost) no space left, opening for writing would fail (and RocksDB would
+        // log the failure at length): free space first.
+        let mut held = Some(guard);
+        let opened = match held.take_if(|_| !low_on_space(self.root())) {
+            Some(guard) => self.db_under(guard).map_err(|e| if out_of_space(&e) { None } else { Some(e) }),
+            None => Err(None),
+        };
+        let (db, evicted_first) = match opened {
+            Ok(db) => (db, Vec::new()),
+            Err(Some(e)) => return Err(e),
+            Err(None) => {
+                // Take the lock again if a failed open let go of it (what anyone did in
+                // between is seen by the read below).
+                let guard = match held.take() {
+                    Some(guard) => guard,
+                    None => self.gc_exclusive()?,
+                };
+                let evicted = self.gc_read_only(opts, &mut report)?;
+                if opts.dry_run {
+                    return Ok(report);
+                }
+                match self.db_under(guard) {
+                    Ok(db) => (db, evicted),
+                    Err(e) if out_of_space(&e) => {
+                        // Space was freed, but not enough for the index: the evicted results
+                        // stay in it, incomplete (misses); the next gc or `fsck --repair`
+                        // deletes them.
+                        report.index_not_updated = true;
+                        return Ok(report);
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        };
+        for (r, output) in &evicted_first {
+            if self.get_result(&db, &r.key)?.is_some() {
+                self.delete_result_with(&db, r, output.as_ref())?;
+            }
+        }
         let results = self.results(&db)?;
-        let mut report = GcReport { results_before: results.len() as u64, dry_run: opts.dry_run, ..Default::default() };
+        let mut entries = Vec::with_capacity(results.len());
+        for r in results {
+            let access = self.last_access_ms(&db, &r.key)?.unwrap_or(0);
+            let pinned = self.is_pinned(&db, &r.key)?;
+            entries.push(Candidate { access, pinned, evictable: true, result: r });
+        }
+        let first_pass = evicted_first.len() as u64;
+        let plan = self.plan(entries, opts)?;
+        report.results_before = first_pass + plan.results;
+        report.pinned_kept = plan.pinned_kept;
+        for (r, _) in &plan.evict {
+            report.evicted.push(r.key);
+            if !opts.dry_run {
+                self.delete_result(&db, r)?;
+            }
+        }
+        let before = report.bytes_before;
+        self.sweep(&plan, opts, &mut report)?;
+        if first_pass > 0 {
+            report.bytes_before = before;
+        }
+        report.bytes_after = report.bytes_before.saturating_sub(report.bytes_deleted);
+        Ok(report)
+    }
 
+    /// gc without writing to the index (it cannot be opened for writing: the disk is full):
+    /// read it read-only, count journaled results as kept, and sweep. Returns the results it
+    /// evicted, with their output's objects (walked before they were deleted), for deletion
+    /// from the index once it can be written.
+    fn gc_read_only(
+        &self,
+        opts: &GcOptions,
+        report: &mut GcReport,
+    ) -> Result<Vec<(ActionResult, Option<TreeObjects>)>> {
+        let mut entries = Vec::new();
+        if crate::db::exists(self.root()) {
+            let path = self.db_path();
+            let err = |source| crate::StoreError::Db { path: path.clone(), source };
+            let mut ro_opts = rocksdb::Options::default();
+            ro_opts.set_info_logger(rocksdb::InfoLogger::new_callback_logger(rocksdb::LogLevel::Fatal, |_, _| {}));
+            let cfs = rocksdb::DB::list_cf(&ro_opts, &path).map_err(err)?;
+            // Read-only: no log, manifest, options or lock file is written. RocksDB's own lock
+            // is not needed: no process has the index open while gc holds gc.lock exclusively.
+            let ro = rocksdb::DB::open_cf_for_read_only(&ro_opts, &path, &cfs, false).map_err(err)?;
+            let (access_cf, pins_cf) = (ro.cf_handle(crate::db::CF_ACCESS), ro.cf_handle(crate::db::CF_PINS));
+            if let Some(actions) = ro.cf_handle(crate::db::CF_ACTIONS) {
+                for item in ro.iterator_cf(actions, rocksdb::IteratorMode::Start) {
+                    let (k, v) = item.map_err(err)?;
+                    let result: ActionResult = serde_json::from_slice(&v)
+                        .map_err(|source| crate::StoreError::BadRecord { key: hex::encode(&k), source })?;
+                    let access = match access_cf {
+                        Some(cf) => ro.get_cf(cf, &k).map_err(err)?.and_then(|b| b.as_slice().try_into().ok()),
+                        None => None,
+                    };
+                    let pinned = match pins_cf {
+                        Some(cf) => ro.get_cf(cf, &k).map_err(err)?.is_some(),
+                        None => false,
+                    };
+                    let access = access.map(u64::from_le_bytes).unwrap_or(0);
+                    entries.push(Candidate { access, pinned, evictable: true, result });
+                }
+            }
+        }
+        // Journaled results are recorded but not yet in the index: they are kept.
+        for result in self.journaled_results() {
+            entries.push(Candidate { access: u64::MAX, pinned: false, evictable: false, result });
+        }
+        let plan = self.plan(entries, opts)?;
+        report.results_before = plan.results;
+        report.pinned_kept = plan.pinned_kept;
+        report.evicted = plan.evict.iter().map(|(r, _)| r.key).collect();
+        self.sweep(&plan, opts, report)?;
+        report.bytes_after = report.bytes_before.saturating_sub(report.bytes_deleted);
+        Ok(plan.evict)
+    }
+
+    /// Which results to evict (least recently used first), and what the others need.
+    fn plan(&self, mut entries: Vec<Candidate>, opts: &GcOptions) -> Result<Plan> {
         // Reference counts of every object that some result needs.
         let mut refs: HashMap<(ObjectKind, Digest), (u64, u64)> = HashMap::new();
-        let mut per_result = Vec::with_capacity(results.len());
-        for r in &results {
-            let objs: BTreeSet<(ObjectKind, Digest, u64)> = self.objects_of(r)?.into_iter().collect();
+        let mut per_result = Vec::with_capacity(entries.len());
+        entries.sort_by_key(|c| (c.access, c.result.key));
+        for c in entries {
+            let objs: BTreeSet<(ObjectKind, Digest, u64)> = self.objects_of(&c.result)?.into_iter().collect();
             for (k, d, s) in &objs {
                 refs.entry((*k, *d)).or_insert((*s, 0)).1 += 1;
             }
-            let access = self.last_access_ms(&db, &r.key)?.unwrap_or(0);
-            let pinned = self.is_pinned(&db, &r.key)?;
-            per_result.push((access, pinned, r, objs));
+            per_result.push((c, objs));
         }
-        let stored: Vec<(ObjectKind, Digest, u64, std::path::PathBuf)> = self.all_objects();
-        report.bytes_before = stored.iter().map(|o| o.2).sum();
+        let mut plan = Plan { results: per_result.len() as u64, ..Default::default() };
         let mut live_bytes: u64 = refs.values().map(|(s, _)| *s).sum();
-
-        // Least recently used first.
-        per_result.sort_by_key(|(access, _, r, _)| (*access, r.key));
         let now = now_ms();
-        let mut evict = Vec::new();
-        for (access, pinned, r, objs) in &per_result {
-            let too_old = opts.older_than_ms.is_some_and(|age| now.saturating_sub(*access) > age);
+        for (c, objs) in per_result {
+            let too_old = opts.older_than_ms.is_some_and(|age| now.saturating_sub(c.access) > age);
             let too_big = opts.max_bytes.is_some_and(|max| live_bytes > max);
-            if !(too_old || too_big) {
+            if !(too_old || too_big) || !c.evictable {
                 continue;
             }
-            if *pinned {
-                report.pinned_kept += 1;
+            if c.pinned {
+                plan.pinned_kept += 1;
                 continue;
             }
-            for (k, d, _) in objs {
+            for (k, d, _) in &objs {
                 if let Some(e) = refs.get_mut(&(*k, *d)) {
                     e.1 -= 1;
                     if e.1 == 0 {
@@ -178,18 +349,20 @@ impl Store {
                     }
                 }
             }
-            evict.push(*r);
+            let output = self.walk_tree(&c.result.output).ok();
+            plan.evict.push((c.result, output));
         }
-        for r in &evict {
-            report.evicted.push(r.key);
-            if !opts.dry_run {
-                self.delete_result(&db, r)?;
-            }
-        }
-        // Sweep: every object no remaining result needs, unless it is young.
+        plan.refs = refs;
+        Ok(plan)
+    }
+
+    /// Delete every object no kept result needs, unless it is young.
+    fn sweep(&self, plan: &Plan, opts: &GcOptions, report: &mut GcReport) -> Result<()> {
+        let stored: Vec<(ObjectKind, Digest, u64, std::path::PathBuf)> = self.all_objects();
+        report.bytes_before = stored.iter().map(|o| o.2).sum();
         let young = std::time::SystemTime::now() - std::time::Duration::from_millis(opts.grace_ms);
         for (kind, d, size, path) in stored {
-            let live = refs.get(&(kind, d)).is_some_and(|(_, n)| *n > 0);
+            let live = plan.refs.get(&(kind, d)).is_some_and(|(_, n)| *n > 0);
             if live || ctime(&path).is_some_and(|t| t > young) {
                 continue;
             }
@@ -203,12 +376,17 @@ impl Store {
                 }
             }
         }
-        report.bytes_after = report.bytes_before - report.bytes_deleted;
-        if !opts.dry_run {
-            self.clean_tmp(24 * 3600 * 1000);
-            report.scratch_removed = self.clean_scratch(24 * 3600 * 1000);
-        }
-        Ok(report)
+        Ok(())
+    }
+
+    /// Remove what dead processes left: their `tmp/` folders (whatever their age), loose
+    /// temporary files older than a day, and scratch folders whose lock is free.
+    fn clean_litter(&self, report: &mut GcReport) {
+        let (n, bytes) = crate::litter::remove_dead(&self.root().join(crate::TMP_DIR), crate::is_owned_tmp);
+        report.tmp_removed += n;
+        report.tmp_bytes_removed += bytes;
+        self.clean_tmp(24 * 3600 * 1000);
+        report.scratch_removed = self.clean_scratch(24 * 3600 * 1000);
     }
 
     fn all_objects(&self) -> Vec<(ObjectKind, Digest, u64, std::path::PathBuf)> {

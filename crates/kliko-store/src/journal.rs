@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::blobs::{sync_dir, write_atomic};
 use crate::db::Db;
-use crate::error::Result;
+use crate::error::{Result, StoreError};
 use crate::records::{ActionResult, HistoryEntry};
 use crate::Store;
 
@@ -73,8 +73,14 @@ impl Store {
             if path.extension().is_none_or(|e| e != "json") {
                 continue;
             }
-            let moved = read(&path).ok_or(()).and_then(|j| {
-                self.put_result(db, &j.result).map_err(|_| ())?;
+            let moved = read(&path).ok_or(None).and_then(|j| {
+                match self.put_result(db, &j.result) {
+                    Ok(()) => {}
+                    // The index refused the write (a full disk): the record is fine, it waits
+                    // in the journal for an open that can write (gc frees space without it).
+                    Err(e @ StoreError::Db { .. }) => return Err(Some(e)),
+                    Err(_) => return Err(None),
+                }
                 if let Some(h) = &j.history {
                     // The history is a convenience: the result is what matters.
                     let _ = self.append_history_at(db, h, j.at_ms);
@@ -87,7 +93,8 @@ impl Store {
                     // Failing to remove it only means importing it again (the same batch).
                     let _ = fs::remove_file(&path);
                 }
-                Err(()) => {
+                Err(Some(_)) => break,
+                Err(None) => {
                     // Unreadable, or naming objects that cannot be read: never let it stop
                     // the index from opening.
                     let to = self.root().join(crate::QUARANTINE_DIR).join(entry.file_name());
@@ -100,6 +107,20 @@ impl Store {
             let _ = sync_dir(&dir);
         }
         Ok(imported)
+    }
+}
+
+impl Store {
+    /// Every readable journaled result, as it is on disk (for gc when the index cannot be
+    /// written: these results are recorded, so their objects are live).
+    pub(crate) fn journaled_results(&self) -> Vec<ActionResult> {
+        let Ok(entries) = fs::read_dir(self.root().join(JOURNAL_DIR)) else { return Vec::new() };
+        entries
+            .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+            .filter_map(|e| read(&e.path()))
+            .map(|j| j.result)
+            .collect()
     }
 }
 

@@ -24,6 +24,7 @@ mod fsck;
 mod gc;
 mod ingest;
 mod journal;
+pub mod litter;
 mod materialize;
 pub mod records;
 mod statcache;
@@ -58,7 +59,12 @@ pub const IMAGES_DIR: &str = "images-v1";
 pub struct Store {
     root: PathBuf,
     db: Mutex<Weak<db::DbInner>>,
+    /// This handle's own folder in `tmp/`, made on first use (`None` if it could not be).
+    tmp: std::sync::OnceLock<Option<litter::OwnedDir>>,
 }
+
+/// Folders in `tmp/` owned by one store handle each: `tmp/proc-<random>/`.
+pub const TMP_OWNED_PREFIX: &str = "proc-";
 
 impl Store {
     /// Open (creating if needed) the store at `root`.
@@ -84,7 +90,10 @@ impl Store {
             let p = root.join(d);
             fs_err::create_dir_all(&p).at(&p)?;
         }
-        Ok(Store { root, db: Mutex::new(Weak::new()) })
+        // Temporary files of processes that died (killed mid-ingest, say) go at once: their
+        // folders' locks are free. One `read_dir` and a lock probe per live process.
+        litter::remove_dead(&root.join(TMP_DIR), is_owned_tmp);
+        Ok(Store { root, db: Mutex::new(Weak::new()), tmp: std::sync::OnceLock::new() })
     }
 
     /// The default store location: `$KLIKO_STORE`, else `$XDG_CACHE_HOME/kliko`, else
@@ -146,7 +155,20 @@ impl Store {
         tempfile::Builder::new().prefix(prefix).tempdir_in(&dir).at(&dir)
     }
 
+    /// Where this handle writes temporary files: its own locked folder inside `tmp/` (same
+    /// filesystem as the objects), removed when the handle is dropped, and by the next store
+    /// open or gc once this process is dead. Falls back to `tmp/` itself if the folder cannot
+    /// be made.
     pub fn tmp_dir(&self) -> PathBuf {
-        self.root.join(TMP_DIR)
+        let tmp = self.root.join(TMP_DIR);
+        match self.tmp.get_or_init(|| litter::OwnedDir::create(&tmp, TMP_OWNED_PREFIX).ok()) {
+            Some(owned) => owned.path().to_path_buf(),
+            None => tmp,
+        }
     }
+}
+
+/// Whether a name in `tmp/` is a store handle's own folder.
+fn is_owned_tmp(name: &std::ffi::OsStr) -> bool {
+    name.as_encoded_bytes().starts_with(TMP_OWNED_PREFIX.as_bytes())
 }

@@ -176,14 +176,20 @@ impl Store {
 
     /// Remove a result and its provenance and access entries (its objects stay until gc).
     pub fn delete_result(&self, db: &Db, r: &ActionResult) -> Result<()> {
+        self.delete_result_with(db, r, self.walk_tree(&r.output).ok().as_ref())
+    }
+
+    /// [`Store::delete_result`] given the objects of its output, walked earlier (gc walks
+    /// them before it deletes them).
+    pub(crate) fn delete_result_with(&self, db: &Db, r: &ActionResult, output: Option<&TreeObjects>) -> Result<()> {
         let mut batch = WriteBatch::default();
         batch.delete_cf(db.cf(CF_ACTIONS), r.key.as_bytes());
         batch.delete_cf(db.cf(CF_ACCESS), r.key.as_bytes());
-        if let Ok((trees, files)) = self.walk_tree(&r.output) {
-            for t in &trees {
+        if let Some((trees, files)) = output {
+            for t in trees {
                 batch.delete_cf(db.cf(CF_PROV), prov_key(t, PROV_OUTPUT, &r.key));
             }
-            for (f, _) in &files {
+            for (f, _) in files {
                 batch.delete_cf(db.cf(CF_PROV), prov_key(f, PROV_OUTPUT, &r.key));
             }
         }
@@ -211,6 +217,10 @@ impl Store {
     /// that starts with the hex `prefix`, with what it is: `key`, `tree` or `blob`.
     pub fn resolve_prefix(&self, db: &Db, prefix: &str) -> Result<Vec<(Digest, &'static str)>> {
         let prefix = prefix.to_ascii_lowercase();
+        if !prefix.bytes().all(|b| b.is_ascii_hexdigit()) {
+            // Not hex (`é` would even split a character below): it names nothing.
+            return Ok(Vec::new());
+        }
         let even = &prefix[..prefix.len() - prefix.len() % 2];
         let Ok(start) = hex::decode(even) else { return Ok(Vec::new()) };
         let mut out: Vec<(Digest, &'static str)> = Vec::new();
@@ -219,7 +229,8 @@ impl Store {
             if !k.starts_with(&start) {
                 break;
             }
-            let d = Digest::from_slice(&k).expect("32-byte key");
+            // A key of another length (a damaged index) names nothing.
+            let Some(d) = Digest::from_slice(&k) else { continue };
             if d.to_hex().starts_with(&prefix) {
                 out.push((d, "key"));
             }
@@ -229,7 +240,7 @@ impl Store {
             if !k.starts_with(&start) {
                 break;
             }
-            let d = Digest::from_slice(&k[..32]).expect("32 bytes");
+            let Some(d) = k.get(..32).and_then(Digest::from_slice) else { continue };
             if !d.to_hex().starts_with(&prefix) || out.iter().any(|(o, _)| *o == d) {
                 continue;
             }

@@ -24,7 +24,7 @@ fn setup() -> (tempfile::TempDir, Store, Digest) {
 }
 
 fn fsck(store: &Store, repair: bool) -> kliko_store::FsckReport {
-    store.fsck(&FsckOptions { repair }).unwrap()
+    store.fsck(&FsckOptions { repair, ..Default::default() }).unwrap()
 }
 
 fn quarantined(store: &Store) -> usize {
@@ -249,11 +249,13 @@ fn non_files_in_the_object_folders_are_reported_not_fatal() {
 #[test]
 fn leftover_temporary_files_are_harmless() {
     let (_t, store, _) = setup();
-    fs::write(store.tmp_dir().join(".c-interrupted"), b"half a bl").unwrap();
+    // A loose file in `tmp/` (outside the per-process folders: from an older kliko).
+    let loose = store.root().join(kliko_store::TMP_DIR).join(".c-interrupted");
+    fs::write(&loose, b"half a bl").unwrap();
     let r = fsck(&store, true);
     assert!(r.is_clean());
     assert_eq!(r.temp_files, 1);
     // Younger than an hour: kept (another process may be writing it).
     assert_eq!(r.removed_temp_files, 0);
-    assert!(Path::new(&store.tmp_dir().join(".c-interrupted")).exists());
+    assert!(Path::new(&loose).exists());
 }

@@ -1,0 +1,264 @@
+//! Folders owned by a live process, and their removal once the owner is provably dead.
+//!
+//! A process that writes temporary files (the store's `tmp/`, a placement's staging folder
+//! beside the user's output) writes them inside a folder of its own that holds a lock file,
+//! [`OWNER_LOCK`], `flock`ed exclusively for as long as the folder is in use. The kernel
+//! releases a `flock` when its holder dies (on NFSv4 the server does, when the client's lease
+//! expires), so anyone who can take the lock knows the owner is gone and may remove the
+//! folder, however young it is.
+//!
+//! The lock file is created under another name ([`OWNER_LOCK_NEW`]), locked, and only then
+//! renamed to [`OWNER_LOCK`]: a file named [`OWNER_LOCK`] has been locked since it got that
+//! name, so there is no moment at which a cleaner could take the lock of a live owner. A
+//! folder without the lock file belongs to an owner that died between creating the folder and
+//! renaming its lock into it (or is being set up right now); it is removed only once it is
+//! older than [`UNLOCKED_GRACE`].
+
+use std::ffi::OsStr;
+use std::fs::{self, File};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+/// The lock file inside an owned folder.
+pub const OWNER_LOCK: &str = ".kliko-lock";
+/// The lock file while its owner is taking it (never a cleaner's business).
+pub const OWNER_LOCK_NEW: &str = ".kliko-lock.new";
+/// A folder without its lock file is left alone for this long.
+pub const UNLOCKED_GRACE: Duration = Duration::from_secs(3600);
+
+/// A folder that belongs to this process while the value lives; removed (with what it holds)
+/// on drop, then unlocked.
+#[derive(Debug)]
+pub struct OwnedDir {
+    path: PathBuf,
+    /// `None` once released. `Drop` removes the folder while the lock is still held.
+    lock: Option<File>,
+}
+
+impl OwnedDir {
+    /// Create `parent/<prefix><random>` holding a locked [`OWNER_LOCK`].
+    pub fn create(parent: &Path, prefix: &str) -> io::Result<OwnedDir> {
+        let path = tempfile::Builder::new().prefix(prefix).tempdir_in(parent)?.keep();
+        match lock_new(&path) {
+            Ok(lock) => Ok(OwnedDir { path, lock: Some(lock) }),
+            Err(e) => {
+                let _ = fs::remove_dir_all(&path);
+                Err(e)
+            }
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Give up ownership without removing the folder's content (the lock is released, so the
+    /// next cleaner removes the folder).
+    pub fn release(mut self) {
+        self.lock = None;
+    }
+}
+
+impl Drop for OwnedDir {
+    fn drop(&mut self) {
+        if self.lock.is_some() {
+            crate::remove_tree(&self.path);
+        }
+    }
+}
+
+fn lock_new(dir: &Path) -> io::Result<File> {
+    let new = dir.join(OWNER_LOCK_NEW);
+    let f = File::options().create_new(true).write(true).open(&new)?;
+    flock(&f, libc::LOCK_EX)?;
+    fs::rename(&new, dir.join(OWNER_LOCK))?;
+    Ok(f)
+}
+
+fn flock(f: &File, op: i32) -> io::Result<()> {
+    loop {
+        // SAFETY: flock on an fd we own.
+        if unsafe { libc::flock(f.as_raw_fd(), op) } == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// The state of a folder that may be owned.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Owner {
+    /// Its lock is held: the owner is alive.
+    Alive,
+    /// Its lock could be taken: the owner is dead (the returned file holds the lock now).
+    Dead,
+    /// No lock file (and not older than [`UNLOCKED_GRACE`]): perhaps being set up.
+    Unknown,
+}
+
+/// Take the lock of `dir` if its owner is dead; hold the returned file while removing it.
+fn probe(dir: &Path) -> (Owner, Option<File>) {
+    match File::options().write(true).open(dir.join(OWNER_LOCK)) {
+        Ok(f) => {
+            // SAFETY: flock on an fd we own.
+            if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+                (Owner::Dead, Some(f))
+            } else {
+                (Owner::Alive, None)
+            }
+        }
+        Err(_) => {
+            let old = fs::symlink_metadata(dir)
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t < SystemTime::now() - UNLOCKED_GRACE);
+            (if old { Owner::Dead } else { Owner::Unknown }, None)
+        }
+    }
+}
+
+/// Whether the owner of `dir` is alive, dead, or unknown.
+pub fn owner(dir: &Path) -> Owner {
+    probe(dir).0
+}
+
+/// Remove every folder in `parent` whose name `matches` and whose owner is dead; returns how
+/// many were removed and the bytes their files held.
+pub fn remove_dead(parent: &Path, matches: impl Fn(&OsStr) -> bool) -> (u64, u64) {
+    remove_dead_with(parent, matches, |_| {})
+}
+
+/// [`remove_dead`], calling `salvage` on each dead folder (holding its lock) before removing it.
+fn remove_dead_with(parent: &Path, matches: impl Fn(&OsStr) -> bool, salvage: impl Fn(&Path)) -> (u64, u64) {
+    let (mut removed, mut bytes) = (0, 0);
+    let Ok(rd) = fs::read_dir(parent) else { return (0, 0) };
+    for e in rd.flatten() {
+        if !matches(&e.file_name()) || !e.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        let dir = e.path();
+        let (state, _held) = probe(&dir);
+        if state != Owner::Dead {
+            continue;
+        }
+        salvage(&dir);
+        let size: u64 = walkdir::WalkDir::new(&dir)
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.metadata().ok())
+            .filter(|m| m.is_file())
+            .map(|m| m.len())
+            .sum();
+        if crate::remove_tree(&dir) {
+            removed += 1;
+            bytes += size;
+        }
+    }
+    (removed, bytes)
+}
+
+/// The marker in the name of a placement's staging folder: `.<name>.kliko-new-<random>`.
+pub const STAGING_MARK: &str = ".kliko-new-";
+
+/// A staging folder for replacing `target`, beside it (same filesystem, so the result is
+/// renamed into place): `.<name>.kliko-new-<random>`, owned by this process. Staging folders
+/// in the same parent left by placements that died are removed first.
+pub fn staging_beside(target: &Path) -> io::Result<OwnedDir> {
+    let parent = target.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
+    remove_dead_with(parent, is_staging, |dir| restore_old(parent, dir));
+    OwnedDir::create(parent, &format!(".{name}{STAGING_MARK}"))
+}
+
+/// A placement killed between moving the previous content of its target aside (into
+/// `old`) and renaming the new one in leaves the target absent: put the previous content
+/// back rather than lose it with the staging folder.
+fn restore_old(parent: &Path, dir: &Path) {
+    let Some(target) = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix('.'))
+        .and_then(|n| n.rsplit_once(STAGING_MARK))
+        .map(|(name, _)| parent.join(name))
+    else {
+        return;
+    };
+    let old = dir.join("old");
+    if fs::symlink_metadata(&old).is_ok() && fs::symlink_metadata(&target).is_err() {
+        let _ = fs::rename(&old, &target);
+    }
+}
+
+/// Whether a file name is a placement's staging folder (`.<name>.kliko-new-<random>`).
+pub fn is_staging(name: &OsStr) -> bool {
+    let n = name.as_encoded_bytes();
+    n.first() == Some(&b'.') && n.windows(STAGING_MARK.len()).any(|w| w == STAGING_MARK.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_live_owners_folder_stays_and_a_released_one_goes() {
+        let t = tempfile::tempdir().unwrap();
+        let live = OwnedDir::create(t.path(), "x-").unwrap();
+        fs::write(live.path().join("data"), b"12345").unwrap();
+        let dead = OwnedDir::create(t.path(), "x-").unwrap();
+        fs::write(dead.path().join("data"), b"123").unwrap();
+        let dead_path = dead.path().to_path_buf();
+        dead.release();
+        // A folder being set up (no lock file yet) is young: left alone.
+        fs::create_dir(t.path().join("x-setup")).unwrap();
+        // Not matching the pattern: never touched.
+        let other = OwnedDir::create(t.path(), "y-").unwrap();
+        other.release();
+
+        assert_eq!(owner(live.path()), Owner::Alive);
+        assert_eq!(owner(&dead_path), Owner::Dead);
+        assert_eq!(remove_dead(t.path(), |n| n.to_string_lossy().starts_with("x-")), (1, 3));
+        assert!(live.path().join("data").exists());
+        assert!(!dead_path.exists());
+        assert!(t.path().join("x-setup").exists());
+        let live_path = live.path().to_path_buf();
+        drop(live);
+        assert!(!live_path.exists(), "dropping the owner removes its folder");
+    }
+
+    #[test]
+    fn a_placement_removes_the_staging_folders_of_dead_placements_beside_it() {
+        let t = tempfile::tempdir().unwrap();
+        let target = t.path().join("out");
+        let dead = staging_beside(&target).unwrap();
+        fs::write(dead.path().join("half"), b"part of an output").unwrap();
+        let dead_path = dead.path().to_path_buf();
+        dead.release();
+        let other_target = t.path().join("other");
+        let live = staging_beside(&other_target).unwrap();
+        assert!(is_staging(dead_path.file_name().unwrap()));
+        assert!(!is_staging(OsStr::new("out")));
+
+        let next = staging_beside(&target).unwrap();
+        assert!(!dead_path.exists(), "the dead placement's staging folder is still there");
+        assert!(live.path().exists(), "a live placement's staging folder was removed");
+        assert!(next.path().file_name().unwrap().to_string_lossy().starts_with(".out.kliko-new-"));
+    }
+
+    #[test]
+    fn a_placement_killed_with_the_previous_output_aside_gets_it_back() {
+        let t = tempfile::tempdir().unwrap();
+        let target = t.path().join("out");
+        let dead = staging_beside(&target).unwrap();
+        // Killed after `rename(target, old)`, before the new content was renamed in.
+        fs::create_dir_all(dead.path().join("old")).unwrap();
+        fs::write(dead.path().join("old/previous.txt"), b"previous").unwrap();
+        fs::create_dir_all(dead.path().join("t")).unwrap();
+        dead.release();
+        let _next = staging_beside(&t.path().join("elsewhere")).unwrap();
+        assert_eq!(fs::read(target.join("previous.txt")).unwrap(), b"previous");
+    }
+}
