@@ -10,7 +10,7 @@ use kliko_store::records::ActionResult;
 use kliko_store::{GcOptions, ObjectKind, Store};
 
 use crate::cli::CacheCommand;
-use crate::cmd_run::{human_ms, parse_duration};
+use crate::cmd_run::human_ms;
 use crate::cmd_store::human_bytes;
 
 pub fn run(store_root: &Path, cmd: CacheCommand) -> anyhow::Result<ExitCode> {
@@ -109,14 +109,10 @@ pub fn run(store_root: &Path, cmd: CacheCommand) -> anyhow::Result<ExitCode> {
                 bail!("say what to evict: `--max-size SIZE` (e.g. `50g`) and/or `--older-than AGE` (e.g. `30d`)");
             }
             let opts = GcOptions {
-                max_bytes: max_size.as_deref().map(crate::cmd_run::parse_size).transpose()?.map(|b| b as u64),
-                older_than_ms: older_than.as_deref().map(parse_duration).transpose()?.map(|d| d.as_millis() as u64),
+                max_bytes: max_size.as_deref().map(gc_size).transpose()?,
+                older_than_ms: older_than.as_deref().map(gc_duration).transpose()?,
                 dry_run,
-                grace_ms: if grace.trim_end_matches(|c: char| c.is_alphabetic()) == "0" {
-                    0
-                } else {
-                    parse_duration(&grace)?.as_millis() as u64
-                },
+                grace_ms: gc_duration(&grace)?,
             };
             let r = store.gc(&opts)?;
             if json {
@@ -135,10 +131,39 @@ pub fn run(store_root: &Path, cmd: CacheCommand) -> anyhow::Result<ExitCode> {
                     human_bytes(r.bytes_before),
                     human_bytes(r.bytes_after)
                 );
+                if r.tmp_removed > 0 || r.scratch_removed > 0 {
+                    println!(
+                        "removed what dead processes left: {} temporary folders ({}), {} run folders",
+                        r.tmp_removed,
+                        human_bytes(r.tmp_bytes_removed),
+                        r.scratch_removed
+                    );
+                }
+                if r.index_not_updated {
+                    println!(
+                        "note: the disk is still too full to update the index: the evicted results are listed \
+                         until the next `kliko gc` (a run that needs one runs again)"
+                    );
+                }
             }
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `--older-than` and `--grace`: the shared duration grammar, zero included (`--grace 0s`
+/// sweeps unnamed objects at once, `--older-than 0s` evicts every result), in milliseconds.
+fn gc_duration(s: &str) -> anyhow::Result<u64> {
+    let d = kliko_core::units::parse_duration(s).map_err(anyhow::Error::msg)?;
+    Ok(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// `--max-size`: a size as `--memory` takes it, or zero (evict every result not pinned).
+fn gc_size(s: &str) -> anyhow::Result<u64> {
+    if s.trim().trim_end_matches(|c: char| c.is_ascii_alphabetic()).trim().parse::<f64>().is_ok_and(|n| n == 0.0) {
+        return Ok(0);
+    }
+    Ok(crate::cmd_run::parse_size(s)? as u64)
 }
 
 fn pin(store: &Store, key: &str, on: bool) -> anyhow::Result<ExitCode> {

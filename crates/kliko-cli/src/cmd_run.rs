@@ -368,21 +368,13 @@ pub fn parse_size(s: &str) -> anyhow::Result<i64> {
     Ok((n * mult as f64) as i64)
 }
 
+/// A positive duration (`kliko_core::units::parse_duration`'s grammar).
 pub fn parse_duration(s: &str) -> anyhow::Result<Duration> {
-    let t = s.trim();
-    let (num, mult) = match t.chars().last() {
-        Some('s') => (&t[..t.len() - 1], 1.0),
-        Some('m') => (&t[..t.len() - 1], 60.0),
-        Some('h') => (&t[..t.len() - 1], 3600.0),
-        Some('d') => (&t[..t.len() - 1], 86400.0),
-        _ => (t, 1.0),
-    };
-    let n: f64 =
-        num.trim().parse().map_err(|_| anyhow::anyhow!("`{s}` is not a duration (examples: `90s`, `10m`, `2h`)"))?;
-    if n <= 0.0 || !n.is_finite() {
+    let d = kliko_core::units::parse_duration(s).map_err(anyhow::Error::msg)?;
+    if d.is_zero() {
         bail!("`{s}` is not a positive duration");
     }
-    Ok(Duration::from_secs_f64(n * mult))
+    Ok(d)
 }
 
 /// Live logs and status on the terminal.

@@ -333,3 +333,110 @@ fn cli_hash_json_reads_fresh_files_every_time() {
     let v = json(&ok(kliko(&store).args(["hash", "--json"]).arg(src.join("a.txt"))));
     assert_eq!(v["digest"], kliko_core::Digest::of_bytes(b"hello\n").to_hex().as_str());
 }
+
+/// Every entry in the store's `tmp/` (the folders of processes, and what they hold).
+fn tmp_entries(store: &Path) -> Vec<PathBuf> {
+    let Ok(rd) = fs::read_dir(store.join("tmp")) else { return Vec::new() };
+    let mut out = Vec::new();
+    for e in rd.flatten() {
+        out.push(e.path());
+        if e.path().is_dir() {
+            out.extend(fs::read_dir(e.path()).unwrap().flatten().map(|e| e.path()));
+        }
+    }
+    out
+}
+
+/// Copies being staged: files in the processes' folders in `tmp/`, other than the lock files.
+fn staged_copies(store: &Path) -> usize {
+    tmp_entries(store)
+        .iter()
+        .filter(|p| p.parent().unwrap().file_name().unwrap().to_string_lossy().starts_with("proc-"))
+        .filter(|p| p.is_file() && !p.file_name().unwrap().to_string_lossy().starts_with(".kliko-lock"))
+        .count()
+}
+
+#[test]
+fn an_ingest_killed_mid_copy_leaves_temporary_files_that_the_next_ingest_and_gc_remove() {
+    let t = tempfile::tempdir().unwrap();
+    let store = t.path().join("store");
+    let src = t.path().join("src");
+    let mut rng = Rng::from_time();
+    for round in 0..2 {
+        // New content every round, large enough that copying it into tmp/ takes a while:
+        // 48 files of 2 MiB.
+        for i in 0..48 {
+            fs::create_dir_all(src.join(format!("d{}", i % 4))).unwrap();
+            fs::write(src.join(format!("d{}/f{i}", i % 4)), rng.bytes(2 << 20)).unwrap();
+        }
+        let mut child = kliko(&store)
+            .args(["store", "ingest"])
+            .arg(&src)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        // Wait for the event (copies appearing in tmp/), not for a guessed time.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while staged_copies(&store) == 0 {
+            assert!(child.try_wait().unwrap().is_none(), "the ingest finished before it could be killed");
+            assert!(Instant::now() < deadline, "no temporary copy appeared in tmp/");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let litter = staged_copies(&store);
+        assert!(litter > 0, "the kill left no temporary copies: {:?}", tmp_entries(&store));
+        eprintln!("round {round}: killed with {litter} copies in tmp/");
+        if round == 0 {
+            // The next ingest (a new tree, so it stages copies of its own) cleans up.
+            let other = t.path().join("other");
+            small_tree(&other);
+            ingest(&store, &other);
+        } else {
+            ok(kliko(&store).args(["gc", "--older-than", "30d"]));
+        }
+        assert_eq!(tmp_entries(&store), Vec::<PathBuf>::new(), "round {round}");
+        // And fsck has nothing to say about it.
+        assert_clean(&store, &format!("round {round}"));
+    }
+}
+
+#[test]
+fn cli_gc_accepts_the_same_durations_as_every_other_option() {
+    let t = tempfile::tempdir().unwrap();
+    let store = t.path().join("store");
+    for args in [["--older-than", "1ms"], ["--older-than", "0s"], ["--older-than", "1.5h"], ["--older-than", "30d"]] {
+        ok(kliko(&store).arg("gc").args(args).args(["--grace", "500ms"]));
+    }
+    ok(kliko(&store).args(["gc", "--older-than", "90", "--grace", "0"]));
+    ok(kliko(&store).args(["gc", "--max-size", "0"]));
+    let o = run(kliko(&store).args(["gc", "--older-than", "2 weeks"]));
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("`2 weeks` is not a duration") && err.contains("500ms"), "{err}");
+}
+
+#[test]
+fn cli_fsck_checks_the_cached_kliko_yml_of_each_image_and_repair_removes_a_bad_one() {
+    let t = tempfile::tempdir().unwrap();
+    let store = t.path().join("store");
+    ok(kliko(&store).args(["store", "stats"]));
+    let images = store.join("images-v1");
+    fs::create_dir_all(&images).unwrap();
+    fs::write(images.join(format!("{}-kliko.yml", "ab".repeat(32))), "schema_version: 3\nio: join\nsections: []\n")
+        .unwrap();
+    let bad = images.join(format!("{}-kliko.yml", "cd".repeat(32)));
+    fs::write(&bad, "schema_version: 3\nio: [unclosed\n").unwrap();
+    let o = run(kliko(&store).args(["store", "fsck"]));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(1), "{text}");
+    assert!(text.contains("unusable cached image file") && text.contains(&"cd".repeat(32)), "{text}");
+    assert!(!text.contains(&"ab".repeat(32)), "{text}");
+    let o = run(kliko(&store).args(["store", "fsck", "--repair"]));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+    assert!(!bad.exists());
+    let (success, r) = fsck_json(&store);
+    assert!(success, "{r:#}");
+    assert_eq!(r["image_files"], 1, "{r:#}");
+}

@@ -28,6 +28,24 @@ pub fn human_ms(ms: u64) -> String {
     }
 }
 
+/// A duration as people write it, the one grammar of every kliko option and pipeline field
+/// that takes one: a number (fractions allowed), then `ms`, `s`, `m`, `h` or `d`, or no unit
+/// for seconds: `500ms`, `90s`, `1.5`, `10m`, `2h`, `30d`. Zero is a duration; whether it
+/// makes sense is the caller's business. The error says what was wrong, in the user's terms.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let t = s.trim();
+    let (num, secs) = [("ms", 0.001), ("s", 1.0), ("m", 60.0), ("h", 3600.0), ("d", 86400.0)]
+        .iter()
+        .find_map(|(unit, secs)| t.strip_suffix(unit).map(|n| (n, *secs)))
+        .unwrap_or((t, 1.0));
+    let bad = || format!("`{s}` is not a duration (examples: `500ms`, `90s`, `10m`, `2h`, `30d`)");
+    let n: f64 = num.trim().parse().map_err(|_| bad())?;
+    if !n.is_finite() || n < 0.0 {
+        return Err(bad());
+    }
+    std::time::Duration::try_from_secs_f64(n * secs).map_err(|_| format!("`{s}` is too long a duration"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -40,5 +58,23 @@ mod tests {
         assert_eq!(human_ms(850), "850 ms");
         assert_eq!(human_ms(1234), "1.2 s");
         assert_eq!(human_ms(125_000), "2m 05s");
+    }
+
+    #[test]
+    fn durations_in_every_unit() {
+        use std::time::Duration;
+        let d = |s| parse_duration(s).unwrap();
+        assert_eq!(d("1ms"), Duration::from_millis(1));
+        assert_eq!(d("1.5"), Duration::from_millis(1500));
+        assert_eq!(d("90s"), Duration::from_secs(90));
+        assert_eq!(d(" 2m "), Duration::from_secs(120));
+        assert_eq!(d("2h"), Duration::from_secs(7200));
+        assert_eq!(d("30d"), Duration::from_secs(30 * 86400));
+        assert_eq!(d("0s"), Duration::ZERO);
+        assert_eq!(d("0"), Duration::ZERO);
+        for bad in ["", "s", "ms", "-1", "-1s", "1x", "nan", "inf", "1e400", "2 weeks"] {
+            let e = parse_duration(bad).unwrap_err();
+            assert!(e.contains("duration"), "{bad}: {e}");
+        }
     }
 }

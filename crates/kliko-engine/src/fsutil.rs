@@ -23,11 +23,12 @@ pub fn absent_or_empty(dir: &Path) -> Result<bool> {
 /// Fill `target` with what `fill` writes into a fresh sibling folder, so that `target` never
 /// shows a partial result: an absent or empty `target` is replaced by one rename; a non-empty
 /// one is renamed aside, the new one renamed in, the old one removed. A crash leaves both
-/// copies, never neither.
+/// copies, never neither, and the next placement into the same folder removes them.
 pub fn replace_dir(target: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let parent = target.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
-    let staging = tempfile::Builder::new().prefix(&format!(".{name}.kliko-new-")).tempdir_in(parent).at(parent)?;
+    // Locked by this process while it places, so that the next placement beside it can tell
+    // a killed placement's leftovers (which it removes) from one in progress.
+    let staging = kliko_store::litter::staging_beside(target).at(parent)?;
     let new = staging.path().join("t");
     fill(&new)?;
     // rename(2) replaces an empty folder atomically; a non-empty one is swapped.

@@ -659,9 +659,8 @@ fn place_output(store: &Store, tree: &Digest, target: &Path) -> Result<()> {
         return Ok(());
     }
     let parent = target.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "output".into());
-    let staging =
-        tempfile::Builder::new().prefix(&format!(".{name}.kliko-new-")).tempdir_in(parent).map_err(io(parent))?;
+    // Locked while in use: the next placement here removes it if this process is killed.
+    let staging = kliko_store::litter::staging_beside(target).map_err(io(parent))?;
     let new = staging.path().join("new");
     store.materialize(tree, &new, MaterializeMode::Auto)?;
     let old = staging.path().join("old");

@@ -616,18 +616,10 @@ fn list(keys: &[&str]) -> String {
     keys.iter().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(", ")
 }
 
-/// `90s`, `10m`, `2h`, `1d`, or plain seconds.
+/// A positive duration: `500ms`, `90s`, `10m`, `2h`, `1d`, or plain seconds (the grammar of
+/// `kliko_core::units::parse_duration`, shared with the command line).
 pub fn parse_duration(s: &str) -> Option<Duration> {
-    let t = s.trim();
-    let (num, mult) = match t.chars().last()? {
-        's' => (&t[..t.len() - 1], 1.0),
-        'm' => (&t[..t.len() - 1], 60.0),
-        'h' => (&t[..t.len() - 1], 3600.0),
-        'd' => (&t[..t.len() - 1], 86400.0),
-        _ => (t, 1.0),
-    };
-    let n: f64 = num.trim().parse().ok()?;
-    (n > 0.0 && n.is_finite()).then(|| Duration::from_secs_f64(n * mult))
+    kliko_core::units::parse_duration(s).ok().filter(|d| !d.is_zero())
 }
 
 #[cfg(test)]

@@ -206,8 +206,8 @@ impl Store {
             Some(guard) => self.db_under(guard).map_err(|e| if out_of_space(&e) { None } else { Some(e) }),
             None => Err(None),
         };
-        let (db, evicted_first) = match opened {
-            Ok(db) => (db, Vec::new()),
+        let (db, evicted_first, freed_first) = match opened {
+            Ok(db) => (db, Vec::new(), false),
             Err(Some(e)) => return Err(e),
             Err(None) => {
                 // Take the lock again if a failed open let go of it (what anyone did in
@@ -221,7 +221,7 @@ impl Store {
                     return Ok(report);
                 }
                 match self.db_under(guard) {
-                    Ok(db) => (db, evicted),
+                    Ok(db) => (db, evicted, true),
                     Err(e) if out_of_space(&e) => {
                         // Space was freed, but not enough for the index: the evicted results
                         // stay in it, incomplete (misses); the next gc or `fsck --repair`
@@ -257,7 +257,7 @@ impl Store {
         }
         let before = report.bytes_before;
         self.sweep(&plan, opts, &mut report)?;
-        if first_pass > 0 {
+        if freed_first {
             report.bytes_before = before;
         }
         report.bytes_after = report.bytes_before.saturating_sub(report.bytes_deleted);

@@ -258,6 +258,8 @@ fn gc_frees_space_on_a_full_disk() {
         .unwrap_or_else(|e| panic!("gc on a full disk: {e}: {:?}", std::error::Error::source(&e)));
     eprintln!("{r:?}");
     assert!(r.bytes_deleted >= 4 << 20, "{r:?}");
+    assert_eq!((r.bytes_before, r.bytes_after), (r.bytes_deleted, 0), "{r:?}");
+    assert_eq!(r.evicted.len(), 2, "{r:?}");
     assert!(free_bytes(&disk.0) >= 4 << 20, "{} bytes free after gc", free_bytes(&disk.0));
     assert!(!r.index_not_updated, "{r:?}");
     // Both results are gone from the index (the journaled one was imported, then evicted),
