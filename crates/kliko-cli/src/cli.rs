@@ -57,7 +57,8 @@ pub struct HashArgs {
 pub enum StoreCommand {
     /// Re-hash every stored object; quarantine corrupt ones; find results with missing objects.
     Fsck {
-        /// Also delete results that name missing objects, and stale temporary files.
+        /// Also delete results that name missing objects, move stray files and unusable cached
+        /// image files to quarantine/, and remove temporary files of dead processes.
         #[arg(long)]
         repair: bool,
         #[arg(long)]
@@ -141,13 +142,14 @@ pub enum CacheCommand {
     Pin { key: String },
     /// Let `kliko gc` evict a result again.
     Unpin { key: String },
-    /// Evict least recently used results, then delete objects nothing needs any more.
-    /// Safe while other runs read and write the store.
+    /// Evict least recently used results, then delete objects nothing needs any more, and
+    /// what dead processes left. Safe while other runs read and write the store; works on a
+    /// full disk.
     Gc {
         /// Evict results until what remains fits, e.g. `50g`.
         #[arg(long, value_name = "SIZE")]
         max_size: Option<String>,
-        /// Evict results not used for this long, e.g. `30d`, `12h`.
+        /// Evict results not used for this long, e.g. `30d`, `12h`, `500ms`.
         #[arg(long, value_name = "AGE")]
         older_than: Option<String>,
         /// Show what would go; delete nothing.

@@ -2,6 +2,8 @@
 //! as `kliko hash --json` reports it, and crash safety: ingests killed with SIGKILL at random
 //! moments never leave a partial or writable object behind.
 
+mod common;
+
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -439,4 +441,55 @@ fn cli_fsck_checks_the_cached_kliko_yml_of_each_image_and_repair_removes_a_bad_o
     let (success, r) = fsck_json(&store);
     assert!(success, "{r:#}");
     assert_eq!(r["image_files"], 1, "{r:#}");
+}
+
+/// Staging folders of placements (`.NAME.kliko-new-…`) in `dir`.
+fn staging_folders(dir: &Path) -> Vec<PathBuf> {
+    fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains(".kliko-new-"))
+        .map(|e| e.path())
+        .collect()
+}
+
+#[test]
+fn a_placement_killed_mid_copy_leaves_a_staging_folder_that_the_next_placement_removes() {
+    let w = common::World::new();
+    // 48 files of 2 MiB: copying them out of the store takes a while.
+    let img = common::split_image(
+        "placement-kill",
+        "",
+        "i=0; while [ $i -lt 48 ]; do dd if=/dev/urandom of=/output/f$i bs=1048576 count=2 2>/dev/null; i=$((i+1)); done",
+    );
+    let input = w.folder("in", &[("a.txt", "x\n")]);
+    let args = |out: &str| -> Vec<std::ffi::OsString> {
+        ["run", img.tag.as_str(), "--input", input.to_str().unwrap(), "--output", w.path(out).to_str().unwrap()]
+            .iter()
+            .map(Into::into)
+            .collect()
+    };
+    let o = w.kliko().args(args("out1")).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // A hit: copied out of the store into a staging folder beside `out2`. Kill it there.
+    let mut child = w.kliko().args(args("out2")).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let copying = || {
+        staging_folders(w.dir.path()).iter().any(|s| fs::read_dir(s.join("t")).is_ok_and(|mut it| it.next().is_some()))
+    };
+    while !copying() {
+        assert!(child.try_wait().unwrap().is_none(), "the placement finished before it could be killed");
+        assert!(Instant::now() < deadline, "no staging folder appeared");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let left = staging_folders(w.dir.path());
+    assert_eq!(left.len(), 1, "{left:?}");
+    // The next placement into the same folder (for another output) removes it.
+    let o = w.kliko().args(args("out3")).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(staging_folders(w.dir.path()), Vec::<PathBuf>::new());
+    assert_eq!(fs::read_dir(w.path("out3")).unwrap().count(), 48);
+    common::assert_no_containers(&img);
 }
