@@ -224,8 +224,8 @@ impl Store {
                     Ok(db) => (db, evicted, true),
                     Err(e) if out_of_space(&e) => {
                         // Space was freed, but not enough for the index: the evicted results
-                        // stay in it, incomplete (misses); the next gc or `fsck --repair`
-                        // deletes them.
+                        // stay in it, incomplete (misses), until a gc that evicts them again
+                        // or `fsck --repair` deletes them.
                         report.index_not_updated = true;
                         return Ok(report);
                     }
