@@ -170,8 +170,20 @@ pub const STAGING_MARK: &str = ".kliko-new-";
 pub fn staging_beside(target: &Path) -> io::Result<OwnedDir> {
     let parent = target.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
-    remove_dead_with(parent, is_staging, |dir| restore_old(parent, dir));
+    // Once per parent folder and process: a pipeline places many outputs side by side, and
+    // the parent may be large.
+    static CLEANED: std::sync::Mutex<Option<std::collections::HashSet<PathBuf>>> = std::sync::Mutex::new(None);
+    let first = CLEANED.lock().map(|mut c| c.get_or_insert_with(Default::default).insert(parent.to_path_buf()));
+    if first.unwrap_or(true) {
+        remove_dead_staging(parent);
+    }
     OwnedDir::create(parent, &format!(".{name}{STAGING_MARK}"))
+}
+
+/// Remove the staging folders in `parent` whose placement died (putting back a previous
+/// content it had moved aside); returns how many.
+pub fn remove_dead_staging(parent: &Path) -> u64 {
+    remove_dead_with(parent, is_staging, |dir| restore_old(parent, dir)).0
 }
 
 /// A placement killed between moving the previous content of its target aside (into
@@ -233,32 +245,32 @@ mod tests {
     fn a_placement_removes_the_staging_folders_of_dead_placements_beside_it() {
         let t = tempfile::tempdir().unwrap();
         let target = t.path().join("out");
-        let dead = staging_beside(&target).unwrap();
+        let first = staging_beside(&target).unwrap();
+        assert!(first.path().file_name().unwrap().to_string_lossy().starts_with(".out.kliko-new-"));
+        let dead = OwnedDir::create(t.path(), ".out.kliko-new-").unwrap();
         fs::write(dead.path().join("half"), b"part of an output").unwrap();
         let dead_path = dead.path().to_path_buf();
         dead.release();
-        let other_target = t.path().join("other");
-        let live = staging_beside(&other_target).unwrap();
+        let live = OwnedDir::create(t.path(), ".other.kliko-new-").unwrap();
         assert!(is_staging(dead_path.file_name().unwrap()));
         assert!(!is_staging(OsStr::new("out")));
 
-        let next = staging_beside(&target).unwrap();
+        assert_eq!(remove_dead_staging(t.path()), 1);
         assert!(!dead_path.exists(), "the dead placement's staging folder is still there");
-        assert!(live.path().exists(), "a live placement's staging folder was removed");
-        assert!(next.path().file_name().unwrap().to_string_lossy().starts_with(".out.kliko-new-"));
+        assert!(live.path().exists() && first.path().exists(), "a live placement's staging folder was removed");
     }
 
     #[test]
     fn a_placement_killed_with_the_previous_output_aside_gets_it_back() {
         let t = tempfile::tempdir().unwrap();
         let target = t.path().join("out");
-        let dead = staging_beside(&target).unwrap();
+        let dead = OwnedDir::create(t.path(), ".out.kliko-new-").unwrap();
         // Killed after `rename(target, old)`, before the new content was renamed in.
         fs::create_dir_all(dead.path().join("old")).unwrap();
         fs::write(dead.path().join("old/previous.txt"), b"previous").unwrap();
         fs::create_dir_all(dead.path().join("t")).unwrap();
         dead.release();
-        let _next = staging_beside(&t.path().join("elsewhere")).unwrap();
+        assert_eq!(remove_dead_staging(t.path()), 1);
         assert_eq!(fs::read(target.join("previous.txt")).unwrap(), b"previous");
     }
 }
