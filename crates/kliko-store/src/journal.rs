@@ -128,3 +128,98 @@ fn read(path: &Path) -> Option<Journaled> {
     let j: Journaled = serde_json::from_slice(&fs::read(path).ok()?).ok()?;
     (j.format == FORMAT).then_some(j)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::ffi::CString;
+    use std::io::Write;
+
+    use super::*;
+
+    /// A journaled result whose import fails because the disk is full stays in the journal
+    /// (it is fine; only the index could not take it), and goes in once there is room.
+    #[test]
+    fn a_journal_file_the_full_index_cannot_take_waits_for_the_next_open() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: mounting a small tmpfs needs root");
+            return;
+        }
+        let t = tempfile::tempdir().unwrap();
+        let disk = t.path().join("disk");
+        fs::create_dir_all(&disk).unwrap();
+        let c = |s: &str| CString::new(s).unwrap();
+        let target = c(disk.to_str().unwrap());
+        // SAFETY: valid NUL-terminated strings that outlive the calls.
+        assert_eq!(
+            unsafe {
+                libc::mount(c("tmpfs").as_ptr(), target.as_ptr(), c("tmpfs").as_ptr(), 0, c("size=8m").as_ptr().cast())
+            },
+            0
+        );
+        struct Unmount(CString);
+        impl Drop for Unmount {
+            fn drop(&mut self) {
+                // SAFETY: a valid NUL-terminated path.
+                unsafe { libc::umount2(self.0.as_ptr(), libc::MNT_DETACH) };
+            }
+        }
+        let _unmount = Unmount(target);
+
+        let store = Store::open(&disk.join("store")).unwrap();
+        // Many files: many provenance entries, a batch larger than a page.
+        let src = t.path().join("src");
+        fs::create_dir_all(&src).unwrap();
+        for i in 0..300 {
+            fs::write(src.join(format!("f{i}")), format!("{i}\n")).unwrap();
+        }
+        let out = store.ingest(&src, crate::IngestMode::Copy).unwrap().digest;
+        let stdout = store.put_bytes(crate::ObjectKind::Blob, b"").unwrap();
+        let preimage: kliko_core::key::ActionPreimage = serde_json::from_value(serde_json::json!({
+            "format": kliko_core::key::ACTION_FORMAT, "image_id": "sha256:0", "io": "split", "cmd": ["/kliko"],
+            "env": {}, "parameters_format": 1, "parameters": {}, "input": null, "salt": "full"
+        }))
+        .unwrap();
+        let r = ActionResult {
+            key: preimage.key(),
+            preimage,
+            output: out,
+            output_files: 300,
+            output_bytes: 0,
+            exit_code: 0,
+            stdout,
+            stderr: stdout,
+            stdout_bytes: 0,
+            stderr_bytes: 0,
+            started_at: String::new(),
+            finished_at: String::new(),
+            wall_ms: 0,
+            image_ref: String::new(),
+            image_id: String::new(),
+            repo_tags: vec![],
+            repo_digests: vec![],
+            input_path: None,
+            parameters_given: serde_json::json!({}),
+            host: String::new(),
+            user: String::new(),
+            kliko_version: String::new(),
+        };
+        let db = store.db().unwrap();
+        store.journal_result(&r, None).unwrap();
+        // Fill the disk to the last byte.
+        let filler = disk.join("filler");
+        let mut f = fs::File::create(&filler).unwrap();
+        while f.write(&[0u8; 65536]).is_ok_and(|n| n > 0) {}
+        while f.write(&[0u8]).is_ok_and(|n| n == 1) {}
+        drop(f);
+
+        assert_eq!(store.import_journal(&db).unwrap(), 0);
+        assert!(store.journal_path(&r.key).exists(), "the journal file was lost");
+        assert_eq!(fs::read_dir(store.root().join(crate::QUARANTINE_DIR)).unwrap().count(), 0);
+        drop(db);
+        fs::remove_file(&filler).unwrap();
+        let db = store.db().unwrap();
+        assert!(store.get_result(&db, &r.key).unwrap().is_some(), "imported once there is room");
+        assert!(!store.journal_path(&r.key).exists());
+    }
+}
