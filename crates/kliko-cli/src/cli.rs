@@ -74,6 +74,12 @@ pub enum StoreCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Rebuild a lost or damaged index from what is left of it and from the result files kept
+    /// beside it; say what could not be recovered.
+    Repair {
+        #[arg(long)]
+        json: bool,
+    },
     /// Recreate a stored tree in a folder (which must be empty or absent).
     Materialize {
         /// Tree digest.

@@ -119,6 +119,7 @@ pub fn run(store_root: &Path, cmd: CacheCommand) -> anyhow::Result<ExitCode> {
                 },
             };
             let r = store.gc(&opts)?;
+            let containers = if dry_run { Vec::new() } else { crate::maintenance::remove_dead_containers(&store) };
             if json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {
@@ -135,6 +136,9 @@ pub fn run(store_root: &Path, cmd: CacheCommand) -> anyhow::Result<ExitCode> {
                     human_bytes(r.bytes_before),
                     human_bytes(r.bytes_after)
                 );
+                if !containers.is_empty() {
+                    println!("removed {} containers left by runs that were killed", containers.len());
+                }
             }
             Ok(ExitCode::SUCCESS)
         }

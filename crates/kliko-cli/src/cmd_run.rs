@@ -426,7 +426,8 @@ fn finish(a: &RunArgs, r: &RunReport) -> anyhow::Result<ExitCode> {
             "status": r.status,
             "exit_code": r.exit_code,
             "output": r.output,
-            "output_path": r.output_path,
+            // JSON holds text only: a path that is not UTF-8 is shown with U+FFFD in its place.
+            "output_path": r.output_path.as_ref().map(|p| p.to_string_lossy()),
             "image": r.image_ref,
             "image_id": r.image_id,
             "wall_ms": r.wall_ms,

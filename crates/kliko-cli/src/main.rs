@@ -7,6 +7,7 @@ mod cmd_pipeline;
 mod cmd_run;
 mod cmd_serve;
 mod cmd_store;
+mod maintenance;
 mod progress;
 mod render;
 

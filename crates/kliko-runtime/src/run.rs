@@ -334,9 +334,13 @@ fn container_body(spec: &ContainerSpec) -> Result<ContainerCreateBody, RuntimeEr
         if !m.container.starts_with('/') {
             return Err(RuntimeError::RelativeMountTarget { target: m.container.clone() });
         }
+        // Never a lossy conversion: `obs\xe9` would become `obs\u{fffd}`, another folder.
+        let Some(source) = m.host.to_str() else {
+            return Err(RuntimeError::PathNotUtf8 { path: m.host.clone() });
+        };
         mounts.push(bollard::models::Mount {
             typ: Some(MountType::BIND),
-            source: Some(m.host.to_string_lossy().into_owned()),
+            source: Some(source.to_string()),
             target: Some(m.container.clone()),
             read_only: Some(m.read_only),
             ..Default::default()
@@ -391,6 +395,15 @@ mod tests {
             container_body(&s),
             Err(RuntimeError::RelativeMount { path }) if path.as_os_str() == "out"
         ));
+    }
+
+    #[test]
+    fn a_host_path_that_is_not_utf8_is_refused_not_converted() {
+        use std::os::unix::ffi::OsStrExt;
+        let mut s = spec();
+        let host = std::path::PathBuf::from(std::ffi::OsStr::from_bytes(b"/data/obs\xe9"));
+        s.mounts.push(Mount { host: host.clone(), container: "/input".into(), read_only: true });
+        assert!(matches!(container_body(&s), Err(RuntimeError::PathNotUtf8 { path }) if path == host));
     }
 
     #[test]

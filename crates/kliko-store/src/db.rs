@@ -25,7 +25,9 @@ pub const CF_PROV: &str = "provenance";
 pub const CF_ACCESS: &str = "access";
 pub const CF_HISTORY: &str = "history";
 pub const CF_PINS: &str = "pins";
-pub const ALL_CFS: &[&str] = &[CF_ACTIONS, CF_STAT, CF_PROV, CF_ACCESS, CF_HISTORY, CF_PINS];
+/// Blob digest → the blob file's mark when its content was last verified ([`crate::BlobMark`]).
+pub const CF_MARKS: &str = "blob-marks";
+pub const ALL_CFS: &[&str] = &[CF_ACTIONS, CF_STAT, CF_PROV, CF_ACCESS, CF_HISTORY, CF_PINS, CF_MARKS];
 
 pub struct DbInner {
     // Field order matters: the database closes, then db.lock is released, then gc.lock.
@@ -87,6 +89,27 @@ pub(crate) fn open_locked(store: &Store, gc: Option<crate::GcGuard>) -> Result<D
         }
     }
     let path = store.db_path();
+    if !exists(store.root()) && store.index_expected() {
+        return Err(StoreError::IndexLost { path });
+    }
+    let opts = options();
+    // Column families this build does not know (from a newer or older kliko) must still be
+    // opened, or RocksDB refuses the database.
+    let mut cfs: Vec<String> = ALL_CFS.iter().map(|s| s.to_string()).collect();
+    if let Ok(existing) = DB::list_cf(&opts, &path) {
+        for cf in existing {
+            if !cfs.contains(&cf) {
+                cfs.push(cf);
+            }
+        }
+    }
+    let db = DB::open_cf(&opts, &path, &cfs).map_err(|source| StoreError::Db { path: path.clone(), source })?;
+    keep_log_short(&db, &path, &cfs).map_err(|source| StoreError::Db { path: path.clone(), source })?;
+    Ok(DbInner { db, _lock: lock, _gc: gc })
+}
+
+/// How kliko opens its index.
+pub(crate) fn options() -> Options {
     let mut opts = Options::default();
     opts.create_if_missing(true);
     opts.create_missing_column_families(true);
@@ -109,19 +132,7 @@ pub(crate) fn open_locked(store: &Store, gc: Option<crate::GcGuard>) -> Result<D
             eprintln!("kliko: the store's index (RocksDB) reports: {}", msg.trim_end());
         }
     }));
-    // Column families this build does not know (from a newer or older kliko) must still be
-    // opened, or RocksDB refuses the database.
-    let mut cfs: Vec<String> = ALL_CFS.iter().map(|s| s.to_string()).collect();
-    if let Ok(existing) = DB::list_cf(&opts, &path) {
-        for cf in existing {
-            if !cfs.contains(&cf) {
-                cfs.push(cf);
-            }
-        }
-    }
-    let db = DB::open_cf(&opts, &path, &cfs).map_err(|source| StoreError::Db { path: path.clone(), source })?;
-    keep_log_short(&db, &path, &cfs).map_err(|source| StoreError::Db { path: path.clone(), source })?;
-    Ok(DbInner { db, _lock: lock, _gc: gc })
+    opts
 }
 
 /// Write-ahead log files kept before the memtables are flushed to table files.

@@ -26,6 +26,7 @@ mod ingest;
 mod journal;
 mod materialize;
 pub mod records;
+mod recovery;
 mod statcache;
 
 use std::path::{Path, PathBuf};
@@ -38,7 +39,8 @@ pub use fsck::{FsckOptions, FsckReport, StoreStats};
 pub use gc::{lock_scratch, remove_tree, GcGuard, GcOptions, GcReport, DEFAULT_GRACE_MS, SCRATCH_LOCK};
 pub use ingest::{IngestMode, Ingested};
 pub use journal::JOURNAL_DIR;
-pub use materialize::MaterializeMode;
+pub use materialize::{BlobMark, KnownMarks, MaterializeMode};
+pub use recovery::{Recovered, RepairReport, INDEX_MARK, RESULTS_DIR};
 pub use statcache::DbStatCache;
 
 use error::IoContext;
@@ -132,12 +134,15 @@ impl Store {
     fn just_opened(&self, inner: Arc<db::DbInner>) -> Result<Db> {
         let db = Db(inner);
         self.import_journal(&db)?;
+        // Bookkeeping for a repair some day: never a reason for the index not to open.
+        let _ = self.after_index_open(&db);
         Ok(db)
     }
 
-    /// Whether an index has ever been created here.
+    /// Whether an index has ever been created here (then opening it either works or says
+    /// that it was lost).
     pub fn has_index(&self) -> bool {
-        db::exists(&self.root)
+        db::exists(&self.root) || self.index_expected()
     }
 
     /// A new private folder for one run, inside the store's filesystem (so ingest can move files).

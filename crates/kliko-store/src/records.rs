@@ -190,7 +190,13 @@ impl Store {
         if let Some(input) = r.preimage.input {
             batch.delete_cf(db.cf(CF_PROV), prov_key(&input, PROV_INPUT, &r.key));
         }
-        db.write_opt(batch, &db::durable()).map_err(db.err(self))
+        db.write_opt(batch, &db::durable()).map_err(db.err(self))?;
+        match std::fs::remove_file(self.result_file(&r.key)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(StoreError::Io { path: self.result_file(&r.key), source: e })
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Keys of results whose output contains `object` (role `o`) or whose input was it (`i`).

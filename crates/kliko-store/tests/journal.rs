@@ -9,7 +9,7 @@ use std::fs;
 
 use common::*;
 use kliko_store::records::HistoryEntry;
-use kliko_store::{GcOptions, IngestMode, Store, JOURNAL_DIR, QUARANTINE_DIR};
+use kliko_store::{GcOptions, IngestMode, Store, StoreError, DB_DIR, JOURNAL_DIR, QUARANTINE_DIR};
 
 fn journal_files(store: &Store) -> usize {
     fs::read_dir(store.root().join(JOURNAL_DIR)).unwrap().count()
@@ -111,4 +111,77 @@ fn gc_keeps_the_objects_of_a_journaled_result() {
     assert!(store.lookup(&db, &r.key).unwrap().is_some());
     let dest = t.path().join("out");
     store.materialize(&out, &dest, kliko_store::MaterializeMode::Copy).unwrap();
+}
+
+/// A store with two results: one recorded straight into the index before result files existed
+/// (an older store), one through the journal; the first is pinned.
+fn store_with_history() -> (tempfile::TempDir, std::path::PathBuf, kliko_core::Digest, kliko_core::Digest) {
+    let (t, root, store, out) = fresh();
+    let old = result_for(&store, out, "old");
+    let new = result_for(&store, out, "new");
+    {
+        let db = store.db().unwrap();
+        store.put_result(&db, &old).unwrap();
+        store.set_pin(&db, &old.key, true).unwrap();
+    }
+    // As in a store made before result files existed.
+    fs::remove_dir_all(root.join(kliko_store::RESULTS_DIR)).unwrap();
+    store.journal_result(&new, Some(&history_entry(&new))).unwrap();
+    // The next open imports the journal and keeps a result file for each result.
+    drop(store.db().unwrap());
+    (t, root, old.key, new.key)
+}
+
+#[test]
+fn a_lost_index_is_an_error_and_never_silently_replaced() {
+    for remove in ["CURRENT", ""] {
+        let (_t, root, old, new) = store_with_history();
+        let store = Store::open(&root).unwrap();
+        let index = root.join(DB_DIR);
+        if remove.is_empty() {
+            fs::remove_dir_all(&index).unwrap();
+        } else {
+            fs::remove_file(index.join(remove)).unwrap();
+        }
+        match store.db() {
+            Err(StoreError::IndexLost { path }) => assert_eq!(path, index),
+            Err(e) => panic!("wrong error: {e}"),
+            Ok(_) => panic!("an empty index replaced the lost one (removed: `{remove}`)"),
+        }
+        // Still an error the second time: nothing was created meanwhile.
+        assert!(matches!(store.db(), Err(StoreError::IndexLost { .. })));
+
+        let report = store.repair_index().unwrap();
+        let db = store.db().unwrap();
+        for key in [old, new] {
+            assert!(store.lookup(&db, &key).unwrap().is_some(), "result {key} lost (removed: `{remove}`)");
+        }
+        assert_eq!(report.results, 2, "{report:?}");
+        if remove.is_empty() {
+            // Nothing of the index was left: results come back from their files, pins do not,
+            // and the report says so.
+            assert_eq!(report.recovered, kliko_store::Recovered::New);
+            assert_eq!(report.restored, 2);
+            assert!(!store.is_pinned(&db, &old).unwrap());
+            assert!(report.lost.iter().any(|l| l.contains("pins")), "{report:?}");
+        } else {
+            // Only the file naming the manifest was gone: the whole index comes back.
+            assert_eq!(report.recovered, kliko_store::Recovered::Whole, "{report:?}");
+            assert!(store.is_pinned(&db, &old).unwrap());
+            assert!(report.lost.is_empty());
+            assert!(report.saved_copy.as_ref().is_some_and(|c| c.exists()));
+        }
+    }
+}
+
+#[test]
+fn gc_removes_an_evicted_results_file() {
+    let (_t, root, old, new) = store_with_history();
+    let store = Store::open(&root).unwrap();
+    let file = |k: &kliko_core::Digest| root.join(kliko_store::RESULTS_DIR).join(format!("{k}.json"));
+    assert!(file(&old).exists() && file(&new).exists());
+    store.gc(&GcOptions { max_bytes: Some(0), grace_ms: 0, ..Default::default() }).unwrap();
+    // The pinned one stays; the other is gone, with its file.
+    assert!(file(&old).exists());
+    assert!(!file(&new).exists());
 }
