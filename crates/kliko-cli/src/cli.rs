@@ -181,6 +181,9 @@ pub struct ServeArgs {
     /// Largest upload of one form (`500M`, `1G`, ...).
     #[arg(long, default_value = "1G", value_name = "SIZE")]
     pub upload_limit: String,
+    /// Connections served at once; further ones wait until one closes.
+    #[arg(long, default_value_t = kliko_web::DEFAULT_MAX_CONNECTIONS, value_name = "N")]
+    pub max_connections: usize,
 }
 
 #[derive(Subcommand, Debug)]

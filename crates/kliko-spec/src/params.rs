@@ -378,18 +378,19 @@ impl ParamLayer {
         let origin = format!("`{name}`");
         let fail = |message: String| ParamErrors(vec![ParamError::Document { origin: origin.clone(), message }]);
         let root = yaml::parse(text).map_err(|e| match e.pos {
-            Some(p) => fail(format!("{p}: invalid YAML: {}", e.message)),
-            None => fail(format!("invalid YAML: {}", e.message)),
+            Some(p) => fail(format!("{p}: {}", e.describe())),
+            None => fail(e.describe()),
         })?;
         let mut entries: Vec<(String, Input)> = Vec::new();
         match root {
             None => {}
             Some(yaml::Node::Map { entries: map, .. }) => {
+                let mut seen = std::collections::HashSet::new();
                 for (k, v) in &map {
                     let Some(key) = k.as_scalar() else {
                         return Err(fail(format!("{}: expected a parameter name, found {}", k.pos(), k.kind())));
                     };
-                    if entries.iter().any(|(seen, _)| seen == key) {
+                    if !seen.insert(key) {
                         return Err(fail(format!("{}: `{key}` is given twice", k.pos())));
                     }
                     entries.push((key.to_string(), crate::spec::input_from_node(v)));
