@@ -30,12 +30,13 @@ use crate::{
 /// Log lines kept for the message of a failed run.
 const TAIL_LINES: usize = 20;
 
-/// The index kept open across the steps of a run that each call `store.db()` (image,
-/// hashing, lookup, record, history): opening RocksDB replays its log and writes a new
-/// manifest, tens of milliseconds each time, which made a hit slower than a plain
-/// `docker run`. The index lock is exclusive between processes, so a hold is dropped
-/// before a container runs and before waiting on another process's lease. An open index
-/// holds gc.lock (shared) itself, so gc cannot start meanwhile.
+/// The index kept open across the steps of a run that each use it (image, hashing, lookup,
+/// history): opening RocksDB replays its log and writes a new manifest, milliseconds each
+/// time. It is opened with `store.db_nowait()`: for writing if no other process has it,
+/// else read-only at once (a run never queues behind another process's use of the index).
+/// A writer excludes other writers, so a hold is dropped before a container runs and before
+/// waiting on another process's lease. An open index holds gc.lock (shared) itself, so gc
+/// cannot start meanwhile.
 pub struct IndexHold {
     _db: kliko_store::Db,
 }
@@ -160,10 +161,10 @@ impl Engine {
     }
 
     /// Holds the index open (see [`IndexHold`]) until released: while it lives, every
-    /// `store.db()` in this process shares one handle instead of opening RocksDB again.
+    /// `store.db_nowait()` in this process shares one handle instead of opening RocksDB again.
     pub async fn hold_index(&self) -> Result<IndexHold> {
         let store = self.store.clone();
-        let hold = blocking(move || Ok(IndexHold { _db: store.db()? })).await;
+        let hold = blocking(move || Ok(IndexHold { _db: store.db_nowait()? })).await;
         mark("index open");
         hold
     }
@@ -296,15 +297,23 @@ impl Engine {
         }
     }
 
-    /// Remove every container made with this store whose run is over: its key's lease is free,
-    /// so the process that created it has ended (normally it removes its own; one killed at the
-    /// wrong moment cannot). `kliko gc` calls this. Returns the ids removed.
+    /// Remove every container made with this store whose run is over (its key's lease is free,
+    /// so the process that created it has ended), and every container made to read a file out
+    /// of an image by a process on this host that is gone. Normally each process removes its
+    /// own; one killed at the wrong moment cannot. `kliko gc` calls this. Returns the ids removed.
     pub async fn remove_dead_containers(&self) -> Result<Vec<String>> {
         let Some(store) = self.store.root().to_str() else { return Ok(Vec::new()) };
         let docker = self.docker().await?;
+        let mut removed = Vec::new();
+        // Containers made only to read a file out of an image, by a process now gone.
+        for c in docker.labelled_containers(kliko_runtime::MANAGED_LABEL, "true").await? {
+            if c.labels.get(kliko_runtime::OWNER_LABEL).is_some_and(|o| kliko_runtime::owner_is_gone(o)) {
+                docker.remove(&c.id).await?;
+                removed.push(c.id);
+            }
+        }
         let found = docker.labelled_containers(STORE_LABEL, store).await?;
         let leases = self.store.root().join(kliko_store::LEASES_DIR);
-        let mut removed = Vec::new();
         for c in found {
             let Some(key) = c.labels.get(KEY_LABEL).and_then(|k| k.parse::<Digest>().ok()) else { continue };
             let (dir, k) = (leases.clone(), key);
@@ -375,7 +384,7 @@ impl Engine {
         // we are about to hand out.
         let (guard, found) = blocking(move || {
             let guard = store.gc_shared()?;
-            let db = store.db()?;
+            let db = store.db_nowait()?;
             Ok((guard, store.lookup(&db, &key)?))
         })
         .await?;
@@ -491,7 +500,7 @@ impl Engine {
         let store = self.store.clone();
         // History is a convenience: a failure to write it must not fail the run.
         let _ = blocking(move || {
-            let db = store.db()?;
+            let db = store.db_nowait()?;
             Ok(store.append_history(&db, &entry)?)
         })
         .await;
@@ -930,7 +939,7 @@ impl Engine {
                     let now = hasher.hash_path(&p).map_err(kliko_store::StoreError::from)?;
                     if now.digest != expected {
                         // Not cached, but it did run: it goes into the history all the same.
-                        let _ = s.db().and_then(|db| s.append_history(&db, &history));
+                        let _ = s.db_nowait().and_then(|db| s.append_history(&db, &history));
                         return Ok(false);
                     }
                 }

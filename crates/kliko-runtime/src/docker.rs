@@ -148,7 +148,11 @@ impl Docker {
             // Never started, but the daemon refuses to create a container
             // without a command and FROM-scratch images often have none.
             cmd: Some(vec!["/kliko-never-started".to_string()]),
-            labels: Some(HashMap::from([(MANAGED_LABEL.to_string(), "true".to_string())])),
+            labels: Some(HashMap::from([
+                (MANAGED_LABEL.to_string(), "true".to_string()),
+                // If this process is killed before it removes the container, a sweep can tell.
+                (crate::OWNER_LABEL.to_string(), crate::this_process_owner()),
+            ])),
             host_config: Some(HostConfig { network_mode: Some("none".to_string()), ..Default::default() }),
             ..Default::default()
         };

@@ -422,6 +422,21 @@ mod tests {
     }
 
     #[test]
+    fn an_owner_label_names_this_process_until_it_is_gone() {
+        let me = crate::this_process_owner();
+        assert!(!crate::owner_is_gone(&me), "{me}");
+        // Same host and pid, another start time: a reused pid is not us.
+        let (rest, _) = me.rsplit_once('/').unwrap();
+        assert!(crate::owner_is_gone(&format!("{rest}/1")));
+        // A pid that cannot exist.
+        let host = rest.rsplit_once('/').unwrap().0;
+        assert!(crate::owner_is_gone(&format!("{host}/4194304/5")));
+        // Another host's processes are never judged.
+        assert!(!crate::owner_is_gone("some-other-host/4194304/5"));
+        assert!(!crate::owner_is_gone("garbage"));
+    }
+
+    #[test]
     fn bad_env_name_is_rejected() {
         let mut s = spec();
         s.env.push(("A=B".into(), "c".into()));

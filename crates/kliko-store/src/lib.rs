@@ -25,6 +25,7 @@ mod gc;
 mod ingest;
 mod journal;
 mod materialize;
+mod notes;
 pub mod records;
 mod recovery;
 mod statcache;
@@ -115,9 +116,27 @@ impl Store {
     pub fn db(&self) -> Result<Db> {
         let mut slot = self.db.lock().expect("db slot lock");
         if let Some(inner) = slot.upgrade() {
-            return Ok(Db(inner));
+            let db = Db(inner);
+            if !db.is_read_only() {
+                return Ok(db);
+            }
         }
         let inner = Arc::new(db::open(self)?);
+        *slot = Arc::downgrade(&inner);
+        self.just_opened(inner)
+    }
+
+    /// A handle on the index that never waits for another process: the index for writing
+    /// when nobody else has it open, else a read-only view of it whose writes (records of use
+    /// only: access times, history, stat cache, blob marks) are left for the next writer.
+    /// Results are never written through it (they go through the journal, which lookups
+    /// read). Shares the handle this process already has, if any.
+    pub fn db_nowait(&self) -> Result<Db> {
+        let mut slot = self.db.lock().expect("db slot lock");
+        if let Some(inner) = slot.upgrade() {
+            return Ok(Db(inner));
+        }
+        let inner = Arc::new(db::open_nowait(self)?);
         *slot = Arc::downgrade(&inner);
         self.just_opened(inner)
     }
@@ -133,7 +152,12 @@ impl Store {
     /// Every open, before anyone reads the index: results journaled since the last one go in.
     fn just_opened(&self, inner: Arc<db::DbInner>) -> Result<Db> {
         let db = Db(inner);
+        if db.is_read_only() {
+            // Someone else has it open for writing, and imports for us.
+            return Ok(db);
+        }
         self.import_journal(&db)?;
+        self.import_notes(&db);
         // Bookkeeping for a repair some day: never a reason for the index not to open.
         let _ = self.after_index_open(&db);
         Ok(db)

@@ -111,7 +111,7 @@ impl Store {
         if mode == MaterializeMode::Copy {
             return self.materialize_dir(tree, dest, mode, None);
         }
-        let v = Verifier { trust: Trust::Index(self.db()?), done: Default::default() };
+        let v = Verifier { trust: Trust::Index(self.db_nowait()?), done: Default::default() };
         self.materialize_dir(tree, dest, mode, Some(&v))?;
         self.remember_marks(&v)
     }
@@ -126,7 +126,11 @@ impl Store {
             // Only links since: a write meanwhile would have changed the modification time
             // (and then the next use hashes it again).
             if (now.ino, now.size, now.mtime_ns) == (then.ino, then.size, then.mtime_ns) {
-                batch.put_cf(db.cf(CF_MARKS), d.as_bytes(), now.encode());
+                if db.is_read_only() {
+                    db.put_or_defer(CF_MARKS, d.as_bytes(), &now.encode()).map_err(db.err(self))?;
+                } else {
+                    batch.put_cf(db.cf(CF_MARKS), d.as_bytes(), now.encode());
+                }
             }
         }
         // A cache of work done: no sync needed (a lost mark only costs a hash).

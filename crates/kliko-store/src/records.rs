@@ -159,7 +159,7 @@ impl Store {
     }
 
     pub fn touch(&self, db: &Db, key: &Digest) -> Result<()> {
-        db.put_cf(db.cf(CF_ACCESS), key.as_bytes(), now_ms().to_le_bytes()).map_err(db.err(self))
+        db.put_or_defer(CF_ACCESS, key.as_bytes(), &now_ms().to_le_bytes()).map_err(db.err(self))
     }
 
     /// Every result, in key order.
@@ -259,7 +259,7 @@ impl Store {
         let mut k = at_ms.to_be_bytes().to_vec();
         k.extend_from_slice(&e.key.as_bytes()[..8]);
         k.extend_from_slice(&std::process::id().to_be_bytes());
-        db.put_cf(db.cf(CF_HISTORY), k, serde_json::to_vec(e).expect("plain data")).map_err(db.err(self))
+        db.put_or_defer(CF_HISTORY, &k, &serde_json::to_vec(e).unwrap_or_default()).map_err(db.err(self))
     }
 
     /// History, newest first.

@@ -185,3 +185,44 @@ fn gc_removes_an_evicted_results_file() {
     assert!(file(&old).exists());
     assert!(!file(&new).exists());
 }
+
+#[test]
+fn a_lookup_never_waits_for_another_process_that_has_the_index_open() {
+    let (_t, root, store, out) = fresh();
+    let r = result_for(&store, out, "nowait");
+    store.journal_result(&r, Some(&history_entry(&r))).unwrap();
+    // "Another process" (another Store on the same folder) has the index open for writing.
+    let writer = store.db().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (root2, key) = (root.clone(), r.key);
+    std::thread::spawn(move || {
+        let other = Store::open(&root2).unwrap();
+        let db = other.db_nowait().unwrap();
+        let found = other.lookup(&db, &key).unwrap().map(|x| x.key);
+        let mut hit = history_entry(&other.get_result(&db, &key).unwrap().unwrap());
+        hit.cache = "hit".into();
+        other.append_history(&db, &hit).unwrap();
+        let read_only = db.is_read_only();
+        // Closing the handle leaves its writes for the next writer.
+        drop(db);
+        tx.send((read_only, found)).unwrap();
+    });
+    let (read_only, found) =
+        rx.recv_timeout(std::time::Duration::from_secs(60)).expect("the lookup waited for the other process");
+    assert!(read_only, "it cannot have had the index for writing");
+    assert_eq!(found, Some(r.key));
+    // Its history entry waits in a notes file for the next writer, which applies it.
+    let notes = || {
+        fs::read_dir(root.join(JOURNAL_DIR))
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("notes-"))
+            .count()
+    };
+    assert_eq!(notes(), 1);
+    drop(writer);
+    let db = store.db().unwrap();
+    assert_eq!(notes(), 0);
+    let kinds: Vec<String> = store.history(&db, 10).unwrap().into_iter().map(|h| h.cache).collect();
+    assert_eq!(kinds, vec!["hit".to_string(), "miss".to_string()]);
+}
