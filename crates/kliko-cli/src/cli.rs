@@ -6,7 +6,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 #[derive(Parser, Debug)]
 #[command(name = "kliko", version, propagate_version = true, max_term_width = 100)]
 pub struct Cli {
-    /// The store (cache) folder. Default: `$KLIKO_STORE`, else `~/.cache/kliko`.
+    /// The store (cache) folder. Default: `$KLIKO_STORE`, else `$XDG_CACHE_HOME/kliko`, else
+    /// `~/.cache/kliko`.
     #[arg(long, global = true, env = "KLIKO_STORE", value_name = "DIR")]
     pub store: Option<PathBuf>,
     #[command(subcommand)]

@@ -91,21 +91,16 @@ impl Engine {
 
         let store = self.store.clone();
         let input = req.input.clone();
-        let files: Vec<PathBuf> = params.file_placements().into_iter().map(|(host, _)| host).collect();
+        let (checked, image_ref) = (params.clone(), req.image.clone());
         let input_stat = Arc::new(kliko_core::hash::MemoryCache::default());
         let stat_copy = input_stat.clone();
         let (input_digest, file_digests) = blocking(move || {
             let mut digests = BTreeMap::new();
-            for f in files {
-                let abs = std::path::absolute(&f).at(&f)?;
-                let meta = fs::metadata(&abs).map_err(|_| EngineError::NoSuchPath { path: f.clone() })?;
-                if !meta.is_file() {
-                    return Err(EngineError::Invalid {
-                        what: f.display().to_string(),
-                        message: "a file parameter must name a regular file".into(),
-                    });
-                }
-                let (d, _) = kliko_core::hash::hash_file_stable(&abs, &meta).map_err(kliko_store::StoreError::from)?;
+            // Each file parameter as given, and the regular file it resolves to (links followed).
+            let files = checked.resolve_files().map_err(|errors| EngineError::Params { image: image_ref, errors })?;
+            for (f, real) in files {
+                let meta = fs::metadata(&real).at(&real)?;
+                let (d, _) = kliko_core::hash::hash_file_stable(&real, &meta).map_err(kliko_store::StoreError::from)?;
                 digests.insert(f, d);
             }
             let input_digest = match input {
