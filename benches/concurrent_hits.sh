@@ -61,7 +61,7 @@ measure() {
         done
         wait
         for i in $(seq "$N"); do
-            grep -q '"cache":"hit"' "$work/o-$name/$i.json" || { echo "error: $name: run $i was not a hit" >&2; exit 1; }
+            grep -q '"cache":"hit"' "$work/o-$name/$i.json" || { echo "error: $name: run $i was not a hit:" >&2; cat "$work/o-$name/$i.json" "$work/o-$name/$i.trace" >&2; exit 1; }
             tr=$work/o-$name/$i.trace
             # Every time this process waited for the lock (it may open the index more than once).
             wait_ms=$(sed -n 's/.*(Δ \([0-9.]*\) ms) index lock taken.*/\1/p' "$tr" | awk '{ s += $1 } END { printf "%.1f", s }')

@@ -144,10 +144,13 @@ impl Store {
     /// A complete result for `key`, recording the access; `None` on a miss (including a
     /// result whose objects are gone).
     pub fn lookup(&self, db: &Db, key: &Digest) -> Result<Option<ActionResult>> {
-        // A result journaled after this handle was opened is not in the index yet.
+        // A result journaled after this handle was opened is not in the index yet; one that a
+        // writer has moved from the journal into the index since (a read-only view does not
+        // see it) has its result file. The journal is read first: a result being moved is in
+        // one of the two folders at every moment.
         let found = match self.get_result(db, key)? {
             Some(r) => Some(r),
-            None => self.journaled(key),
+            None => self.journaled(key).or_else(|| self.result_from_file(key)),
         };
         match found {
             Some(r) if self.is_complete(&r) => {

@@ -67,6 +67,11 @@ impl Store {
         self.results_dir().join(format!("{key}.json"))
     }
 
+    /// The result kept in `results-v1/` for `key`, if any (not checked for completeness).
+    pub(crate) fn result_from_file(&self, key: &Digest) -> Option<crate::records::ActionResult> {
+        journal::read(&self.result_file(key)).map(|j| j.result).filter(|r| r.key == *key)
+    }
+
     /// Whether this store ever had an index (so a missing one was lost, not never made).
     pub(crate) fn index_expected(&self) -> bool {
         self.root().join(INDEX_MARK).exists()
