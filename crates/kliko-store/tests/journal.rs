@@ -226,3 +226,20 @@ fn a_lookup_never_waits_for_another_process_that_has_the_index_open() {
     let kinds: Vec<String> = store.history(&db, 10).unwrap().into_iter().map(|h| h.cache).collect();
     assert_eq!(kinds, vec!["hit".to_string(), "miss".to_string()]);
 }
+
+#[test]
+fn a_read_only_view_finds_a_result_moved_into_the_index_after_it_opened() {
+    let (_t, root, store, out) = fresh();
+    let r = result_for(&store, out, "moved");
+    let writer = store.db().unwrap();
+    let reader = Store::open(&root).unwrap();
+    let view = reader.db_nowait().unwrap();
+    assert!(view.is_read_only());
+    store.journal_result(&r, None).unwrap();
+    drop(writer);
+    // The next writer moves the journaled result into the index, which the view cannot see.
+    let next = Store::open(&root).unwrap();
+    drop(next.db().unwrap());
+    assert_eq!(journal_files(&store), 0);
+    assert_eq!(reader.lookup(&view, &r.key).unwrap().map(|x| x.key), Some(r.key), "a recorded result was a miss");
+}
