@@ -6,7 +6,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 #[derive(Parser, Debug)]
 #[command(name = "kliko", version, propagate_version = true, max_term_width = 100)]
 pub struct Cli {
-    /// The store (cache) folder. Default: `$KLIKO_STORE`, else `~/.cache/kliko`.
+    /// The store (cache) folder. Default: `$KLIKO_STORE`, else `$XDG_CACHE_HOME/kliko`, else
+    /// `~/.cache/kliko`.
     #[arg(long, global = true, env = "KLIKO_STORE", value_name = "DIR")]
     pub store: Option<PathBuf>,
     #[command(subcommand)]
@@ -72,6 +73,12 @@ pub enum StoreCommand {
     /// Copy a folder or file into the store and print its digest.
     Ingest {
         path: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Rebuild a lost or damaged index from what is left of it and from the result files kept
+    /// beside it; say what could not be recovered.
+    Repair {
         #[arg(long)]
         json: bool,
     },
@@ -177,6 +184,9 @@ pub struct ServeArgs {
     /// Largest upload of one form (`500M`, `1G`, ...).
     #[arg(long, default_value = "1G", value_name = "SIZE")]
     pub upload_limit: String,
+    /// Connections served at once; further ones wait until one closes.
+    #[arg(long, default_value_t = kliko_web::DEFAULT_MAX_CONNECTIONS, value_name = "N")]
+    pub max_connections: usize,
 }
 
 #[derive(Subcommand, Debug)]

@@ -115,6 +115,7 @@ pub fn run(store_root: &Path, cmd: CacheCommand) -> anyhow::Result<ExitCode> {
                 grace_ms: gc_duration(&grace)?,
             };
             let r = store.gc(&opts)?;
+            let containers = if dry_run { Vec::new() } else { crate::maintenance::remove_dead_containers(&store) };
             if json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {
@@ -144,6 +145,9 @@ pub fn run(store_root: &Path, cmd: CacheCommand) -> anyhow::Result<ExitCode> {
                         "note: the disk is still too full to update the index: the evicted results are listed \
                          until the next `kliko gc` (a run that needs one runs again)"
                     );
+                }
+                if !containers.is_empty() {
+                    println!("removed {} containers left by runs that were killed", containers.len());
                 }
             }
             Ok(ExitCode::SUCCESS)

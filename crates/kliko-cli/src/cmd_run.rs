@@ -196,7 +196,9 @@ pub fn run(store_root: &Path, args: Vec<OsString>) -> anyhow::Result<ExitCode> {
     let wants_help = args.iter().any(|a| a == "--help" || a == "-h");
     let Some(image) = find_image(&base, &args) else {
         if wants_help {
-            base_command().print_help()?;
+            if let Err(e) = base_command().print_help() {
+                crate::out::failed(e);
+            }
             return Ok(ExitCode::SUCCESS);
         }
         base_command()
@@ -291,12 +293,19 @@ fn build_request(a: &RunArgs, spec: &Spec, m: &ArgMatches) -> anyhow::Result<Run
     } else {
         None
     };
-    let input = match (&a.work, &a.input) {
+    // A folder given as a symbolic link means the folder it points to: that is where the
+    // result is placed (replacing the link itself by a folder would be a surprise).
+    let work = a.work.as_deref().map(|w| follow_link("--work", w)).transpose()?;
+    let output = a.output.as_deref().map(|o| follow_link("--output", o)).transpose()?;
+    if let Some(o) = &output {
+        check_apart(o, a.input.as_deref().or(work.as_deref()), work.is_some())?;
+    }
+    let input = match (&work, &a.input) {
         (Some(w), _) => Input::Path(w.clone()),
         (None, Some(i)) => Input::Path(i.clone()),
         (None, None) => Input::None,
     };
-    let mut req = RunRequest::new(a.image.clone(), input, a.output.clone());
+    let mut req = RunRequest::new(a.image.clone(), input, output);
     req.io_flags = io_flags;
     if let Some(file) = &a.params {
         let text = std::fs::read_to_string(file)
@@ -350,6 +359,81 @@ fn build_request(a: &RunArgs, spec: &Spec, m: &ArgMatches) -> anyhow::Result<Run
     Ok(req)
 }
 
+/// `path` itself, or the folder it points to when it is a symbolic link (which must then
+/// exist and be a folder).
+fn follow_link(flag: &str, path: &Path) -> anyhow::Result<PathBuf> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => {}
+        _ => return Ok(path.to_path_buf()),
+    }
+    let to = std::fs::read_link(path).map(|t| t.display().to_string()).unwrap_or_else(|_| "?".into());
+    match std::fs::canonicalize(path) {
+        Ok(real) if real.is_dir() => Ok(real),
+        Ok(real) => {
+            bail!("`{flag} {}` is a symbolic link to `{}`, which is not a folder", path.display(), real.display())
+        }
+        Err(_) => bail!(
+            "`{flag} {}` is a symbolic link to `{to}`, which does not exist: create that folder, or give another",
+            path.display()
+        ),
+    }
+}
+
+/// `path` made absolute with every symbolic link resolved, for the part of it that exists.
+fn real_path(path: &Path) -> PathBuf {
+    let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let mut rest = Vec::new();
+    let mut existing = abs.as_path();
+    loop {
+        if let Ok(real) = std::fs::canonicalize(existing) {
+            return rest.iter().rev().fold(real, |p, c| p.join(c));
+        }
+        match (existing.parent(), existing.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_os_string());
+                existing = parent;
+            }
+            _ => return abs,
+        }
+    }
+}
+
+/// Refuses an output folder that is, or is inside, the input (or work) folder, or holds it:
+/// the result would change the input (so no run could ever be reused), or placing the result
+/// would replace the input.
+fn check_apart(output: &Path, input: Option<&Path>, join: bool) -> anyhow::Result<()> {
+    let Some(input) = input else { return Ok(()) };
+    let (what, flag) = if join { ("work", "--work") } else { ("input", "--input") };
+    let (o, i) = (real_path(output), real_path(input));
+    if o == i {
+        if join {
+            // The result goes back into the work folder, as without `--output`.
+            return Ok(());
+        }
+        bail!(
+            "`--output {}` is the input folder: a run must not write into its own input; choose another output folder",
+            output.display()
+        );
+    }
+    if o.starts_with(&i) {
+        bail!(
+            "`--output {}` is inside the {what} folder `{}`: every result would change the {what}, so no run could \
+             ever be reused; choose an output folder outside `{flag}`",
+            output.display(),
+            input.display()
+        );
+    }
+    if i.starts_with(&o) {
+        bail!(
+            "`--output {}` holds the {what} folder `{}`: placing the result would replace the {what}; choose an \
+             output folder outside it",
+            output.display(),
+            input.display()
+        );
+    }
+    Ok(())
+}
+
 pub fn parse_size(s: &str) -> anyhow::Result<i64> {
     let t = s.trim().to_ascii_lowercase();
     let t = t.trim_end_matches("ib").trim_end_matches('b');
@@ -389,9 +473,13 @@ impl Observer for Term {
             return;
         }
         if stream == Stream::Stdout && !self.json {
+            if crate::out::stdout_closed() {
+                return;
+            }
             let mut o = std::io::stdout().lock();
-            let _ = o.write_all(bytes);
-            let _ = o.flush();
+            if let Err(e) = o.write_all(bytes).and_then(|()| o.flush()) {
+                crate::out::failed(e);
+            }
         } else {
             let mut e = std::io::stderr().lock();
             let _ = e.write_all(bytes);
@@ -418,7 +506,8 @@ fn finish(a: &RunArgs, r: &RunReport) -> anyhow::Result<ExitCode> {
             "status": r.status,
             "exit_code": r.exit_code,
             "output": r.output,
-            "output_path": r.output_path,
+            // JSON holds text only: a path that is not UTF-8 is shown with U+FFFD in its place.
+            "output_path": r.output_path.as_ref().map(|p| p.to_string_lossy()),
             "image": r.image_ref,
             "image_id": r.image_id,
             "wall_ms": r.wall_ms,

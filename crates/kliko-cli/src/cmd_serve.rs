@@ -22,7 +22,17 @@ pub fn run(store_root: &Path, a: ServeArgs) -> anyhow::Result<ExitCode> {
     } else {
         a.data_root.clone()
     };
-    let config = kliko_web::ServeConfig { bind, data_roots, token: a.token.clone(), upload_limit };
+    if a.max_connections == 0 {
+        anyhow::bail!("invalid `--max-connections 0`: at least one connection must be served");
+    }
+    let config = kliko_web::ServeConfig {
+        bind,
+        data_roots,
+        token: a.token.clone(),
+        upload_limit,
+        max_connections: a.max_connections,
+        ..Default::default()
+    };
     let rt = crate::runtime()?;
     rt.block_on(async move {
         let store = Arc::new(

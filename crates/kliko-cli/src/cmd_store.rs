@@ -12,6 +12,7 @@ pub fn run(store_root: &Path, cmd: StoreCommand) -> anyhow::Result<ExitCode> {
     let store =
         Store::open(store_root).with_context(|| format!("cannot open the store at `{}`", store_root.display()))?;
     match cmd {
+        StoreCommand::Repair { json } => crate::maintenance::repair(&store, json),
         StoreCommand::Fsck { repair, json } => {
             let r = store.fsck(&FsckOptions { repair, check_image_file: Some(check_image_file) })?;
             if json {

@@ -1,5 +1,19 @@
 //! The `kliko` binary: argument parsing, the one tokio runtime, and error rendering.
 
+// The crate's printing macros shadow std's: they never panic on a closed or failing stdout
+// (see `out.rs`). Defined before the modules so that every one of them uses these.
+macro_rules! println {
+    () => { $crate::out::stdout(format_args!(""), true) };
+    ($($arg:tt)*) => { $crate::out::stdout(format_args!($($arg)*), true) };
+}
+macro_rules! print {
+    ($($arg:tt)*) => { $crate::out::stdout(format_args!($($arg)*), false) };
+}
+macro_rules! eprintln {
+    () => { $crate::out::stderr(format_args!(""), true) };
+    ($($arg:tt)*) => { $crate::out::stderr(format_args!($($arg)*), true) };
+}
+
 mod cli;
 mod cmd_cache;
 mod cmd_hash;
@@ -7,6 +21,8 @@ mod cmd_pipeline;
 mod cmd_run;
 mod cmd_serve;
 mod cmd_store;
+mod maintenance;
+mod out;
 mod progress;
 mod render;
 
@@ -18,25 +34,38 @@ fn main() -> ExitCode {
     kliko_core::trace::start();
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     let cli = cli::Cli::parse_from(&args);
-    match dispatch(cli) {
+    let code = match dispatch(cli) {
         Ok(code) => code,
         Err(e) => {
             render::error(&e);
+            ExitCode::from(2)
+        }
+    };
+    // A reader that stopped early (`| head`) is no error; lost output is.
+    match out::finish() {
+        Ok(()) => code,
+        Err(e) => {
+            eprintln!("error: cannot write to standard output: {e}");
             ExitCode::from(2)
         }
     }
 }
 
 fn dispatch(cli: cli::Cli) -> anyhow::Result<ExitCode> {
-    let store_root = cli.store.clone().unwrap_or_else(kliko_store::Store::default_root);
+    let store = cli.store.clone();
+    let store_root = || {
+        store.clone().or_else(kliko_store::Store::default_root).ok_or_else(|| {
+            anyhow::anyhow!("cannot find a place for the store: set `KLIKO_STORE` or `HOME`, or give `--store DIR`")
+        })
+    };
     match cli.command {
-        cli::Command::Run { args } => cmd_run::run(&store_root, args),
+        cli::Command::Run { args } => cmd_run::run(&store_root()?, args),
         cli::Command::Validate { files } => Ok(validate(&files)),
-        cli::Command::Hash(a) => cmd_hash::run(&store_root, a),
-        cli::Command::Store(a) => cmd_store::run(&store_root, a),
-        cli::Command::Pipeline(a) => cmd_pipeline::run(&store_root, a),
-        cli::Command::Serve(a) => cmd_serve::run(&store_root, a),
-        cli::Command::Cache(a) => cmd_cache::run(&store_root, a),
+        cli::Command::Hash(a) => cmd_hash::run(&store_root()?, a),
+        cli::Command::Store(a) => cmd_store::run(&store_root()?, a),
+        cli::Command::Pipeline(a) => cmd_pipeline::run(&store_root()?, a),
+        cli::Command::Serve(a) => cmd_serve::run(&store_root()?, a),
+        cli::Command::Cache(a) => cmd_cache::run(&store_root()?, a),
     }
 }
 

@@ -13,9 +13,13 @@ fn an_output_folder_that_is_the_input_is_refused_and_the_input_kept() {
     let w = World::new();
     let img = split_image("same-io", "", "cp /input/* /output/");
     let data = w.folder("data", &[("a.txt", "precious\n")]);
-    let o = w.run(&[&img.tag, &"--input", &data, &"--output", &data]);
-    o.expect_code(2);
-    assert!(o.stderr.contains("is not empty"), "{}", o.stderr);
+    for extra in [&[][..], &["--overwrite"][..]] {
+        let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&img.tag, &"--input", &data, &"--output", &data];
+        args.extend(extra.iter().map(|a| a as &dyn AsRef<std::ffi::OsStr>));
+        let o = w.run(&args);
+        o.expect_code(2);
+        assert!(o.stderr.contains("is the input folder"), "{}", o.stderr);
+    }
     assert_eq!(read(&data.join("a.txt")), "precious\n");
     assert_no_containers(&img);
 }

@@ -238,6 +238,8 @@ fn provenance_by_every_kind_of_argument_with_lineage() {
 }
 
 /// Start a leader on `img` and a waiter; return the waiter once it reports that it waits.
+// Both children are returned to the caller, who waits for them.
+#[allow(clippy::zombie_processes)]
 fn leader_and_waiter(
     w: &World,
     img: &TestImage,
@@ -352,5 +354,159 @@ fn ctrl_c_on_a_waiter_stops_only_that_waiter() {
     assert!(lo.status.success(), "the leader went on: {}", String::from_utf8_lossy(&lo.stderr));
     assert_eq!(read(&w.path("out-leader/all.txt")), "alpha\n");
     assert!(!w.path("out-waiter").exists());
+    assert_no_containers(&img);
+}
+
+const CAT_ALL: &str = "cat /input/* > /output/all.txt";
+
+/// The key `kliko run IMG --input INPUT` would have (from `--explain --json`).
+fn explained_key(w: &World, img: &TestImage, input: &std::path::Path) -> String {
+    let o = w.run(&[&img.tag, &"--json", &"--input", &input, &"--explain"]);
+    o.ok();
+    let v: Value = serde_json::from_str(&o.stdout).expect("--explain --json prints JSON");
+    v["key"].as_str().expect("a key").to_string()
+}
+
+fn os(bytes: &[u8]) -> std::path::PathBuf {
+    use std::os::unix::ffi::OsStrExt;
+    std::path::PathBuf::from(std::ffi::OsStr::from_bytes(bytes))
+}
+
+#[test]
+fn a_folder_whose_name_is_not_utf8_is_the_folder_that_runs() {
+    let w = World::new();
+    let img = split_image("nonutf8", "", CAT_ALL);
+    // `obs\xe9` and the UTF-8 of U+FFFD, which a lossy conversion turns the first one into.
+    let latin1 = w.dir.path().join(os(b"obs\xe9"));
+    let replacement = w.dir.path().join(os(b"obs\xef\xbf\xbd"));
+    for (dir, text) in [(&latin1, "latin-1 name\n"), (&replacement, "replacement character\n")] {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(dir.join("a.txt"), text).unwrap();
+    }
+    let out1 = w.dir.path().join(os(b"out\xe9"));
+    let o = w.run(&[&img.tag, &"--json", &"--input", &latin1, &"--output", &out1]);
+    o.ok();
+    assert_eq!(read(&out1.join("all.txt")), "latin-1 name\n", "the container saw another folder");
+    let out2 = w.path("out2");
+    let o2 = w.run(&[&img.tag, &"--json", &"--input", &replacement, &"--output", &out2]);
+    o2.ok();
+    assert_eq!(o2.cache(), "miss", "two different inputs share a key");
+    assert_eq!(read(&out2.join("all.txt")), "replacement character\n");
+    // And the first is a hit that gives its own content back.
+    let out3 = w.path("out3");
+    let o3 = w.run(&[&img.tag, &"--json", &"--input", &latin1, &"--output", &out3]);
+    assert_eq!(o3.cache(), "hit");
+    assert_eq!(read(&out3.join("all.txt")), "latin-1 name\n");
+    assert_no_containers(&img);
+}
+
+#[test]
+fn a_store_whose_path_is_not_utf8_is_refused_before_anything_runs() {
+    let w = World::new();
+    let img = split_image("nonutf8store", "", CAT_ALL);
+    let input = w.folder("in", &[("a.txt", "alpha\n")]);
+    let store = w.dir.path().join(os(b"store\xe9"));
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_kliko"));
+    c.env_remove("KLIKO_STORE").arg("--store").arg(&store);
+    c.args(["run", &img.tag, "--input"]).arg(&input).arg("--output").arg(w.path("out"));
+    let o = Out::of(&mut c);
+    o.expect_code(2);
+    assert!(o.stderr.contains("not valid UTF-8"), "{}", o.stderr);
+    assert!(!o.stderr.contains("panicked"), "{}", o.stderr);
+    assert!(!w.path("out").exists());
+    assert_no_containers(&img);
+}
+
+#[test]
+fn a_lost_index_stops_every_command_until_it_is_repaired() {
+    let w = World::new();
+    let img = split_image("lostindex", "", CAT_ALL);
+    let input = w.folder("in", &[("a.txt", "alpha\n")]);
+    w.run(&[&img.tag, &"--quiet", &"--input", &input, &"--output", &w.path("out1")]).ok();
+    Out::of(w.kliko().args(["pin", &explained_key(&w, &img, &input)])).ok();
+    std::fs::remove_file(w.store.join("index-v1/CURRENT")).unwrap();
+    let o = w.run(&[&img.tag, &"--input", &input, &"--output", &w.path("out2")]);
+    o.expect_code(2);
+    assert!(o.stderr.contains("index") && o.stderr.contains("missing"), "{}", o.stderr);
+    assert!(o.stderr.contains("kliko store repair"), "no way out offered: {}", o.stderr);
+    assert!(!w.path("out2").exists());
+    Out::of(w.kliko().args(["history"])).expect_code(2);
+    let r = Out::of(w.kliko().args(["store", "repair"]));
+    r.ok();
+    assert!(r.stdout.contains("results"), "{}", r.stdout);
+    // Everything is back: the run is a hit, the pin is kept.
+    let o = w.run(&[&img.tag, &"--json", &"--input", &input, &"--output", &w.path("out3")]);
+    assert_eq!(o.cache(), "hit");
+    let stats = Out::of(w.kliko().args(["store", "stats", "--json"]));
+    let stats: Value = serde_json::from_str(&stats.ok().stdout).expect("stats --json prints JSON");
+    assert_eq!(stats["pinned"], 1, "{stats}");
+    assert_no_containers(&img);
+}
+
+/// `docker create` a never-started container labelled as a run of `key` in `w`'s store.
+fn labelled_container(w: &World, img: &TestImage, key: &str) -> String {
+    let out = std::process::Command::new("docker")
+        .args(["create", "--network", "none", "--label", "io.kliko.managed=true"])
+        .arg("--label")
+        .arg(format!("io.kliko.key={key}"))
+        .arg("--label")
+        .arg(format!("io.kliko.store={}", std::path::absolute(&w.store).unwrap().display()))
+        .args([&img.id, "/kliko"])
+        .output()
+        .expect("docker create");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn exists(container: &str) -> bool {
+    std::process::Command::new("docker").args(["inspect", container]).output().is_ok_and(|o| o.status.success())
+}
+
+#[test]
+fn a_container_created_after_its_leader_died_is_removed() {
+    let w = World::new();
+    let img = split_image("latecreate", "", &format!("sleep 2\n{CAT_ALL}"));
+    let input = w.folder("in", &[("a.txt", "alpha\n")]);
+    let key = explained_key(&w, &img, &input);
+    // A leader that died holding the lease (its name is still in the lease file) ...
+    std::fs::create_dir_all(w.store.join("leases")).unwrap();
+    std::fs::write(
+        w.store.join(format!("leases/{key}.lock")),
+        r#"{"pid":4194303,"host":"gone","started_at":"2026-01-01T00:00:00Z"}"#,
+    )
+    .unwrap();
+    let early = labelled_container(&w, &img, &key);
+    let mut run = w.kliko();
+    run.args(["run", &img.tag, "--quiet", "--input"]).arg(&input).arg("--output").arg(w.path("out"));
+    let child = run.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    // ... and whose create request reached the daemon only after the new leader looked.
+    wait_for("the new leader's container", Duration::from_secs(30), || !running_kliko_containers(&img).is_empty());
+    let late = labelled_container(&w, &img, &key);
+    Out::from_output(format!("{run:?}"), child.wait_with_output().unwrap()).ok();
+    assert!(!exists(&early), "the orphan found before the run was left");
+    assert!(!exists(&late), "the orphan created during the run was left");
+    assert_no_containers(&img);
+}
+
+#[test]
+fn gc_removes_containers_whose_run_is_over_and_only_those() {
+    let w = World::new();
+    let img = split_image("gccontainers", "", CAT_ALL);
+    let input = w.folder("in", &[("a.txt", "alpha\n")]);
+    w.run(&[&img.tag, &"--quiet", &"--input", &input, &"--output", &w.path("out")]).ok();
+    let dead = labelled_container(&w, &img, &"ab".repeat(32));
+    // A run in progress: its lease is held (here, by this test).
+    let live_key = "cd".repeat(32);
+    let live = labelled_container(&w, &img, &live_key);
+    let lease = std::fs::File::create(w.store.join(format!("leases/{live_key}.lock"))).unwrap();
+    // SAFETY: flock on a file we own.
+    assert_eq!(unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lease), libc::LOCK_EX) }, 0);
+    let o = Out::of(w.kliko().args(["gc", "--max-size", "100g"]));
+    o.ok();
+    assert!(o.stdout.contains("removed 1 containers"), "{}", o.stdout);
+    assert!(!exists(&dead), "a dead run's container was left");
+    assert!(exists(&live), "a live run's container was removed");
+    drop(lease);
+    kliko_testkit::remove_containers(&[live]);
     assert_no_containers(&img);
 }

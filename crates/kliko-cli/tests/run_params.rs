@@ -249,7 +249,7 @@ fn bad_values_are_refused_before_anything_runs() {
         (&["--gain", "NaN"], "gain"),
         (&["--sizes", "1,x"], "sizes"),
         (&["-p", "nosuchfield=1"], "nosuchfield"),
-        (&["--mask", "/nonexistent/mask.fits"], "mask.fits"),
+        (&["--mask", "/nonexistent/mask.fits"], "parameter `mask`: `/nonexistent/mask.fits` does not exist"),
         (&["--niter", "1", "--niter", "2"], "niter"),
     ];
     for (i, (flags, names)) in cases.iter().enumerate() {
@@ -313,5 +313,19 @@ fn required_fields_must_be_given() {
     o.ok();
     assert_eq!(read_json(&out.join("params.json")), json!({"target": "m31"}));
     let _: Value = o.json();
+    assert_no_containers(&img);
+}
+
+#[test]
+fn a_bad_value_for_a_required_field_is_reported_once() {
+    let fields = "      - name: count\n        type: int\n";
+    let img = split_image("params-once", fields, DUMP);
+    let w = World::new();
+    let (o, out) = run_params(&w, &img, "out", &[&"--count", &"ten"]);
+    o.expect_code(2);
+    assert_eq!(o.stderr.matches("`count`").count(), 1, "one message about `count`:\n{}", o.stderr);
+    assert!(o.stderr.contains("invalid value `ten` for `count`"), "{}", o.stderr);
+    assert!(!o.stderr.contains("missing"), "{}", o.stderr);
+    assert!(!out.exists());
     assert_no_containers(&img);
 }

@@ -28,6 +28,11 @@ pub enum EngineError {
     IoMode { image: String, mode: String, what: String },
     #[error("the parameter file `{}` changed while the run was being prepared", path.display())]
     ParamFileChanged { path: PathBuf },
+    #[error(
+        "the store's path `{}` is not valid UTF-8, and the container runtime can only mount folders whose path is",
+        path.display()
+    )]
+    StoreNotUtf8 { path: PathBuf },
     #[error("the leader running `{key}` failed")]
     LeaderFailed { key: Digest },
     #[error("a background task failed: {0}")]
@@ -44,6 +49,9 @@ impl EngineError {
                 Some("choose an empty or new folder, or pass `--overwrite` to replace its contents".into())
             }
             EngineError::Params { image, .. } => Some(format!("`kliko run {image} --help` lists the parameters")),
+            EngineError::StoreNotUtf8 { .. } => {
+                Some("put the store in a folder whose path is valid UTF-8 (`--store DIR` or `KLIKO_STORE`)".into())
+            }
             EngineError::IoMode { .. } => {
                 Some("split images take `--input DIR --output DIR`; join images take `--work DIR`".into())
             }

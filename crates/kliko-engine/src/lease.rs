@@ -70,6 +70,13 @@ fn failed_path(dir: &Path, key: &Digest) -> PathBuf {
     dir.join(format!("{key}.failed"))
 }
 
+/// The holder record as JSON (which cannot carry a path that is not UTF-8: such a `logs` is left out).
+fn holder_json(h: &Holder) -> Vec<u8> {
+    let mut h = h.clone();
+    h.logs = h.logs.filter(|p| p.to_str().is_some());
+    serde_json::to_vec(&h).unwrap_or_default()
+}
+
 /// Try once to become the leader for `key`.
 pub fn try_acquire(dir: &Path, key: &Digest, me: &Holder) -> io::Result<Attempt> {
     let path = lock_path(dir, key);
@@ -97,7 +104,7 @@ pub fn try_acquire(dir: &Path, key: &Digest, me: &Holder) -> io::Result<Attempt>
         let inherited = ours.len() > 0;
         let mut f = &file;
         f.set_len(0)?;
-        f.write_all(&serde_json::to_vec(me).expect("plain data"))?;
+        f.write_all(&holder_json(me))?;
         return Ok(Attempt::Leader(Lease { file, path, inherited, holder: me.clone() }));
     }
 }
@@ -112,9 +119,13 @@ impl Lease {
     /// Say in the lease file where the run's logs are (`stdout.log` and `stderr.log` in `dir`).
     pub fn announce_logs(&mut self, dir: &Path) -> io::Result<()> {
         use std::os::unix::fs::FileExt;
+        // The file is JSON, which holds only UTF-8 paths; without it waiters show no logs.
+        if dir.to_str().is_none() {
+            return Ok(());
+        }
         self.holder.logs = Some(dir.to_path_buf());
         self.file.set_len(0)?;
-        self.file.write_all_at(&serde_json::to_vec(&self.holder).expect("plain data"), 0)
+        self.file.write_all_at(&holder_json(&self.holder), 0)
     }
 
     /// A second handle on the lease file, for renewing its mtime (the heartbeat).
@@ -131,7 +142,9 @@ impl Lease {
     /// Release after a failure, leaving the record for waiters.
     pub fn release_failed(self, dir: &Path, key: &Digest, failure: &Failure) {
         let tmp = dir.join(format!(".{key}.failed.{}", std::process::id()));
-        if fs::write(&tmp, serde_json::to_vec(failure).expect("plain data")).is_ok() {
+        let mut failure = failure.clone();
+        failure.holder.logs = failure.holder.logs.filter(|p| p.to_str().is_some());
+        if fs::write(&tmp, serde_json::to_vec(&failure).unwrap_or_default()).is_ok() {
             let _ = fs::rename(&tmp, failed_path(dir, key));
         }
         self.release();
@@ -141,6 +154,15 @@ impl Lease {
     pub fn release(self) {
         let _ = fs::remove_file(&self.path);
         drop(self.file);
+    }
+}
+
+/// Whether nobody holds the lease for `key` now (a shared probe never blocks the holder).
+pub fn is_free(dir: &Path, key: &Digest) -> bool {
+    match File::open(lock_path(dir, key)) {
+        Err(_) => true,
+        // SAFETY: flock on an fd we own.
+        Ok(f) => unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) == 0 },
     }
 }
 

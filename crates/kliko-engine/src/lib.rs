@@ -47,6 +47,8 @@ pub use run::IndexHold;
 pub const KLIKO_CMD: &str = "/kliko";
 /// Label on every container kliko creates (besides the runtime's `io.kliko.managed`).
 pub const KEY_LABEL: &str = "io.kliko.key";
+/// Label on every run container: the store it was made for (whose leases tell if its run is over).
+pub const STORE_LABEL: &str = "io.kliko.store";
 
 /// The runner: one per process, shared by every run (it is cheap to clone behind an `Arc`).
 pub struct Engine {

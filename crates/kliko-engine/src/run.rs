@@ -15,7 +15,7 @@ use kliko_core::Digest;
 use kliko_runtime::{ContainerSpec, LogChunk, Mount, Outcome, Stream};
 use kliko_spec::{IoMode, CANONICAL_PARAMS_FORMAT};
 use kliko_store::records::{now_ms, ActionResult, HistoryEntry};
-use kliko_store::{IngestMode, MaterializeMode, ObjectKind};
+use kliko_store::{IngestMode, KnownMarks, MaterializeMode, ObjectKind, StoreError};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -24,17 +24,19 @@ use crate::fsutil;
 use crate::lease::{self, Attempt, Failure, Holder, Lease};
 use crate::{
     Cache, Engine, Event, Input, Observer, Prepared, RunReport, RunRequest, Status, UserChoice, KEY_LABEL, KLIKO_CMD,
+    STORE_LABEL,
 };
 
 /// Log lines kept for the message of a failed run.
 const TAIL_LINES: usize = 20;
 
-/// The index kept open across the steps of a run that each call `store.db()` (image,
-/// hashing, lookup, record, history): opening RocksDB replays its log and writes a new
-/// manifest, tens of milliseconds each time, which made a hit slower than a plain
-/// `docker run`. The index lock is exclusive between processes, so a hold is dropped
-/// before a container runs and before waiting on another process's lease. An open index
-/// holds gc.lock (shared) itself, so gc cannot start meanwhile.
+/// The index kept open across the steps of a run that each use it (image, hashing, lookup,
+/// history): opening RocksDB replays its log and writes a new manifest, milliseconds each
+/// time. It is opened with `store.db_nowait()`: for writing if no other process has it,
+/// else read-only at once (a run never queues behind another process's use of the index).
+/// A writer excludes other writers, so a hold is dropped before a container runs and before
+/// waiting on another process's lease. An open index holds gc.lock (shared) itself, so gc
+/// cannot start meanwhile.
 pub struct IndexHold {
     _db: kliko_store::Db,
 }
@@ -89,21 +91,16 @@ impl Engine {
 
         let store = self.store.clone();
         let input = req.input.clone();
-        let files: Vec<PathBuf> = params.file_placements().into_iter().map(|(host, _)| host).collect();
+        let (checked, image_ref) = (params.clone(), req.image.clone());
         let input_stat = Arc::new(kliko_core::hash::MemoryCache::default());
         let stat_copy = input_stat.clone();
         let (input_digest, file_digests) = blocking(move || {
             let mut digests = BTreeMap::new();
-            for f in files {
-                let abs = std::path::absolute(&f).at(&f)?;
-                let meta = fs::metadata(&abs).map_err(|_| EngineError::NoSuchPath { path: f.clone() })?;
-                if !meta.is_file() {
-                    return Err(EngineError::Invalid {
-                        what: f.display().to_string(),
-                        message: "a file parameter must name a regular file".into(),
-                    });
-                }
-                let (d, _) = kliko_core::hash::hash_file_stable(&abs, &meta).map_err(kliko_store::StoreError::from)?;
+            // Each file parameter as given, and the regular file it resolves to (links followed).
+            let files = checked.resolve_files().map_err(|errors| EngineError::Params { image: image_ref, errors })?;
+            for (f, real) in files {
+                let meta = fs::metadata(&real).at(&real)?;
+                let (d, _) = kliko_core::hash::hash_file_stable(&real, &meta).map_err(kliko_store::StoreError::from)?;
                 digests.insert(f, d);
             }
             let input_digest = match input {
@@ -159,10 +156,10 @@ impl Engine {
     }
 
     /// Holds the index open (see [`IndexHold`]) until released: while it lives, every
-    /// `store.db()` in this process shares one handle instead of opening RocksDB again.
+    /// `store.db_nowait()` in this process shares one handle instead of opening RocksDB again.
     pub async fn hold_index(&self) -> Result<IndexHold> {
         let store = self.store.clone();
-        let hold = blocking(move || Ok(IndexHold { _db: store.db()? })).await;
+        let hold = blocking(move || Ok(IndexHold { _db: store.db_nowait()? })).await;
         mark("index open");
         hold
     }
@@ -282,13 +279,45 @@ impl Engine {
         }
     }
 
+    /// Remove the containers of `key` made with this store: called, holding the key's lease,
+    /// by a leader that inherited it from a holder that died, before and after its own run.
     async fn remove_orphans(&self, key: &Digest) {
         let Ok(docker) = self.docker().await else { return };
-        if let Ok(ids) = docker.containers_with_label(KEY_LABEL, &key.to_hex()).await {
-            for id in ids {
-                let _ = docker.remove(&id).await;
+        let Some(store) = self.store.root().to_str() else { return };
+        if let Ok(found) = docker.labelled_containers(STORE_LABEL, store).await {
+            let key = key.to_hex();
+            for c in found.iter().filter(|c| c.labels.get(KEY_LABEL) == Some(&key)) {
+                let _ = docker.remove(&c.id).await;
             }
         }
+    }
+
+    /// Remove every container made with this store whose run is over (its key's lease is free,
+    /// so the process that created it has ended), and every container made to read a file out
+    /// of an image by a process on this host that is gone. Normally each process removes its
+    /// own; one killed at the wrong moment cannot. `kliko gc` calls this. Returns the ids removed.
+    pub async fn remove_dead_containers(&self) -> Result<Vec<String>> {
+        let Some(store) = self.store.root().to_str() else { return Ok(Vec::new()) };
+        let docker = self.docker().await?;
+        let mut removed = Vec::new();
+        // Containers made only to read a file out of an image, by a process now gone.
+        for c in docker.labelled_containers(kliko_runtime::MANAGED_LABEL, "true").await? {
+            if c.labels.get(kliko_runtime::OWNER_LABEL).is_some_and(|o| kliko_runtime::owner_is_gone(o)) {
+                docker.remove(&c.id).await?;
+                removed.push(c.id);
+            }
+        }
+        let found = docker.labelled_containers(STORE_LABEL, store).await?;
+        let leases = self.store.root().join(kliko_store::LEASES_DIR);
+        for c in found {
+            let Some(key) = c.labels.get(KEY_LABEL).and_then(|k| k.parse::<Digest>().ok()) else { continue };
+            let (dir, k) = (leases.clone(), key);
+            if blocking(move || Ok(lease::is_free(&dir, &k))).await? {
+                docker.remove(&c.id).await?;
+                removed.push(c.id);
+            }
+        }
+        Ok(removed)
     }
 
     /// Wait until nobody holds the lease (or we are cancelled), showing the leader's logs as
@@ -300,19 +329,11 @@ impl Engine {
         cancel: &CancellationToken,
         obs: &Arc<dyn Observer>,
     ) -> Result<()> {
-        let path = dir.join(format!("{key}.lock"));
         let mut logs = LeaderLogs::default();
         loop {
-            let (p, d, k) = (path.clone(), dir.to_path_buf(), *key);
+            let (d, k) = (dir.to_path_buf(), *key);
             let (free, chunks, l) = blocking(move || {
-                let free = match fs::File::open(&p) {
-                    Err(_) => true,
-                    Ok(f) => {
-                        use std::os::fd::AsRawFd;
-                        // SAFETY: flock on an fd we own; a shared probe never blocks the holder.
-                        unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) == 0 }
-                    }
-                };
+                let free = lease::is_free(&d, &k);
                 // After the probe, so the last lines are read once the leader is done.
                 let chunks = logs.read_new(lease::holder(&d, &k));
                 Ok((free, chunks, logs))
@@ -358,16 +379,27 @@ impl Engine {
         // we are about to hand out.
         let (guard, found) = blocking(move || {
             let guard = store.gc_shared()?;
-            let db = store.db()?;
+            let db = store.db_nowait()?;
             Ok((guard, store.lookup(&db, &key)?))
         })
         .await?;
         mark("looked up");
         let Some(result) = found else { return Ok(None) };
-        obs.event(&Event::Hit { key });
         if let Some(t) = target {
-            self.place(req, prep, &result.output, t, None).await?;
+            match self.place(req, prep, &result.output, t, None, None).await {
+                Ok(()) => {}
+                // A stored file no longer matches its digest (or vanished): it is quarantined,
+                // nothing was placed, and the result is now incomplete: a miss.
+                Err(EngineError::Store(e @ (StoreError::Corrupt { .. } | StoreError::Missing { .. }))) => {
+                    obs.event(&Event::Warning(format!(
+                        "a stored result for this run is damaged ({e}); it is set aside and the run happens again"
+                    )));
+                    return Ok(None);
+                }
+                Err(e) => return Err(e),
+            }
         }
+        obs.event(&Event::Hit { key });
         mark("placed");
         drop(guard);
         let wall_ms = t0.elapsed().as_millis() as u64;
@@ -417,6 +449,7 @@ impl Engine {
         tree: &Digest,
         target: &Path,
         hand_over: Option<PathBuf>,
+        known: Option<Arc<KnownMarks>>,
     ) -> Result<()> {
         let store = self.store.clone();
         let (tree, target, mode) = (*tree, target.to_path_buf(), req.materialize);
@@ -448,7 +481,11 @@ impl Engine {
                         return Ok(());
                     }
                 }
-                Ok(store.materialize(&tree, new, mode)?)
+                match &known {
+                    Some(k) => store.materialize_known(&tree, new, mode, k)?,
+                    None => store.materialize(&tree, new, mode)?,
+                }
+                Ok(())
             })
         })
         .await
@@ -458,7 +495,7 @@ impl Engine {
         let store = self.store.clone();
         // History is a convenience: a failure to write it must not fail the run.
         let _ = blocking(move || {
-            let db = store.db()?;
+            let db = store.db_nowait()?;
             Ok(store.append_history(&db, &entry)?)
         })
         .await;
@@ -521,6 +558,11 @@ impl Engine {
         t0: Instant,
     ) -> Result<RunReport> {
         let leases = self.store.root().join(kliko_store::LEASES_DIR);
+        if self.store.root().to_str().is_none() {
+            // Every folder the container gets lives in the store: refuse before anything runs.
+            lease.release();
+            return Err(EngineError::StoreNotUtf8 { path: self.store.root().to_path_buf() });
+        }
         let heartbeat = lease_heartbeat(&lease);
         let scratch = match self.store.scratch("run-") {
             Ok(s) => s,
@@ -537,6 +579,11 @@ impl Engine {
         // (left by a killed process).
         let scratch_lock = kliko_store::lock_scratch(&scratch_path);
         let result = self.execute_in(req, prep, target, &scratch_path, obs, cancel, t0).await;
+        if lease.inherited() {
+            // The dead holder's create request may have reached the daemon only after the
+            // check before this run; by now it has landed. (Ours is gone already.)
+            self.remove_orphans(&prep.key).await;
+        }
         heartbeat.abort();
         let keep = scratch.keep();
         let _ = tokio::task::spawn_blocking(move || {
@@ -616,13 +663,24 @@ impl Engine {
         match io {
             IoMode::Split => {
                 let input_mount = match &req.input {
-                    Input::Path(p) => std::path::absolute(p).at(p)?,
+                    Input::Path(p) => {
+                        let abs = std::path::absolute(p).at(p)?;
+                        if abs.to_str().is_some() {
+                            abs
+                        } else {
+                            // The runtime's API carries paths as UTF-8 strings: mount a name
+                            // in the run folder that leads to the folder we hashed.
+                            let link = scratch.join("input-link");
+                            std::os::unix::fs::symlink(&abs, &link).at(&link)?;
+                            link
+                        }
+                    }
                     Input::None | Input::Tree(_) => {
                         let dir = scratch.join("input");
                         let (s, d, dir2) = (store.clone(), prep.input_digest, dir.clone());
                         blocking(move || {
                             let _gc = s.gc_shared()?;
-                            Ok(s.materialize(&d, &dir2, MaterializeMode::Link)?)
+                            Ok(s.materialize(&d, &dir2, MaterializeMode::ReadOnlyMount)?)
                         })
                         .await?;
                         dir
@@ -673,6 +731,9 @@ impl Engine {
         };
         let mut labels = req.labels.clone();
         labels.insert(KEY_LABEL.into(), prep.key.to_hex());
+        if let Some(root) = self.store.root().to_str() {
+            labels.insert(STORE_LABEL.into(), root.to_string());
+        }
         labels.insert("io.kliko.image".into(), req.image.clone());
         let spec = ContainerSpec {
             image_id: prep.image.info.id.clone(),
@@ -804,9 +865,13 @@ impl Engine {
             let (Some(ingested), Some(stdout), Some(stderr)) = (ingested, stdout, stderr) else {
                 unreachable!("ingest_many returns one result per path")
             };
-            Ok((guard, ingested, stdout, stderr))
+            // What the blobs this run added look like now: placing the output trusts these
+            // (and hashes any other blob) instead of opening the index.
+            let known = s.marks_of(&ingested.new_blobs);
+            Ok((guard, ingested, stdout, stderr, known))
         });
-        let (gc_guard, ingested, stdout, stderr) = ingest.await?;
+        let (gc_guard, ingested, stdout, stderr, known) = ingest.await?;
+        let known = Arc::new(known);
         mark("ingested");
         let result = ActionResult {
             key: prep.key,
@@ -869,7 +934,7 @@ impl Engine {
                     let now = hasher.hash_path(&p).map_err(kliko_store::StoreError::from)?;
                     if now.digest != expected {
                         // Not cached, but it did run: it goes into the history all the same.
-                        let _ = s.db().and_then(|db| s.append_history(&db, &history));
+                        let _ = s.db_nowait().and_then(|db| s.append_history(&db, &history));
                         return Ok(false);
                     }
                 }
@@ -882,8 +947,8 @@ impl Engine {
         let place = async {
             match target {
                 Some(t) => {
-                    let placed =
-                        self.place(req, prep, &result.output, t, hand_over.then(|| output_dir.to_path_buf())).await;
+                    let from = hand_over.then(|| output_dir.to_path_buf());
+                    let placed = self.place(req, prep, &result.output, t, from, Some(known.clone())).await;
                     mark("placed");
                     placed
                 }

@@ -201,8 +201,7 @@ fn topo_order(p: &Pipeline) -> std::result::Result<Vec<usize>, Vec<Vec<usize>>> 
         }
         let mut path = vec![start];
         let mut cur = start;
-        loop {
-            let Some(&next) = deps[cur].iter().find(|&&d| !done[d]) else { break };
+        while let Some(&next) = deps[cur].iter().find(|&&d| !done[d]) {
             if let Some(pos) = path.iter().position(|&x| x == next) {
                 let cycle: Vec<usize> = path[pos..].to_vec();
                 if !cycle.iter().any(|&c| reported[c]) {

@@ -517,11 +517,7 @@ impl Observer for RunObs {
     }
     fn event(&self, event: &Event) {
         match event {
-            Event::Waiting { .. } => {
-                if !self.blocked.swap(true, Ordering::SeqCst) {
-                    self.ctx.keeper.block();
-                }
-            }
+            Event::Waiting { .. } if !self.blocked.swap(true, Ordering::SeqCst) => self.ctx.keeper.block(),
             Event::Starting => {
                 if !self.blocked.swap(true, Ordering::SeqCst) {
                     self.ctx.keeper.block();

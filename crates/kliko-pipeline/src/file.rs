@@ -171,8 +171,14 @@ impl Step {
 impl Pipeline {
     /// Read and parse a pipeline file.
     pub fn load(path: &Path) -> Result<Pipeline, PipelineError> {
-        let text =
-            std::fs::read_to_string(path).map_err(|source| PipelineError::Io { path: path.to_path_buf(), source })?;
+        let text = match yaml::read_file(path) {
+            Ok(text) => text,
+            Err(yaml::ReadError::Io(source)) => return Err(PipelineError::Io { path: path.to_path_buf(), source }),
+            Err(yaml::ReadError::TooLarge(e)) => {
+                let problems = vec![Problem { line: None, step: None, message: e.describe() }];
+                return Err(PipelineError::Invalid { file: path.to_path_buf(), problems });
+            }
+        };
         let abs = std::path::absolute(path).map_err(|source| PipelineError::Io { path: path.to_path_buf(), source })?;
         let dir = abs.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("/"));
         Pipeline::parse(&abs, &dir, &text)
@@ -230,7 +236,7 @@ impl Parser {
             }
             Err(e) => {
                 let line = e.pos.map(|p| p.line);
-                self.problems.push(Problem { line, step: None, message: format!("invalid YAML: {}", e.message) });
+                self.problems.push(Problem { line, step: None, message: e.describe() });
                 return Vec::new();
             }
         };
@@ -281,6 +287,8 @@ impl Parser {
             return Vec::new();
         };
         let mut steps: Vec<Step> = Vec::new();
+        // Where each name was first seen: no quadratic search in a long file.
+        let mut first_lines: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
         for (k, v) in entries {
             let line = k.pos().line;
             let Some(name) = k.as_scalar().map(str::to_string) else {
@@ -294,11 +302,11 @@ impl Parser {
                     "a step name may use letters, digits, `_`, `-` and `.`, and may not start with `.`",
                 );
             }
-            if let Some(first) = steps.iter().find(|s| s.name == name) {
-                let first = first.line;
+            if let Some(&first) = first_lines.get(&name) {
                 self.problem(line, Some(&name), format!("a second step of this name (the first is on line {first})"));
                 continue;
             }
+            first_lines.insert(name.clone(), line);
             if let Some(step) = self.step(&name, line, v) {
                 steps.push(step);
             }
@@ -700,5 +708,90 @@ steps:
     fn syntax_errors_have_lines() {
         let e = parse("version: 1\nsteps:\n  a: [\n").unwrap_err();
         assert!(e[0].line.is_some() && e[0].message.starts_with("invalid YAML"), "{e:?}");
+    }
+
+    #[test]
+    fn alias_bombs_deep_nesting_and_huge_files_are_refused_with_their_lines() {
+        let mut bomb = String::from(
+            "version: 1\nsteps:\n  a:\n    image: x\n    params:\n      p0: &a0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]\n",
+        );
+        for i in 1..10 {
+            bomb.push_str(&format!("      p{i}: &a{i} [{}]\n", vec![format!("*a{}", i - 1); 10].join(", ")));
+        }
+        let e = parse(&bomb).unwrap_err();
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(e[0].line.is_some_and(|l| l > 6), "{e:?}");
+        assert!(e[0].message.contains("too large once its aliases are expanded"), "{e:?}");
+
+        let deep = format!("version: 1\nsteps:\n  a: {}{}\n", "[".repeat(5000), "]".repeat(5000));
+        let e = std::thread::Builder::new().stack_size(256 * 1024).spawn(move || parse(&deep).unwrap_err());
+        let e = e.unwrap().join().expect("no stack overflow");
+        assert_eq!(e[0].line, Some(3), "{e:?}");
+        assert!(e[0].message.contains("nested too deeply: more than 64 levels"), "{e:?}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let big = dir.path().join("pipeline.yml");
+        std::fs::write(&big, format!("version: 1\n# {}\n", "x".repeat(1024 * 1024))).unwrap();
+        let e = Pipeline::load(&big).unwrap_err();
+        let PipelineError::Invalid { problems, .. } = &e else { panic!("{e:?}") };
+        assert_eq!(problems[0].to_string(), "the document is too large: 1.0 MiB, at most 512 KiB");
+    }
+
+    #[test]
+    fn arbitrary_text_never_panics_and_is_answered_quickly() {
+        // xorshift64*: a property test without a dependency.
+        let mut state: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut below = |n: usize| {
+            state ^= state >> 12;
+            state ^= state << 25;
+            state ^= state >> 27;
+            (state.wrapping_mul(0x2545_f491_4f6c_dd1d) % n as u64) as usize
+        };
+        const FRAGMENTS: &[&str] = &[
+            "[",
+            "]",
+            "{",
+            "}",
+            "- ",
+            ": ",
+            ", ",
+            "&a ",
+            "*a",
+            "\n",
+            "  ",
+            "'",
+            "\"",
+            "# c",
+            "---\n",
+            "? ",
+            "!!str ",
+            "|\n",
+            "x",
+            "1",
+            "~",
+            "\t",
+            "version: 1\n",
+            "steps:\n",
+            "  a:\n",
+            "    image: x\n",
+            "input",
+            "foreach",
+            "each",
+            "params",
+            "output",
+            "timeout",
+            "90s",
+            "./in",
+            "/abs",
+            "{each: true}",
+            "é",
+        ];
+        let started = std::time::Instant::now();
+        for _ in 0..3000 {
+            let n = below(120);
+            let doc: String = (0..n).map(|_| FRAGMENTS[below(FRAGMENTS.len())]).collect();
+            let _ = parse(&doc);
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "{:?}", started.elapsed());
     }
 }

@@ -16,6 +16,13 @@ use crate::archive::{self, Entry};
 use crate::error::RuntimeError;
 use crate::{MANAGED_LABEL, MAX_SYMLINK_HOPS};
 
+/// A container found by its labels.
+#[derive(Clone, Debug)]
+pub struct Labelled {
+    pub id: String,
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
 /// Where bollard connects when `DOCKER_HOST` is unset.
 const DEFAULT_ENDPOINT: &str = "unix:///var/run/docker.sock";
 
@@ -64,7 +71,7 @@ impl Docker {
                 let version = if (major, minor) < (ours.major_version, ours.minor_version) {
                     bollard::ClientVersion { major_version: major, minor_version: minor }
                 } else {
-                    ours.clone()
+                    *ours
                 };
                 bollard::Docker::connect_with_unix(&path, 120, &version).ok()
             }),
@@ -141,7 +148,11 @@ impl Docker {
             // Never started, but the daemon refuses to create a container
             // without a command and FROM-scratch images often have none.
             cmd: Some(vec!["/kliko-never-started".to_string()]),
-            labels: Some(HashMap::from([(MANAGED_LABEL.to_string(), "true".to_string())])),
+            labels: Some(HashMap::from([
+                (MANAGED_LABEL.to_string(), "true".to_string()),
+                // If this process is killed before it removes the container, a sweep can tell.
+                (crate::OWNER_LABEL.to_string(), crate::this_process_owner()),
+            ])),
             host_config: Some(HostConfig { network_mode: Some("none".to_string()), ..Default::default() }),
             ..Default::default()
         };
@@ -214,6 +225,18 @@ impl Docker {
         let containers =
             self.inner.list_containers(Some(options)).await.map_err(|e| RuntimeError::docker("list containers", e))?;
         Ok(containers.into_iter().filter_map(|c| c.id).collect())
+    }
+
+    /// All containers, running or not, that carry the label `key=value`, with their labels.
+    pub async fn labelled_containers(&self, key: &str, value: &str) -> Result<Vec<Labelled>, RuntimeError> {
+        let filters = HashMap::from([("label", vec![format!("{key}={value}")])]);
+        let options = ListContainersOptionsBuilder::new().all(true).filters(&filters).build();
+        let containers =
+            self.inner.list_containers(Some(options)).await.map_err(|e| RuntimeError::docker("list containers", e))?;
+        Ok(containers
+            .into_iter()
+            .filter_map(|c| Some(Labelled { id: c.id?, labels: c.labels.unwrap_or_default().into_iter().collect() }))
+            .collect())
     }
 
     /// Create a container; a missing image becomes [`RuntimeError::ImageNotFound`].

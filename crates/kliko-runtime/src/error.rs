@@ -50,6 +50,11 @@ pub enum RuntimeError {
     #[error("mount source `{}` is not an absolute path", .path.display())]
     RelativeMount { path: PathBuf },
 
+    /// Docker's API carries paths as UTF-8 strings: a host path that is not valid UTF-8 would
+    /// be changed on the way (and could name another folder), so it is refused.
+    #[error("the host path `{}` cannot be given to the container runtime: it is not valid UTF-8", .path.display())]
+    PathNotUtf8 { path: PathBuf },
+
     /// A mount target inside the container must be absolute.
     #[error("mount target `{target}` is not an absolute path")]
     RelativeMountTarget { target: String },

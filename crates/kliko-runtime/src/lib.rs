@@ -50,5 +50,37 @@ pub use run::{ContainerSpec, LogChunk, Mount, Outcome, Removal, RunOutcome, Stre
 /// The label on every container this crate creates (value `true`).
 pub const MANAGED_LABEL: &str = "io.kliko.managed";
 
+/// Label on a container that no run's lease covers (one created only to read a file out of an
+/// image): `host/pid/start` of the process that created it, so a sweep can tell when it is
+/// gone ([`owner_is_gone`]).
+pub const OWNER_LABEL: &str = "io.kliko.owner";
+
+/// This process as [`OWNER_LABEL`] names it: host, pid, and its start time (clock ticks since
+/// boot), so that a later process with the same pid is not taken for it.
+pub fn this_process_owner() -> String {
+    let pid = std::process::id();
+    format!("{}/{pid}/{}", host_name(), process_start(pid).unwrap_or(0))
+}
+
+/// Whether the process an [`OWNER_LABEL`] names has ended: only for this host (another
+/// host's processes cannot be seen from here, so they are never judged gone).
+pub fn owner_is_gone(owner: &str) -> bool {
+    let mut parts = owner.rsplitn(3, '/');
+    let (Some(start), Some(pid), Some(host)) = (parts.next(), parts.next(), parts.next()) else { return false };
+    let (Ok(start), Ok(pid)) = (start.parse::<u64>(), pid.parse::<u32>()) else { return false };
+    host == host_name() && process_start(pid) != Some(start)
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default()
+}
+
+/// Field 22 of `/proc/<pid>/stat`: when the process started, in clock ticks since boot.
+fn process_start(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may hold spaces: count from after it.
+    stat.rsplit_once(')')?.1.split_whitespace().nth(19)?.parse().ok()
+}
+
 /// How many symlinks [`Docker::read_file`] follows before giving up.
 pub const MAX_SYMLINK_HOPS: usize = 16;

@@ -334,9 +334,13 @@ fn container_body(spec: &ContainerSpec) -> Result<ContainerCreateBody, RuntimeEr
         if !m.container.starts_with('/') {
             return Err(RuntimeError::RelativeMountTarget { target: m.container.clone() });
         }
+        // Never a lossy conversion: `obs\xe9` would become `obs\u{fffd}`, another folder.
+        let Some(source) = m.host.to_str() else {
+            return Err(RuntimeError::PathNotUtf8 { path: m.host.clone() });
+        };
         mounts.push(bollard::models::Mount {
             typ: Some(MountType::BIND),
-            source: Some(m.host.to_string_lossy().into_owned()),
+            source: Some(source.to_string()),
             target: Some(m.container.clone()),
             read_only: Some(m.read_only),
             ..Default::default()
@@ -394,6 +398,15 @@ mod tests {
     }
 
     #[test]
+    fn a_host_path_that_is_not_utf8_is_refused_not_converted() {
+        use std::os::unix::ffi::OsStrExt;
+        let mut s = spec();
+        let host = std::path::PathBuf::from(std::ffi::OsStr::from_bytes(b"/data/obs\xe9"));
+        s.mounts.push(Mount { host: host.clone(), container: "/input".into(), read_only: true });
+        assert!(matches!(container_body(&s), Err(RuntimeError::PathNotUtf8 { path }) if path == host));
+    }
+
+    #[test]
     fn defaults_are_no_network_and_managed_label() {
         let mut s = spec();
         s.labels.insert("io.kliko.run".into(), "1".into());
@@ -406,6 +419,21 @@ mod tests {
         assert_eq!(labels.get("io.kliko.run").map(String::as_str), Some("1"));
         assert_eq!(body.env.unwrap(), vec!["INPUT=/input".to_string()]);
         assert_eq!(body.tty, Some(false));
+    }
+
+    #[test]
+    fn an_owner_label_names_this_process_until_it_is_gone() {
+        let me = crate::this_process_owner();
+        assert!(!crate::owner_is_gone(&me), "{me}");
+        // Same host and pid, another start time: a reused pid is not us.
+        let (rest, _) = me.rsplit_once('/').unwrap();
+        assert!(crate::owner_is_gone(&format!("{rest}/1")));
+        // A pid that cannot exist.
+        let host = rest.rsplit_once('/').unwrap().0;
+        assert!(crate::owner_is_gone(&format!("{host}/4194304/5")));
+        // Another host's processes are never judged.
+        assert!(!crate::owner_is_gone("some-other-host/4194304/5"));
+        assert!(!crate::owner_is_gone("garbage"));
     }
 
     #[test]

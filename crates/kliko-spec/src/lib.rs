@@ -63,6 +63,14 @@
 //!   Rust's `{:e}`: `0.5` → `5e-1`, `3.0` → `3e0`, `1500.25` → `1.50025e3`. See
 //!   [`canonical_float`]. Changing anything in that format bumps
 //!   [`CANONICAL_PARAMS_FORMAT`].
+//! - **Limits.** A kliko.yml (and a parameters file, and a pipeline file, which use the
+//!   same [`yaml`] tree) is refused when it is longer than 512 KiB ([`yaml::MAX_BYTES`]),
+//!   nests lists and mappings more than 64 levels deep ([`yaml::MAX_DEPTH`]), or would
+//!   have more than 250,000 values or 8 MiB of text once its aliases are expanded
+//!   ([`yaml::MAX_NODES`], [`yaml::MAX_TEXT`]): one problem, with the line where the
+//!   limit was crossed. Real documents are a few KB and a few levels deep; the limits
+//!   keep a "billion laughs" alias bomb or 5,000 nested lists from exhausting memory or
+//!   the stack.
 
 mod help;
 mod params;

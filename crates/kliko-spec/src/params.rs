@@ -1,7 +1,7 @@
 //! Parameter values: parsing from the command line and parameter files, merging
 //! layers, and the two canonical outputs (`/parameters.json` and the cache-key form).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 
@@ -283,6 +283,8 @@ pub enum ParamError {
     Missing { field: String, ty: FieldType },
     #[error("cannot read parameters from {origin}: {message}")]
     Document { origin: String, message: String },
+    #[error("parameter `{field}`: `{}` {problem}", path.display())]
+    File { field: String, path: PathBuf, problem: String },
 }
 
 impl ParamError {
@@ -292,7 +294,8 @@ impl ParamError {
             ParamError::Unknown { name, .. } => Some(name),
             ParamError::Invalid { field, .. }
             | ParamError::Repeated { field, .. }
-            | ParamError::Missing { field, .. } => Some(field),
+            | ParamError::Missing { field, .. }
+            | ParamError::File { field, .. } => Some(field),
             ParamError::Document { .. } => None,
         }
     }
@@ -378,18 +381,19 @@ impl ParamLayer {
         let origin = format!("`{name}`");
         let fail = |message: String| ParamErrors(vec![ParamError::Document { origin: origin.clone(), message }]);
         let root = yaml::parse(text).map_err(|e| match e.pos {
-            Some(p) => fail(format!("{p}: invalid YAML: {}", e.message)),
-            None => fail(format!("invalid YAML: {}", e.message)),
+            Some(p) => fail(format!("{p}: {}", e.describe())),
+            None => fail(e.describe()),
         })?;
         let mut entries: Vec<(String, Input)> = Vec::new();
         match root {
             None => {}
             Some(yaml::Node::Map { entries: map, .. }) => {
+                let mut seen = std::collections::HashSet::new();
                 for (k, v) in &map {
                     let Some(key) = k.as_scalar() else {
                         return Err(fail(format!("{}: expected a parameter name, found {}", k.pos(), k.kind())));
                     };
-                    if entries.iter().any(|(seen, _)| seen == key) {
+                    if !seen.insert(key) {
                         return Err(fail(format!("{}: `{key}` is given twice", k.pos())));
                     }
                     entries.push((key.to_string(), crate::spec::input_from_node(v)));
@@ -433,6 +437,8 @@ impl Spec {
     pub fn resolve(&self, layers: &[ParamLayer]) -> Result<Params, ParamErrors> {
         let mut errors = Vec::new();
         let mut given: HashMap<&str, Value> = HashMap::new();
+        // Fields whose value was refused: already reported, so not "missing" as well.
+        let mut refused: HashSet<&str> = HashSet::new();
         let names: Vec<&str> = self.fields().map(|f| f.name.as_str()).collect();
         for layer in layers {
             let entries = match &layer.source {
@@ -452,15 +458,18 @@ impl Spec {
                     Ok(v) => {
                         given.insert(field.name.as_str(), v);
                     }
-                    Err(invalids) => errors.extend(invalids.into_iter().map(|e| ParamError::Invalid {
-                        field: field.name.clone(),
-                        ty: field.ty,
-                        item: e.item,
-                        value: e.value,
-                        origin: layer.origin.clone(),
-                        expected: e.expected,
-                        hint: e.hint,
-                    })),
+                    Err(invalids) => {
+                        refused.insert(field.name.as_str());
+                        errors.extend(invalids.into_iter().map(|e| ParamError::Invalid {
+                            field: field.name.clone(),
+                            ty: field.ty,
+                            item: e.item,
+                            value: e.value,
+                            origin: layer.origin.clone(),
+                            expected: e.expected,
+                            hint: e.hint,
+                        }))
+                    }
                 }
             }
         }
@@ -472,7 +481,7 @@ impl Spec {
                 Some(v) => v,
                 None => field.initial.clone().unwrap_or(Value::Null),
             };
-            if value == Value::Null && field.required {
+            if value == Value::Null && field.required && !refused.contains(field.name.as_str()) {
                 errors.push(ParamError::Missing { field: field.name.clone(), ty: field.ty });
             }
             values.push((field.name.clone(), value));
@@ -614,6 +623,49 @@ impl Params {
             }
         }
         out
+    }
+
+    /// Checks that every file parameter names a regular file (following symbolic links) and
+    /// returns `(host path as given, the file it resolves to)` for each, in declaration order.
+    /// Every problem is reported, each naming its parameter and path.
+    pub fn resolve_files(&self) -> Result<Vec<(PathBuf, PathBuf)>, ParamErrors> {
+        let mut out = Vec::new();
+        let mut errors = Vec::new();
+        for (name, value) in &self.values {
+            let hosts: Vec<&PathBuf> = match value {
+                Value::File(host) => vec![host],
+                Value::List(items) => {
+                    items.iter().filter_map(|i| if let Value::File(h) = i { Some(h) } else { None }).collect()
+                }
+                _ => continue,
+            };
+            for host in hosts {
+                let problem = match std::fs::canonicalize(host) {
+                    Ok(real) => match std::fs::metadata(&real) {
+                        Ok(m) if m.is_file() => {
+                            out.push((host.clone(), real));
+                            continue;
+                        }
+                        Ok(m) if m.is_dir() => "is a folder; a file parameter takes a file".to_string(),
+                        Ok(_) => "is not a regular file".to_string(),
+                        Err(e) => format!("cannot be read: {e}"),
+                    },
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => match std::fs::symlink_metadata(host) {
+                        Ok(m) if m.file_type().is_symlink() => {
+                            "is a symbolic link to something that does not exist".to_string()
+                        }
+                        _ => "does not exist".to_string(),
+                    },
+                    Err(e) => format!("cannot be read: {e}"),
+                };
+                errors.push(ParamError::File { field: name.clone(), path: host.clone(), problem });
+            }
+        }
+        if errors.is_empty() {
+            Ok(out)
+        } else {
+            Err(ParamErrors(errors))
+        }
     }
 
     /// The parameters' part of a cache key: compact JSON, keys sorted by their UTF-8

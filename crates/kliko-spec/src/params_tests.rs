@@ -388,3 +388,63 @@ lists: several values each
 ";
     assert_eq!(help, expected);
 }
+
+#[test]
+fn a_refused_value_is_reported_once_not_also_as_missing() {
+    let spec = Spec::parse(
+        "kliko.yml",
+        "io: split\nsections:\n  - name: s\n    description: d\n    fields:\n      - {name: n, type: int}\n      \
+         - {name: m, type: int}\n",
+    )
+    .unwrap();
+    let e = spec.params_from_strings(&strings(&[("n", "ten")])).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "invalid value `ten` for `n` from the command line: expected an integer\n\
+         missing required parameter `m` (`int`, no default)"
+    );
+    // A later layer's good value still wins over an earlier bad one.
+    let layers = [ParamLayer::strings([("n", "ten"), ("m", "1")]), ParamLayer::strings([("n", "10")])];
+    let e = spec.resolve(&layers).unwrap_err();
+    assert_eq!(e.0.len(), 1, "the bad value is still reported, and only it: {e}");
+    let obj = serde_json::json!({"n": "ten", "m": 1});
+    let e = spec.params_from_json(obj.as_object().unwrap()).unwrap_err();
+    assert_eq!(e.0.len(), 1, "{e}");
+}
+
+#[test]
+fn file_parameters_resolve_links_and_name_the_parameter_when_wrong() {
+    let spec = Spec::parse(
+        "kliko.yml",
+        "schema_version: 4\nio: split\nsections:\n  - name: s\n    description: d\n    fields:\n      - {name: calibration, type: file}\n      \
+         - {name: extra, type: 'List[file]', required: false}\n",
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let real = dir.path().join("cal.txt");
+    std::fs::write(&real, "gain 2\n").unwrap();
+    let link = dir.path().join("link.txt");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    let p = spec.params_from_strings(&strings(&[("calibration", link.to_str().unwrap())])).unwrap();
+    assert_eq!(p.resolve_files().unwrap(), [(link.clone(), std::fs::canonicalize(&real).unwrap())]);
+
+    let missing = dir.path().join("none.txt");
+    let dangling = dir.path().join("dangling.txt");
+    std::os::unix::fs::symlink(dir.path().join("gone"), &dangling).unwrap();
+    let list = format!("{},{}", dangling.display(), dir.path().display());
+    let p =
+        spec.params_from_strings(&strings(&[("calibration", missing.to_str().unwrap()), ("extra", &list)])).unwrap();
+    let e = p.resolve_files().unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "parameter `calibration`: `{}` does not exist\n\
+             parameter `extra`: `{}` is a symbolic link to something that does not exist\n\
+             parameter `extra`: `{}` is a folder; a file parameter takes a file",
+            missing.display(),
+            dangling.display(),
+            dir.path().display()
+        )
+    );
+    assert_eq!(e.0[0].field(), Some("calibration"));
+}

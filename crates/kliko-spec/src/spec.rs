@@ -287,7 +287,7 @@ impl Spec {
                 cx.problems.push(Problem {
                     line: e.pos.map(|p| p.line),
                     column: e.pos.map(|p| p.column),
-                    message: format!("invalid YAML: {}", e.message),
+                    message: e.describe(),
                 });
                 None
             }
@@ -313,8 +313,16 @@ impl Spec {
 
     /// Reads `path` and parses it; messages name the path.
     pub fn parse_file(path: &Path) -> Result<Spec, SpecError> {
-        let text =
-            std::fs::read_to_string(path).map_err(|source| SpecError::Io { path: path.to_path_buf(), source })?;
+        let text = match yaml::read_file(path) {
+            Ok(text) => text,
+            Err(yaml::ReadError::Io(source)) => return Err(SpecError::Io { path: path.to_path_buf(), source }),
+            Err(yaml::ReadError::TooLarge(e)) => {
+                return Err(SpecError::Invalid {
+                    source_name: path.display().to_string(),
+                    problems: vec![Problem { line: None, column: None, message: e.describe() }],
+                })
+            }
+        };
         Spec::parse(&path.display().to_string(), &text)
     }
 
@@ -370,12 +378,14 @@ impl Checker {
             return None;
         };
         let mut out: Vec<(&'a str, Pos, &'a Node)> = Vec::new();
+        // A `choices` mapping may be long: no quadratic search for duplicates.
+        let mut seen: HashMap<&'a str, Pos> = HashMap::new();
         for (k, v) in entries {
             let Some(key) = k.as_scalar() else {
                 self.err(k.pos(), format!("expected a plain key {context}, found {}", k.kind()));
                 continue;
             };
-            if let Some((_, first, _)) = out.iter().find(|(seen, _, _)| *seen == key) {
+            if let Some(first) = seen.get(key) {
                 let first = *first;
                 self.err(k.pos(), format!("duplicate key `{key}` {context} (first at {first})"));
                 continue;
@@ -395,6 +405,7 @@ impl Checker {
                     continue;
                 }
             }
+            seen.insert(key, k.pos());
             out.push((key, k.pos(), v));
         }
         Some(Entries { pos: *pos, entries: out })

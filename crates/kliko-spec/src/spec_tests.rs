@@ -460,3 +460,175 @@ fn field_type_round_trips() {
     assert_eq!(serde_json::to_string(&IoMode::Join).unwrap(), "\"join\"");
     assert_eq!(serde_json::from_str::<IoMode>("\"split\"").unwrap(), IoMode::Split);
 }
+
+#[test]
+fn an_alias_bomb_is_one_problem_with_its_line() {
+    let mut doc = String::from("io: split\nname: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]\n");
+    for i in 1..10 {
+        doc.push_str(&format!("x{i}: &a{i} [{}]\n", vec![format!("*a{}", i - 1); 10].join(", ")));
+    }
+    let p = one_problem(&doc);
+    assert!(p.starts_with("`kliko.yml` line 7, column "), "{p}");
+    assert!(p.ends_with("the document is too large once its aliases are expanded: more than 250000 values"), "{p}");
+}
+
+#[test]
+fn deep_nesting_is_one_problem_with_its_line_even_on_a_small_stack() {
+    // About 10 KB: 5,000 nested lists.
+    let doc = format!("io: split\nsections:\n  - {}{}\n", "[".repeat(5000), "]".repeat(5000));
+    let p = std::thread::Builder::new().stack_size(256 * 1024).spawn(move || one_problem(&doc)).unwrap().join();
+    let p = p.expect("no stack overflow");
+    assert!(p.starts_with("`kliko.yml` line 3, column "), "{p}");
+    assert!(p.ends_with("lists and mappings are nested too deeply: more than 64 levels"), "{p}");
+}
+
+#[test]
+fn a_file_too_large_is_refused_with_its_name_and_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kliko.yml");
+    let mut doc = String::from("io: split\n");
+    while doc.len() < 3 * 1024 * 1024 {
+        doc.push_str("# padding padding padding padding padding padding padding padding padding\n");
+    }
+    std::fs::write(&path, &doc).unwrap();
+    let e = validate_file(&path).unwrap_err();
+    assert!(matches!(e, SpecError::Invalid { .. }), "{e:?}");
+    assert_eq!(e.to_string(), format!("`{}`: the document is too large: 3.0 MiB, at most 512 KiB", path.display()));
+    // The same text handed over directly (as from an image) is refused the same way.
+    assert_eq!(one_problem(&doc), "`kliko.yml`: the document is too large: 3.0 MiB, at most 512 KiB");
+}
+
+#[test]
+fn a_parameters_file_with_an_alias_bomb_is_refused() {
+    let mut doc = String::from("a0: &a0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]\n");
+    for i in 1..10 {
+        doc.push_str(&format!("a{i}: &a{i} [{}]\n", vec![format!("*a{}", i - 1); 10].join(", ")));
+    }
+    let e = crate::ParamLayer::from_document("params.yml", &doc).unwrap_err();
+    let msg = e.to_string();
+    assert!(msg.contains("too large once its aliases are expanded"), "{msg}");
+}
+
+/// A small deterministic generator (xorshift64*): property tests without a dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+/// Pieces of YAML syntax, glued at random: mostly nonsense, often valid, sometimes nested.
+const FRAGMENTS: &[&str] = &[
+    "[",
+    "]",
+    "{",
+    "}",
+    "- ",
+    ": ",
+    ", ",
+    "&a ",
+    "&b ",
+    "*a",
+    "*b",
+    "\n",
+    "  ",
+    "    ",
+    "'",
+    "\"",
+    "# c",
+    "---\n",
+    "...\n",
+    "? ",
+    "!!str ",
+    "!x ",
+    "|\n",
+    ">-\n",
+    "x",
+    "io",
+    "split",
+    "sections",
+    "fields",
+    "name",
+    "type",
+    "int",
+    "List[str]",
+    "initial",
+    "choices",
+    "1",
+    "-1.5e3",
+    "~",
+    "null",
+    "\t",
+    "%YAML 1.2\n",
+    "\\",
+    "é",
+    "\u{0}",
+    "\r\n",
+    "schema_version: 4\n",
+    "io: join\n",
+    "sections:\n  - name: s\n    description: d\n    fields:\n",
+];
+
+fn random_doc(rng: &mut Rng) -> String {
+    let n = rng.below(120);
+    (0..n).map(|_| FRAGMENTS[rng.below(FRAGMENTS.len())]).collect()
+}
+
+#[test]
+fn arbitrary_text_never_panics_and_is_answered_quickly() {
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let started = std::time::Instant::now();
+    for _ in 0..3000 {
+        let doc = random_doc(&mut rng);
+        let _ = Spec::parse("kliko.yml", &doc);
+        let _ = crate::ParamLayer::from_document("params.yml", &doc);
+    }
+    // Random bytes edited into a real document.
+    for _ in 0..1000 {
+        let mut bytes = EVERY_TYPE_V4.as_bytes().to_vec();
+        for _ in 0..=rng.below(4) {
+            let at = rng.below(bytes.len());
+            let pool = b"[]{}:-&*!|>'\"\n #?,%@`";
+            bytes[at] = pool[rng.below(pool.len())];
+        }
+        let _ = Spec::parse("kliko.yml", &String::from_utf8_lossy(&bytes));
+    }
+    assert!(started.elapsed() < std::time::Duration::from_secs(30), "{:?}", started.elapsed());
+}
+
+#[test]
+fn generated_bombs_and_towers_are_always_refused_within_bounds() {
+    let mut rng = Rng(42);
+    for _ in 0..40 {
+        // Aliases of aliases, with random fan-out and depth: refused or small, never huge.
+        let fan = 2 + rng.below(30);
+        let levels = 2 + rng.below(12);
+        let mut doc = format!("io: split\nname: &a0 [{}]\n", vec!["x"; fan].join(", "));
+        for i in 1..levels {
+            doc.push_str(&format!("k{i}: &a{i} [{}]\n", vec![format!("*a{}", i - 1); fan].join(", ")));
+        }
+        let started = std::time::Instant::now();
+        let _ = Spec::parse("kliko.yml", &doc);
+        assert!(started.elapsed() < std::time::Duration::from_secs(5), "fan {fan}, levels {levels}");
+        // Towers of random brackets, block and flow mixed.
+        let mut tower = String::from("io: split\nsections:\n");
+        for d in 0..rng.below(3000) {
+            match rng.below(3) {
+                0 => tower.push('['),
+                1 => tower.push('{'),
+                _ => tower.push_str(&format!("\n{}- ", " ".repeat(d % 200))),
+            }
+        }
+        let r =
+            std::thread::Builder::new().stack_size(256 * 1024).spawn(move || Spec::parse("kliko.yml", &tower).is_ok());
+        assert!(r.unwrap().join().is_ok(), "no stack overflow");
+    }
+}

@@ -84,6 +84,25 @@ impl Store {
             .is_ok_and(|m| m.is_file() && m.len() == size && m.permissions().mode() & 0o222 == 0)
     }
 
+    /// Move a corrupt object out of the way (to `quarantine/`), so that results naming it are
+    /// incomplete (misses) from now on; where it cannot be moved, it is removed.
+    pub(crate) fn quarantine(&self, kind: ObjectKind, d: &Digest) -> Option<PathBuf> {
+        let path = self.object_path(kind, d);
+        let q = self.root().join(crate::QUARANTINE_DIR).join(format!(
+            "{}-{}-{}",
+            kind.dir(),
+            d.to_hex(),
+            crate::records::now_ms()
+        ));
+        match fs::rename(&path, &q) {
+            Ok(()) => Some(q),
+            Err(_) => {
+                let _ = fs::remove_file(&path);
+                None
+            }
+        }
+    }
+
     pub fn has_object(&self, kind: ObjectKind, d: &Digest) -> bool {
         fs::symlink_metadata(self.object_path(kind, d)).is_ok_and(|m| m.is_file())
     }
@@ -150,6 +169,7 @@ impl Store {
         if actual != *d {
             drop(out);
             let _ = fs::remove_file(dest);
+            self.quarantine(ObjectKind::Blob, d);
             return Err(StoreError::Corrupt { expected: *d, actual });
         }
         // The umask may have narrowed the mode given at creation.

@@ -25,16 +25,29 @@ pub const CF_PROV: &str = "provenance";
 pub const CF_ACCESS: &str = "access";
 pub const CF_HISTORY: &str = "history";
 pub const CF_PINS: &str = "pins";
-pub const ALL_CFS: &[&str] = &[CF_ACTIONS, CF_STAT, CF_PROV, CF_ACCESS, CF_HISTORY, CF_PINS];
+/// Blob digest → the blob file's mark when its content was last verified ([`crate::BlobMark`]).
+pub const CF_MARKS: &str = "blob-marks";
+pub const ALL_CFS: &[&str] = &[CF_ACTIONS, CF_STAT, CF_PROV, CF_ACCESS, CF_HISTORY, CF_PINS, CF_MARKS];
 
 pub struct DbInner {
     // Field order matters: the database closes, then db.lock is released, then gc.lock.
     db: DB,
-    _lock: File,
+    /// db.lock, held exclusively; `None` for a read-only handle.
+    _lock: Option<File>,
     /// gc.lock, shared, taken before db.lock: a process that has the index open can never be
     /// waiting for gc.lock while gc (holding it exclusively) waits for the index. `None` only
     /// for gc itself, which holds gc.lock exclusively.
     _gc: Option<crate::GcGuard>,
+    /// For a read-only handle: its writes, kept for whoever next opens the index for writing.
+    deferred: Option<crate::notes::Deferred>,
+}
+
+impl Drop for DbInner {
+    fn drop(&mut self) {
+        if let Some(d) = &self.deferred {
+            d.write();
+        }
+    }
 }
 
 /// A shared, open handle on the store's index.
@@ -57,6 +70,25 @@ impl Db {
         let path = store.db_path();
         move |source| StoreError::Db { path: path.clone(), source }
     }
+
+    /// Whether this handle was opened read-only, beside another process that has the index
+    /// open for writing (see [`Store::db_nowait`]).
+    pub fn is_read_only(&self) -> bool {
+        self.0.deferred.is_some()
+    }
+
+    /// Put `value` under `key` in column family `cf`; a read-only handle keeps the write for
+    /// the next process that opens the index for writing. Only for what a run writes that is
+    /// a record of use, not of results: access times, history, the stat cache, blob marks.
+    pub fn put_or_defer(&self, cf: &'static str, key: &[u8], value: &[u8]) -> std::result::Result<(), rocksdb::Error> {
+        match &self.0.deferred {
+            Some(d) => {
+                d.push(cf, key, value);
+                Ok(())
+            }
+            None => self.0.db.put_cf(self.cf(cf), key, value),
+        }
+    }
 }
 
 /// Options for writes that must survive a crash (results, pins).
@@ -71,10 +103,16 @@ pub(crate) fn open(store: &Store) -> Result<DbInner> {
     open_locked(store, Some(gc))
 }
 
-/// Open the index under a gc.lock the caller already holds (gc, exclusively).
-pub(crate) fn open_locked(store: &Store, gc: Option<crate::GcGuard>) -> Result<DbInner> {
+fn lock_file(store: &Store) -> Result<(File, std::path::PathBuf)> {
     let lock_path = store.root().join("db.lock");
     let lock = File::options().create(true).truncate(false).write(true).open(&lock_path).at(&lock_path)?;
+    Ok((lock, lock_path))
+}
+
+/// Open the index under a gc.lock the caller already holds (gc, exclusively).
+pub(crate) fn open_locked(store: &Store, gc: Option<crate::GcGuard>) -> Result<DbInner> {
+    let (lock, lock_path) = lock_file(store)?;
+    kliko_core::trace::mark("waiting for the index lock");
     // SAFETY: flock on an fd we own.
     loop {
         let rc = unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) };
@@ -86,7 +124,64 @@ pub(crate) fn open_locked(store: &Store, gc: Option<crate::GcGuard>) -> Result<D
             return Err(e).at(&lock_path);
         }
     }
+    kliko_core::trace::mark("index lock taken");
+    open_with(store, lock, gc)
+}
+
+/// The index for writing if no other process has it open, else at once a read-only view of
+/// it (RocksDB admits any number of read-only instances beside its one writer) whose writes
+/// are deferred: a run never queues behind another process's use of the index. Where there
+/// is no index yet, or the read-only view cannot be opened, this waits for the index.
+pub(crate) fn open_nowait(store: &Store) -> Result<DbInner> {
+    let gc = store.gc_shared()?;
+    let (lock, _) = lock_file(store)?;
+    // SAFETY: flock on an fd we own.
+    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return open_with(store, lock, Some(gc));
+    }
+    drop(lock);
     let path = store.db_path();
+    if exists(store.root()) {
+        let opts = options();
+        let cfs = column_families(&opts, &path);
+        if let Ok(db) = DB::open_cf_for_read_only(&opts, &path, &cfs, false) {
+            let deferred = Some(crate::notes::Deferred::new(store));
+            kliko_core::trace::mark("index in use by another process: opened read-only");
+            return Ok(DbInner { db, _lock: None, _gc: Some(gc), deferred });
+        }
+    }
+    drop(gc);
+    open(store)
+}
+
+/// Every column family: this build's, and those of other kliko versions (RocksDB refuses to
+/// open a database without all of them).
+fn column_families(opts: &Options, path: &Path) -> Vec<String> {
+    let mut cfs: Vec<String> = ALL_CFS.iter().map(|s| s.to_string()).collect();
+    if let Ok(existing) = DB::list_cf(opts, path) {
+        for cf in existing {
+            if !cfs.contains(&cf) {
+                cfs.push(cf);
+            }
+        }
+    }
+    cfs
+}
+
+fn open_with(store: &Store, lock: File, gc: Option<crate::GcGuard>) -> Result<DbInner> {
+    let path = store.db_path();
+    if !exists(store.root()) && store.index_expected() {
+        return Err(StoreError::IndexLost { path });
+    }
+    let opts = options();
+    let cfs = column_families(&opts, &path);
+    let db = DB::open_cf(&opts, &path, &cfs).map_err(|source| StoreError::Db { path: path.clone(), source })?;
+    keep_log_short(&db, &path, &cfs).map_err(|source| StoreError::Db { path: path.clone(), source })?;
+    Ok(DbInner { db, _lock: Some(lock), _gc: gc, deferred: None })
+}
+
+/// How kliko opens its index.
+pub(crate) fn options() -> Options {
     let mut opts = Options::default();
     opts.create_if_missing(true);
     opts.create_missing_column_families(true);
@@ -109,19 +204,7 @@ pub(crate) fn open_locked(store: &Store, gc: Option<crate::GcGuard>) -> Result<D
             eprintln!("kliko: the store's index (RocksDB) reports: {}", msg.trim_end());
         }
     }));
-    // Column families this build does not know (from a newer or older kliko) must still be
-    // opened, or RocksDB refuses the database.
-    let mut cfs: Vec<String> = ALL_CFS.iter().map(|s| s.to_string()).collect();
-    if let Ok(existing) = DB::list_cf(&opts, &path) {
-        for cf in existing {
-            if !cfs.contains(&cf) {
-                cfs.push(cf);
-            }
-        }
-    }
-    let db = DB::open_cf(&opts, &path, &cfs).map_err(|source| StoreError::Db { path: path.clone(), source })?;
-    keep_log_short(&db, &path, &cfs).map_err(|source| StoreError::Db { path: path.clone(), source })?;
-    Ok(DbInner { db, _lock: lock, _gc: gc })
+    opts
 }
 
 /// Write-ahead log files kept before the memtables are flushed to table files.

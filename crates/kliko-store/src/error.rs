@@ -17,6 +17,12 @@ pub enum StoreError {
         #[source]
         source: rocksdb::Error,
     },
+    /// The store had an index, and it is gone: never replaced by an empty one in silence.
+    #[error(
+        "the store's index at `{}` is missing: the results, pins and history recorded in it cannot be read",
+        path.display()
+    )]
+    IndexLost { path: PathBuf },
     #[error(transparent)]
     Hash(#[from] kliko_core::hash::HashError),
     #[error("stored object `{digest}` is missing")]

@@ -145,7 +145,7 @@ impl Store {
         lock(&self.root().join("gc.lock"), libc::LOCK_SH)
     }
 
-    fn gc_exclusive(&self) -> Result<GcGuard> {
+    pub(crate) fn gc_exclusive(&self) -> Result<GcGuard> {
         lock(&self.root().join("gc.lock"), libc::LOCK_EX)
     }
 

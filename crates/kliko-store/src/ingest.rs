@@ -46,6 +46,8 @@ pub struct Ingested {
     pub file_digests: Vec<Digest>,
     /// Every tree digest in the tree, the root last.
     pub tree_digests: Vec<Digest>,
+    /// The file digests whose blobs this ingest added to the store.
+    pub new_blobs: Vec<Digest>,
 }
 
 struct Staged {
@@ -165,6 +167,7 @@ impl Store {
             new_bytes,
             file_digests: seen.into_iter().collect(),
             tree_digests,
+            new_blobs: todo.iter().map(|f| f.digest).collect(),
         };
         Ok((ingested, staged_ok))
     }

@@ -25,12 +25,23 @@ pub const JOURNAL_DIR: &str = "journal-v1";
 
 /// One journaled result, with the history entry of the run that produced it.
 #[derive(Serialize, Deserialize)]
-struct Journaled {
+pub(crate) struct Journaled {
     format: String,
-    result: ActionResult,
-    history: Option<HistoryEntry>,
+    pub(crate) result: ActionResult,
+    pub(crate) history: Option<HistoryEntry>,
     /// When the run ended (milliseconds since the epoch): the history entry's place in order.
-    at_ms: u64,
+    pub(crate) at_ms: u64,
+}
+
+/// A result (and its run's history entry) as a journal or result file holds it.
+pub(crate) fn encode(result: &ActionResult, history: Option<&HistoryEntry>) -> Vec<u8> {
+    let entry = Journaled {
+        format: FORMAT.into(),
+        result: result.clone(),
+        history: history.cloned(),
+        at_ms: crate::records::now_ms(),
+    };
+    serde_json::to_vec(&entry).unwrap_or_default()
 }
 
 const FORMAT: &str = "kliko-journal-v1";
@@ -43,14 +54,7 @@ impl Store {
     /// Record `result` (and the run's history entry) durably without the index. Call only
     /// after every object it names is durable (ingest does that), holding gc.lock shared.
     pub fn journal_result(&self, result: &ActionResult, history: Option<&HistoryEntry>) -> Result<()> {
-        let entry = Journaled {
-            format: FORMAT.into(),
-            result: result.clone(),
-            history: history.cloned(),
-            at_ms: crate::records::now_ms(),
-        };
-        let bytes = serde_json::to_vec(&entry).expect("plain data");
-        write_atomic(&self.tmp_dir(), &self.journal_path(&result.key), &bytes, 0o644)
+        write_atomic(&self.tmp_dir(), &self.journal_path(&result.key), &encode(result, history), 0o644)
     }
 
     /// The journaled result for `key`, if any (not checked for completeness).
@@ -90,8 +94,12 @@ impl Store {
             match moved {
                 Ok(()) => {
                     imported += 1;
-                    // Failing to remove it only means importing it again (the same batch).
-                    let _ = fs::remove_file(&path);
+                    // Kept as the result's file, from which a lost index can be rebuilt.
+                    // Failing to move it only means importing it again (the same batch).
+                    let key = read(&path).map(|j| j.result.key);
+                    if key.is_none_or(|k| fs::rename(&path, self.result_file(&k)).is_err()) {
+                        let _ = fs::remove_file(&path);
+                    }
                 }
                 Err(Some(_)) => break,
                 Err(None) => {
@@ -124,7 +132,7 @@ impl Store {
     }
 }
 
-fn read(path: &Path) -> Option<Journaled> {
+pub(crate) fn read(path: &Path) -> Option<Journaled> {
     let j: Journaled = serde_json::from_slice(&fs::read(path).ok()?).ok()?;
     (j.format == FORMAT).then_some(j)
 }

@@ -26,7 +26,9 @@ mod ingest;
 mod journal;
 pub mod litter;
 mod materialize;
+mod notes;
 pub mod records;
+mod recovery;
 mod statcache;
 
 use std::path::{Path, PathBuf};
@@ -39,7 +41,8 @@ pub use fsck::{FsckOptions, FsckReport, StoreStats};
 pub use gc::{lock_scratch, remove_tree, GcGuard, GcOptions, GcReport, DEFAULT_GRACE_MS, SCRATCH_LOCK};
 pub use ingest::{IngestMode, Ingested};
 pub use journal::JOURNAL_DIR;
-pub use materialize::MaterializeMode;
+pub use materialize::{BlobMark, KnownMarks, MaterializeMode};
+pub use recovery::{Recovered, RepairReport, INDEX_MARK, RESULTS_DIR};
 pub use statcache::DbStatCache;
 
 use error::IoContext;
@@ -68,9 +71,23 @@ pub const TMP_OWNED_PREFIX: &str = "proc-";
 
 impl Store {
     /// Open (creating if needed) the store at `root`.
+    ///
+    /// The store decides what later runs reuse, so nobody else may be able to change it: the
+    /// folder must belong to the invoking user (root may open any) and must not be writable by
+    /// others, nor by its group unless it is set up for sharing (setgid, see `cache-format.md`).
+    /// A folder created here is made unwritable by group and others whatever the umask.
     pub fn open(root: &Path) -> Result<Store> {
         let root = std::path::absolute(root).at(root)?;
+        let existed = std::fs::symlink_metadata(&root).is_ok();
         fs_err::create_dir_all(&root).at(&root)?;
+        if !existed {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&root).at(&root)?.permissions().mode();
+            if mode & 0o022 != 0 {
+                std::fs::set_permissions(&root, std::fs::Permissions::from_mode(mode & 0o7755)).at(&root)?;
+            }
+        }
+        check_private(&root)?;
         let format = root.join(FORMAT_FILE);
         match std::fs::read_to_string(&format) {
             Ok(found) if found.trim() == FORMAT_TEXT => {}
@@ -97,16 +114,14 @@ impl Store {
     }
 
     /// The default store location: `$KLIKO_STORE`, else `$XDG_CACHE_HOME/kliko`, else
-    /// `~/.cache/kliko`.
-    pub fn default_root() -> PathBuf {
-        if let Some(p) = std::env::var_os("KLIKO_STORE").filter(|p| !p.is_empty()) {
-            return PathBuf::from(p);
-        }
-        if let Some(p) = std::env::var_os("XDG_CACHE_HOME").filter(|p| !p.is_empty()) {
-            return PathBuf::from(p).join("kliko");
-        }
-        let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/tmp"));
-        home.join(".cache").join("kliko")
+    /// `$HOME/.cache/kliko`; `None` when none of them is set. There is deliberately no
+    /// fallback to a shared folder such as `/tmp`, where another user could create the store
+    /// first and own it.
+    pub fn default_root() -> Option<PathBuf> {
+        let var = |name: &str| std::env::var_os(name).filter(|p| !p.is_empty()).map(PathBuf::from);
+        var("KLIKO_STORE")
+            .or_else(|| var("XDG_CACHE_HOME").map(|p| p.join("kliko")))
+            .or_else(|| var("HOME").map(|p| p.join(".cache").join("kliko")))
     }
 
     pub fn root(&self) -> &Path {
@@ -122,9 +137,27 @@ impl Store {
     pub fn db(&self) -> Result<Db> {
         let mut slot = self.db.lock().expect("db slot lock");
         if let Some(inner) = slot.upgrade() {
-            return Ok(Db(inner));
+            let db = Db(inner);
+            if !db.is_read_only() {
+                return Ok(db);
+            }
         }
         let inner = Arc::new(db::open(self)?);
+        *slot = Arc::downgrade(&inner);
+        self.just_opened(inner)
+    }
+
+    /// A handle on the index that never waits for another process: the index for writing
+    /// when nobody else has it open, else a read-only view of it whose writes (records of use
+    /// only: access times, history, stat cache, blob marks) are left for the next writer.
+    /// Results are never written through it (they go through the journal, which lookups
+    /// read). Shares the handle this process already has, if any.
+    pub fn db_nowait(&self) -> Result<Db> {
+        let mut slot = self.db.lock().expect("db slot lock");
+        if let Some(inner) = slot.upgrade() {
+            return Ok(Db(inner));
+        }
+        let inner = Arc::new(db::open_nowait(self)?);
         *slot = Arc::downgrade(&inner);
         self.just_opened(inner)
     }
@@ -140,13 +173,21 @@ impl Store {
     /// Every open, before anyone reads the index: results journaled since the last one go in.
     fn just_opened(&self, inner: Arc<db::DbInner>) -> Result<Db> {
         let db = Db(inner);
+        if db.is_read_only() {
+            // Someone else has it open for writing, and imports for us.
+            return Ok(db);
+        }
         self.import_journal(&db)?;
+        self.import_notes(&db);
+        // Bookkeeping for a repair some day: never a reason for the index not to open.
+        let _ = self.after_index_open(&db);
         Ok(db)
     }
 
-    /// Whether an index has ever been created here.
+    /// Whether an index has ever been created here (then opening it either works or says
+    /// that it was lost).
     pub fn has_index(&self) -> bool {
-        db::exists(&self.root)
+        db::exists(&self.root) || self.index_expected()
     }
 
     /// A new private folder for one run, inside the store's filesystem (so ingest can move files).
@@ -171,4 +212,39 @@ impl Store {
 /// Whether a name in `tmp/` is a store handle's own folder.
 fn is_owned_tmp(name: &std::ffi::OsStr) -> bool {
     name.as_encoded_bytes().starts_with(TMP_OWNED_PREFIX.as_bytes())
+}
+
+/// Refuses a store folder that someone other than the invoking user could change (see
+/// [`Store::open`]).
+fn check_private(root: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(root).at(root)?;
+    // SAFETY: geteuid cannot fail and touches no memory.
+    let me = unsafe { libc::geteuid() };
+    let mode = meta.mode();
+    let problem = if me != 0 && meta.uid() != me {
+        format!(
+            "it belongs to uid {}, not to you (uid {me}): its owner could change what kliko reuses; use a store of \
+             your own (`--store DIR` or `KLIKO_STORE`)",
+            meta.uid()
+        )
+    } else if mode & 0o002 != 0 {
+        format!(
+            "it is writable by every user (mode {:o}): anyone could change what kliko reuses; make it private \
+             (`chmod o-w`) or use another store",
+            mode & 0o7777
+        )
+    } else if mode & 0o020 != 0 && mode & 0o2000 == 0 {
+        format!(
+            "it is writable by its group (mode {:o}) without being set up for sharing: make it private (`chmod g-w`) \
+             or, to share it with the group on purpose, set the setgid bit (`chmod g+s`)",
+            mode & 0o7777
+        )
+    } else {
+        return Ok(());
+    };
+    Err(StoreError::Io {
+        path: root.to_path_buf(),
+        source: std::io::Error::new(std::io::ErrorKind::PermissionDenied, format!("refusing this store: {problem}")),
+    })
 }

@@ -144,10 +144,13 @@ impl Store {
     /// A complete result for `key`, recording the access; `None` on a miss (including a
     /// result whose objects are gone).
     pub fn lookup(&self, db: &Db, key: &Digest) -> Result<Option<ActionResult>> {
-        // A result journaled after this handle was opened is not in the index yet.
+        // A result journaled after this handle was opened is not in the index yet; one that a
+        // writer has moved from the journal into the index since (a read-only view does not
+        // see it) has its result file. The journal is read first: a result being moved is in
+        // one of the two folders at every moment.
         let found = match self.get_result(db, key)? {
             Some(r) => Some(r),
-            None => self.journaled(key),
+            None => self.journaled(key).or_else(|| self.result_from_file(key)),
         };
         match found {
             Some(r) if self.is_complete(&r) => {
@@ -159,7 +162,7 @@ impl Store {
     }
 
     pub fn touch(&self, db: &Db, key: &Digest) -> Result<()> {
-        db.put_cf(db.cf(CF_ACCESS), key.as_bytes(), now_ms().to_le_bytes()).map_err(db.err(self))
+        db.put_or_defer(CF_ACCESS, key.as_bytes(), &now_ms().to_le_bytes()).map_err(db.err(self))
     }
 
     /// Every result, in key order.
@@ -196,7 +199,13 @@ impl Store {
         if let Some(input) = r.preimage.input {
             batch.delete_cf(db.cf(CF_PROV), prov_key(&input, PROV_INPUT, &r.key));
         }
-        db.write_opt(batch, &db::durable()).map_err(db.err(self))
+        db.write_opt(batch, &db::durable()).map_err(db.err(self))?;
+        match std::fs::remove_file(self.result_file(&r.key)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(StoreError::Io { path: self.result_file(&r.key), source: e })
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Keys of results whose output contains `object` (role `o`) or whose input was it (`i`).
@@ -264,7 +273,7 @@ impl Store {
         let mut k = at_ms.to_be_bytes().to_vec();
         k.extend_from_slice(&e.key.as_bytes()[..8]);
         k.extend_from_slice(&std::process::id().to_be_bytes());
-        db.put_cf(db.cf(CF_HISTORY), k, serde_json::to_vec(e).expect("plain data")).map_err(db.err(self))
+        db.put_or_defer(CF_HISTORY, &k, &serde_json::to_vec(e).unwrap_or_default()).map_err(db.err(self))
     }
 
     /// History, newest first.

@@ -30,21 +30,21 @@ impl StatCache for DbStatCache {
 
     fn save(&self, dir: &Path, record: &DirRecord) {
         // The stat cache is advisory: losing a write only costs a re-hash later.
-        let _ = self.db.put_cf(self.db.cf(CF_STAT), dir.as_os_str().as_bytes(), record.encode());
+        let _ = self.db.put_or_defer(CF_STAT, dir.as_os_str().as_bytes(), &record.encode());
     }
 }
 
 impl Store {
     /// Hash a host path using (and updating) the stat cache.
     pub fn hash_path(&self, path: &Path, progress: &dyn Progress) -> Result<Hashed> {
-        let cache = DbStatCache::new(self.db()?);
+        let cache = DbStatCache::new(self.db_nowait()?);
         Ok(Hasher { cache: &cache, progress, collect: false }.hash_path(path)?)
     }
 
     /// [`Store::hash_path`], keeping a copy of the stat records it used in `copy`, so the
     /// same tree can be checked again later without the index.
     pub fn hash_path_remembering(&self, path: &Path, progress: &dyn Progress, copy: &MemoryCache) -> Result<Hashed> {
-        let cache = DbStatCache::new(self.db()?);
+        let cache = DbStatCache::new(self.db_nowait()?);
         let tee = Tee { cache: &cache, copy };
         Ok(Hasher { cache: &tee, progress, collect: false }.hash_path(path)?)
     }

@@ -53,15 +53,10 @@ fn corrupt_blob_is_never_copied_out_and_is_quarantined() {
     let err = store.materialize(&d, &out, MaterializeMode::Copy).unwrap_err();
     assert!(matches!(err, StoreError::Corrupt { expected, .. } if expected == victim), "{err}");
     assert!(fs::symlink_metadata(out.join("victim.txt")).is_err(), "a corrupt copy was left behind");
-    assert!(matches!(store.get_bytes(ObjectKind::Blob, &victim), Err(StoreError::Corrupt { .. })));
-
-    let r = fsck(&store, false);
-    assert!(!r.is_clean());
-    assert_eq!(r.corrupt.len(), 1, "{r:?}");
-    assert!(r.corrupt[0].contains(&victim.to_hex()), "{r:?}");
+    // The copy that found it set it aside at once: every result naming it is a miss now.
     assert!(!blob.exists(), "the corrupt blob is still in place");
     assert_eq!(quarantined(&store), 1);
-
+    assert!(matches!(store.get_bytes(ObjectKind::Blob, &victim), Err(StoreError::Missing { .. })));
     let again = fsck(&store, false);
     assert!(again.is_clean() && again.corrupt.is_empty(), "{again:?}");
     // Now it is missing rather than corrupt, and ingesting the content again heals the store.

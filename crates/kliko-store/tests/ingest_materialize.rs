@@ -127,6 +127,11 @@ fn stored_objects_are_read_only() {
     }
 }
 
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
 #[test]
 fn link_mode_links_only_non_executable_files() {
     let (t, store) = setup();
@@ -134,7 +139,10 @@ fn link_mode_links_only_non_executable_files() {
     sample_tree(&src);
     let d = store.ingest(&src, IngestMode::Copy).unwrap().digest;
     let out = t.path().join("out");
-    store.materialize(&d, &out, MaterializeMode::Link).unwrap();
+    // Root never gets links it could write through (see the next test); a tree only ever
+    // mounted read-only into a container does.
+    let mode = if is_root() { MaterializeMode::ReadOnlyMount } else { MaterializeMode::Link };
+    store.materialize(&d, &out, mode).unwrap();
     let mut linked = 0;
     for (p, m) in regular_files(&out) {
         let digest = Digest::of_bytes(&fs::read(&p).unwrap());
@@ -240,4 +248,91 @@ fn single_file_ingest_and_unknown_tree() {
     let missing = Digest::of_bytes(b"never stored");
     let err = store.materialize(&missing, &t.path().join("out"), MaterializeMode::Copy).unwrap_err();
     assert!(matches!(err, StoreError::Missing { digest } if digest == missing), "{err}");
+}
+
+#[test]
+fn link_mode_gives_root_private_copies() {
+    let (t, store) = setup();
+    let src = t.path().join("src");
+    sample_tree(&src);
+    let d = store.ingest(&src, IngestMode::Copy).unwrap().digest;
+    let out = t.path().join("out");
+    store.materialize(&d, &out, MaterializeMode::Link).unwrap();
+    assert_eq!(hash_dir(&out), d);
+    if is_root() {
+        // Root could write through a read-only link into the store and poison later hits.
+        assert_private_copies(&store, &out);
+    } else {
+        assert!(regular_files(&out).iter().any(|(_, m)| m.nlink() > 1));
+    }
+}
+
+/// Store a tree with one distinctive file, link it out once (the blob is verified and its mark
+/// remembered), then change that blob's bytes the way a careless user could (chmod, write the
+/// same number of bytes, chmod back; optionally even putting its modification time back).
+fn linked_then_edited(restore_mtime: bool) -> (tempfile::TempDir, Store, Digest, Digest) {
+    let (t, store) = setup();
+    let src = t.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("result.txt"), b"flux 1.25 Jy\n").unwrap();
+    fs::write(src.join("other.txt"), b"beam 3 arcsec\n").unwrap();
+    let tree = store.ingest(&src, IngestMode::Copy).unwrap().digest;
+    let first = t.path().join("first");
+    store.materialize(&tree, &first, MaterializeMode::ReadOnlyMount).unwrap();
+    let blob_digest = Digest::of_bytes(b"flux 1.25 Jy\n");
+    let blob = store.object_path(ObjectKind::Blob, &blob_digest);
+    let before = fs::metadata(&blob).unwrap().modified().unwrap();
+    fs::set_permissions(&blob, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    fs::write(&blob, b"flux 9.99 Jy\n").unwrap();
+    if restore_mtime {
+        fs::File::options().write(true).open(&blob).unwrap().set_modified(before).unwrap();
+    }
+    fs::set_permissions(&blob, std::os::unix::fs::PermissionsExt::from_mode(0o444)).unwrap();
+    assert_eq!(fs::metadata(&blob).unwrap().len(), 13, "the edit keeps the size");
+    (t, store, tree, blob_digest)
+}
+
+#[test]
+fn a_blob_edited_after_it_was_linked_is_never_linked_again() {
+    for restore_mtime in [false, true] {
+        let (t, store, tree, blob) = linked_then_edited(restore_mtime);
+        let out = t.path().join("second");
+        match store.materialize(&tree, &out, MaterializeMode::ReadOnlyMount) {
+            Err(StoreError::Corrupt { expected, .. }) => assert_eq!(expected, blob),
+            other => panic!("materialized a corrupt blob (mtime restored: {restore_mtime}): {other:?}"),
+        }
+        // Nothing with the edited bytes was placed, and the blob is out of the way, so every
+        // result that names it is incomplete (a miss) from now on.
+        for (p, _) in regular_files(&out) {
+            assert_ne!(fs::read(&p).unwrap(), b"flux 9.99 Jy\n", "{} holds the edited bytes", p.display());
+        }
+        assert!(!store.has_blob(&blob, 13), "the corrupt blob is still in place");
+        let quarantined = fs::read_dir(store.root().join("quarantine")).unwrap().count();
+        assert_eq!(quarantined, 1);
+    }
+}
+
+#[test]
+fn a_verified_copy_of_an_edited_blob_fails_and_sets_it_aside() {
+    let (t, store, tree, blob) = linked_then_edited(false);
+    let out = t.path().join("copy");
+    assert!(matches!(store.materialize(&tree, &out, MaterializeMode::Copy), Err(StoreError::Corrupt { .. })));
+    assert!(!store.has_blob(&blob, 13));
+}
+
+#[test]
+fn marks_known_from_ingest_catch_an_edit_too() {
+    let (t, store) = setup();
+    let src = t.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("a.txt"), b"one\n").unwrap();
+    let ing = store.ingest(&src, IngestMode::Copy).unwrap();
+    assert_eq!(ing.new_blobs.len(), 1);
+    let known = store.marks_of(&ing.new_blobs);
+    // Unchanged: placed without the index.
+    store.materialize_known(&ing.digest, &t.path().join("ok"), MaterializeMode::ReadOnlyMount, &known).unwrap();
+    assert_eq!(hash_dir(&t.path().join("ok")), ing.digest);
+    corrupt_in_place(&store.object_path(ObjectKind::Blob, &ing.new_blobs[0]));
+    let bad = store.materialize_known(&ing.digest, &t.path().join("bad"), MaterializeMode::ReadOnlyMount, &known);
+    assert!(matches!(bad, Err(StoreError::Corrupt { .. })), "{bad:?}");
 }

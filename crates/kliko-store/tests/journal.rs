@@ -9,7 +9,7 @@ use std::fs;
 
 use common::*;
 use kliko_store::records::HistoryEntry;
-use kliko_store::{GcOptions, IngestMode, Store, JOURNAL_DIR, QUARANTINE_DIR};
+use kliko_store::{GcOptions, IngestMode, Store, StoreError, DB_DIR, JOURNAL_DIR, QUARANTINE_DIR};
 
 fn journal_files(store: &Store) -> usize {
     fs::read_dir(store.root().join(JOURNAL_DIR)).unwrap().count()
@@ -152,4 +152,135 @@ fn journal_files_of_arbitrary_bytes_never_stop_the_index_from_opening() {
         assert_eq!(journal_files(&store), 0, "case {case} (seed {seed:#x})");
         drop(db);
     }
+}
+
+/// A store with two results: one recorded straight into the index before result files existed
+/// (an older store), one through the journal; the first is pinned.
+fn store_with_history() -> (tempfile::TempDir, std::path::PathBuf, kliko_core::Digest, kliko_core::Digest) {
+    let (t, root, store, out) = fresh();
+    let old = result_for(&store, out, "old");
+    let new = result_for(&store, out, "new");
+    {
+        let db = store.db().unwrap();
+        store.put_result(&db, &old).unwrap();
+        store.set_pin(&db, &old.key, true).unwrap();
+    }
+    // As in a store made before result files existed.
+    fs::remove_dir_all(root.join(kliko_store::RESULTS_DIR)).unwrap();
+    store.journal_result(&new, Some(&history_entry(&new))).unwrap();
+    // The next open imports the journal and keeps a result file for each result.
+    drop(store.db().unwrap());
+    (t, root, old.key, new.key)
+}
+
+#[test]
+fn a_lost_index_is_an_error_and_never_silently_replaced() {
+    for remove in ["CURRENT", ""] {
+        let (_t, root, old, new) = store_with_history();
+        let store = Store::open(&root).unwrap();
+        let index = root.join(DB_DIR);
+        if remove.is_empty() {
+            fs::remove_dir_all(&index).unwrap();
+        } else {
+            fs::remove_file(index.join(remove)).unwrap();
+        }
+        match store.db() {
+            Err(StoreError::IndexLost { path }) => assert_eq!(path, index),
+            Err(e) => panic!("wrong error: {e}"),
+            Ok(_) => panic!("an empty index replaced the lost one (removed: `{remove}`)"),
+        }
+        // Still an error the second time: nothing was created meanwhile.
+        assert!(matches!(store.db(), Err(StoreError::IndexLost { .. })));
+
+        let report = store.repair_index().unwrap();
+        let db = store.db().unwrap();
+        for key in [old, new] {
+            assert!(store.lookup(&db, &key).unwrap().is_some(), "result {key} lost (removed: `{remove}`)");
+        }
+        assert_eq!(report.results, 2, "{report:?}");
+        if remove.is_empty() {
+            // Nothing of the index was left: results come back from their files, pins do not,
+            // and the report says so.
+            assert_eq!(report.recovered, kliko_store::Recovered::New);
+            assert_eq!(report.restored, 2);
+            assert!(!store.is_pinned(&db, &old).unwrap());
+            assert!(report.lost.iter().any(|l| l.contains("pins")), "{report:?}");
+        } else {
+            // Only the file naming the manifest was gone: the whole index comes back.
+            assert_eq!(report.recovered, kliko_store::Recovered::Whole, "{report:?}");
+            assert!(store.is_pinned(&db, &old).unwrap());
+            assert!(report.lost.is_empty());
+            assert!(report.saved_copy.as_ref().is_some_and(|c| c.exists()));
+        }
+    }
+}
+
+#[test]
+fn gc_removes_an_evicted_results_file() {
+    let (_t, root, old, new) = store_with_history();
+    let store = Store::open(&root).unwrap();
+    let file = |k: &kliko_core::Digest| root.join(kliko_store::RESULTS_DIR).join(format!("{k}.json"));
+    assert!(file(&old).exists() && file(&new).exists());
+    store.gc(&GcOptions { max_bytes: Some(0), grace_ms: 0, ..Default::default() }).unwrap();
+    // The pinned one stays; the other is gone, with its file.
+    assert!(file(&old).exists());
+    assert!(!file(&new).exists());
+}
+
+#[test]
+fn a_lookup_never_waits_for_another_process_that_has_the_index_open() {
+    let (_t, root, store, out) = fresh();
+    let r = result_for(&store, out, "nowait");
+    store.journal_result(&r, Some(&history_entry(&r))).unwrap();
+    // "Another process" (another Store on the same folder) has the index open for writing.
+    let writer = store.db().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (root2, key) = (root.clone(), r.key);
+    std::thread::spawn(move || {
+        let other = Store::open(&root2).unwrap();
+        let db = other.db_nowait().unwrap();
+        let found = other.lookup(&db, &key).unwrap().map(|x| x.key);
+        let mut hit = history_entry(&other.get_result(&db, &key).unwrap().unwrap());
+        hit.cache = "hit".into();
+        other.append_history(&db, &hit).unwrap();
+        let read_only = db.is_read_only();
+        // Closing the handle leaves its writes for the next writer.
+        drop(db);
+        tx.send((read_only, found)).unwrap();
+    });
+    let (read_only, found) =
+        rx.recv_timeout(std::time::Duration::from_secs(60)).expect("the lookup waited for the other process");
+    assert!(read_only, "it cannot have had the index for writing");
+    assert_eq!(found, Some(r.key));
+    // Its history entry waits in a notes file for the next writer, which applies it.
+    let notes = || {
+        fs::read_dir(root.join(JOURNAL_DIR))
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("notes-"))
+            .count()
+    };
+    assert_eq!(notes(), 1);
+    drop(writer);
+    let db = store.db().unwrap();
+    assert_eq!(notes(), 0);
+    let kinds: Vec<String> = store.history(&db, 10).unwrap().into_iter().map(|h| h.cache).collect();
+    assert_eq!(kinds, vec!["hit".to_string(), "miss".to_string()]);
+}
+
+#[test]
+fn a_read_only_view_finds_a_result_moved_into_the_index_after_it_opened() {
+    let (_t, root, store, out) = fresh();
+    let r = result_for(&store, out, "moved");
+    let writer = store.db().unwrap();
+    let reader = Store::open(&root).unwrap();
+    let view = reader.db_nowait().unwrap();
+    assert!(view.is_read_only());
+    store.journal_result(&r, None).unwrap();
+    drop(writer);
+    // The next writer moves the journaled result into the index, which the view cannot see.
+    let next = Store::open(&root).unwrap();
+    drop(next.db().unwrap());
+    assert_eq!(journal_files(&store), 0);
+    assert_eq!(reader.lookup(&view, &r.key).unwrap().map(|x| x.key), Some(r.key), "a recorded result was a miss");
 }

@@ -20,6 +20,9 @@ use kliko_core::Digest;
 use kliko_store::db::CF_STAT;
 use kliko_store::{DbStatCache, Store};
 
+/// A raw index entry.
+type KeyValue = (Box<[u8]>, Box<[u8]>);
+
 struct Run {
     digest: Digest,
     read: u64,
@@ -40,7 +43,7 @@ fn age_records(store: &Store) -> usize {
     let db = store.db().unwrap();
     let cf = db.cf(CF_STAT);
     let mut n = 0;
-    let all: Vec<_> = db.iterator_cf(cf, rocksdb::IteratorMode::Start).map(|kv| kv.unwrap()).collect();
+    let all: Vec<KeyValue> = db.iterator_cf(cf, rocksdb::IteratorMode::Start).map(|kv| kv.unwrap()).collect();
     for (k, v) in all {
         let mut rec = DirRecord::decode(&v).expect("a readable record");
         for f in &mut rec.files {
@@ -220,7 +223,7 @@ fn a_torn_record_is_just_a_miss() {
 fn age_records_tolerant(store: &Store) {
     let db = store.db().unwrap();
     let cf = db.cf(CF_STAT);
-    let all: Vec<_> = db.iterator_cf(cf, rocksdb::IteratorMode::Start).map(|kv| kv.unwrap()).collect();
+    let all: Vec<KeyValue> = db.iterator_cf(cf, rocksdb::IteratorMode::Start).map(|kv| kv.unwrap()).collect();
     for (k, v) in all {
         if let Some(mut rec) = DirRecord::decode(&v) {
             for f in &mut rec.files {

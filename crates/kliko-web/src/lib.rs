@@ -21,6 +21,12 @@
 //! folders are only those inside the `--data-root` folders, after canonicalization.
 //! Uploads are limited in size and kept in a private scratch folder of the store; when a form
 //! comes back with errors its uploads are kept (an hour at most) for the corrected submission.
+//!
+//! Slow clients: a request's header must arrive within [`ServeConfig::header_timeout`]
+//! (which also closes idle keep-alive connections), a whole request within
+//! [`ServeConfig::request_timeout`] (408 after that; a response streaming its body is not cut),
+//! and at most [`ServeConfig::max_connections`] connections are open at once: further ones
+//! wait in the listen queue, unaccepted, so they hold no file descriptor of the server.
 
 pub mod auth;
 pub mod form;
@@ -33,6 +39,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
@@ -46,6 +53,12 @@ pub use runs::{RunEntry, RunState};
 /// Default upload limit: 1 GiB.
 pub const DEFAULT_UPLOAD_LIMIT: u64 = 1 << 30;
 pub const DEFAULT_BIND: &str = "127.0.0.1:8765";
+/// Default time a client has to send a request's header: 10 s.
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default time a request may take until its response starts (an upload included): 5 min.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
+/// Default number of connections served at once.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 256;
 
 /// How to serve.
 #[derive(Clone, Debug)]
@@ -58,6 +71,13 @@ pub struct ServeConfig {
     pub token: Option<String>,
     /// Largest request body (the uploads of one form), in bytes.
     pub upload_limit: u64,
+    /// A connection that has not sent a whole request header this long after it opened, or
+    /// after its previous response, is closed.
+    pub header_timeout: Duration,
+    /// A request whose response has not started this long after its header arrived gets 408.
+    pub request_timeout: Duration,
+    /// Connections open at once; more wait to be accepted.
+    pub max_connections: usize,
 }
 
 impl Default for ServeConfig {
@@ -67,6 +87,9 @@ impl Default for ServeConfig {
             data_roots: Vec::new(),
             token: None,
             upload_limit: DEFAULT_UPLOAD_LIMIT,
+            header_timeout: DEFAULT_HEADER_TIMEOUT,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
         }
     }
 }
@@ -85,8 +108,8 @@ pub enum WebError {
         #[source]
         source: std::io::Error,
     },
-    #[error("the web server failed")]
-    Serve(#[source] std::io::Error),
+    #[error("`max_connections` must be at least 1")]
+    NoConnections,
 }
 
 /// What every request handler shares.
@@ -97,6 +120,8 @@ pub struct AppState {
     /// The CSRF secret every form carries.
     pub csrf: String,
     pub upload_limit: u64,
+    /// See [`ServeConfig::request_timeout`].
+    pub request_timeout: Duration,
     pub runs: runs::Registry,
     /// Image IDs without a (valid) kliko.yml, with the reason: not asked again.
     pub not_kliko: Mutex<HashMap<String, Option<String>>>,
@@ -123,6 +148,7 @@ impl AppState {
             token,
             csrf: auth::random_hex(32),
             upload_limit: config.upload_limit,
+            request_timeout: config.request_timeout,
             runs: runs::Registry::default(),
             not_kliko: Mutex::new(HashMap::new()),
             shutdown: CancellationToken::new(),
@@ -155,7 +181,27 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(pages::not_found)
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_token))
         .layer(axum::middleware::from_fn(auth::security_headers))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), request_timeout))
         .with_state(state)
+}
+
+/// 408 for a request whose response has not started within the configured time: a client
+/// that sends its body slowly (or never) does not hold a connection for long.
+async fn request_timeout(
+    axum::extract::State(st): axum::extract::State<Arc<AppState>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    match tokio::time::timeout(st.request_timeout, next.run(req)).await {
+        Ok(resp) => resp,
+        Err(_) => (
+            axum::http::StatusCode::REQUEST_TIMEOUT,
+            [(axum::http::header::CONNECTION, "close")],
+            format!("the request was not complete within {} s\n", st.request_timeout.as_secs_f64()),
+        )
+            .into_response(),
+    }
 }
 
 /// A bound, not yet running server.
@@ -163,6 +209,8 @@ pub struct Server {
     listener: tokio::net::TcpListener,
     state: Arc<AppState>,
     addr: SocketAddr,
+    header_timeout: Duration,
+    max_connections: usize,
 }
 
 impl Server {
@@ -183,43 +231,86 @@ impl Server {
     }
 
     /// Serve until `stop` is cancelled; then cancel the runs still going and wait for them.
+    ///
+    /// axum::serve has no header timeout nor connection limit, so connections are accepted
+    /// here: a permit first (beyond the limit, connections wait in the kernel's listen queue
+    /// and use none of our file descriptors), then hyper's HTTP/1 with a header timeout.
     pub async fn run_until(self, stop: CancellationToken) -> Result<(), WebError> {
         let state = self.state.clone();
         let app = router(state.clone());
-        let shutdown = state.shutdown.clone();
-        let stop2 = stop.clone();
-        let serving =
-            std::future::IntoFuture::into_future(axum::serve(self.listener, app).with_graceful_shutdown(async move {
-                stop2.cancelled().await;
-                shutdown.cancel();
-            }));
+        let permits = Arc::new(tokio::sync::Semaphore::new(self.max_connections));
+        let closing = CancellationToken::new();
+        loop {
+            let permit = tokio::select! {
+                _ = stop.cancelled() => break,
+                p = permits.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+            };
+            let stream = tokio::select! {
+                _ = stop.cancelled() => break,
+                r = self.listener.accept() => match r {
+                    Ok((stream, _)) => stream,
+                    // Out of file descriptors, or a connection reset before it was accepted:
+                    // not the server's end. Back off a little rather than spin.
+                    Err(_) => {
+                        drop(permit);
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let service = hyper_util::service::TowerToHyperService::new(app.clone());
+            let closing = closing.clone();
+            let header_timeout = self.header_timeout;
+            tokio::spawn(async move {
+                let _permit = permit;
+                let mut builder = hyper::server::conn::http1::Builder::new();
+                builder.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(header_timeout);
+                let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service).with_upgrades();
+                tokio::pin!(conn);
+                tokio::select! {
+                    _ = conn.as_mut() => return,
+                    _ = closing.cancelled() => conn.as_mut().graceful_shutdown(),
+                }
+                let _ = conn.await;
+            });
+        }
+        drop(self.listener);
+        state.shutdown.cancel();
+        closing.cancel();
         // A browser may keep connections open indefinitely: give requests in flight a
-        // moment, then stop regardless.
-        let result = tokio::select! {
-            r = serving => r,
-            _ = async {
-                stop.cancelled().await;
-                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
-            } => Ok(()),
-        };
+        // moment (every permit back means every connection closed), then stop regardless.
+        let all = u32::try_from(self.max_connections).unwrap_or(u32::MAX);
+        let _ = tokio::time::timeout(Duration::from_secs(2), permits.acquire_many(all)).await;
         for run in state.runs.all() {
             run.cancel.cancel();
         }
         for run in state.runs.all() {
             run.wait().await;
         }
-        result.map_err(WebError::Serve)
+        Ok(())
     }
 }
 
 /// Bind the listener and build the state.
 pub async fn bind(engine: Arc<Engine>, config: ServeConfig) -> Result<Server, WebError> {
+    if config.max_connections == 0 {
+        return Err(WebError::NoConnections);
+    }
     let state = AppState::new(engine, &config)?;
     let listener = tokio::net::TcpListener::bind(config.bind)
         .await
         .map_err(|source| WebError::Bind { addr: config.bind, source })?;
     let addr = listener.local_addr().map_err(|source| WebError::Bind { addr: config.bind, source })?;
-    Ok(Server { listener, state, addr })
+    Ok(Server {
+        listener,
+        state,
+        addr,
+        header_timeout: config.header_timeout,
+        max_connections: config.max_connections.min(u32::MAX as usize).min(tokio::sync::Semaphore::MAX_PERMITS),
+    })
 }
 
 /// Serve until Ctrl-C, printing the address to open.

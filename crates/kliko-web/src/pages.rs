@@ -109,8 +109,11 @@ pub async fn index(State(st): St) -> Result<Html<String>, PageError> {
                 st.not_kliko.lock().expect("not_kliko lock").insert(info.id.clone(), Some(why.clone()));
                 listed.push(Listed::Invalid(reference, why));
             }
-            // Removed meanwhile, or the daemon hiccupped: leave it out this time.
-            Err(_) => {}
+            // Removed meanwhile: nothing to show.
+            Err(EngineError::Runtime(RuntimeError::ImageNotFound { .. })) => {}
+            // A kliko.yml that could not be read (a symlink loop, a broken archive, the
+            // daemon or the store failing): shown on the image's own row, asked again next time.
+            Err(e) => listed.push(Listed::Invalid(reference, chain(&e))),
         }
     }
     let mut b =
@@ -156,7 +159,9 @@ pub async fn index(State(st): St) -> Result<Html<String>, PageError> {
     let invalid: Vec<(&String, &String)> =
         listed.iter().filter_map(|l| if let Listed::Invalid(r, w) = l { Some((r, w)) } else { None }).collect();
     if !invalid.is_empty() {
-        b.push_str("<h2>Images with an invalid kliko.yml</h2><table><tr><th>image</th><th>problem</th></tr>");
+        b.push_str(
+            "<h2>Images with an invalid or unreadable kliko.yml</h2><table><tr><th>image</th><th>problem</th></tr>",
+        );
         for (r, w) in invalid {
             b.push_str(&format!("<tr><td><code>{}</code></td><td>{}</td></tr>", esc(r), esc(w)));
         }

@@ -406,3 +406,42 @@ async fn pages_that_do_not_exist_are_404() {
     let h = f.get("/history").await;
     assert!(h.body.contains("Nothing has run yet"));
 }
+
+/// Nine levels of ten aliases: 10^9 scalars once expanded, a few hundred bytes written.
+fn alias_bomb_yml() -> String {
+    let mut s = String::from("io: split\nname: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]\n");
+    for i in 1..10 {
+        s.push_str(&format!("x{i}: &a{i} [{}]\n", vec![format!("*a{}", i - 1); 10].join(", ")));
+    }
+    s
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn images_with_a_bomb_or_deeply_nested_kliko_yml_get_their_own_row_and_the_server_goes_on() {
+    let good = full_image();
+    let bomb = kliko_testkit::ImageBuilder::new("web-bomb").kliko_yml(&alias_bomb_yml()).build().expect("build");
+    // About 10 KB: 5,000 nested lists.
+    let deep_yml = format!("io: split\nsections: {}{}\n", "[".repeat(5000), "]".repeat(5000));
+    let deep = kliko_testkit::ImageBuilder::new("web-deep").kliko_yml(&deep_yml).build().expect("build");
+    let f = Fixture::new();
+    let r = f.get("/").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert!(r.body.contains(&format!("href=\"/image/{}\"", good.tag)), "the good image is listed");
+    let row = |tag: &str| {
+        let start =
+            r.body.find(&format!("<tr><td><code>{tag}</code></td>")).unwrap_or_else(|| panic!("no row for {tag}"));
+        let rest = &r.body[start..];
+        rest[..rest.find("</tr>").unwrap()].to_string()
+    };
+    let b = row(&bomb.tag);
+    assert!(b.contains("line 7") && b.contains("too large once its aliases are expanded"), "{b}");
+    let d = row(&deep.tag);
+    assert!(d.contains("line 2") && d.contains("nested too deeply: more than 64 levels"), "{d}");
+    // Their form pages say the same, and the server still answers everything else.
+    let r = f.get(&format!("/image/{}", bomb.tag)).await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(r.body.contains("too large once its aliases are expanded"), "{}", r.body);
+    assert_eq!(f.get("/").await.status, StatusCode::OK);
+    assert_eq!(f.get(&format!("/image/{}", good.tag)).await.status, StatusCode::OK);
+    assert_eq!(f.get("/history").await.status, StatusCode::OK);
+}
