@@ -564,7 +564,8 @@ impl Engine {
             return Err(EngineError::StoreNotUtf8 { path: self.store.root().to_path_buf() });
         }
         let heartbeat = lease_heartbeat(&lease);
-        let scratch = match self.store.scratch("run-") {
+        // Owned by this process until the run ends: gc removes it at once if we are killed.
+        let scratch = match self.store.run_folder("run-") {
             Ok(s) => s,
             Err(e) => {
                 heartbeat.abort();
@@ -575,9 +576,6 @@ impl Engine {
         let scratch_path = scratch.path().to_path_buf();
         // Waiters show the logs from here while the container runs.
         let _ = lease.announce_logs(&scratch_path);
-        // Held while the run uses the folder: gc removes scratch folders whose lock is free
-        // (left by a killed process).
-        let scratch_lock = kliko_store::lock_scratch(&scratch_path);
         let result = self.execute_in(req, prep, target, &scratch_path, obs, cancel, t0).await;
         if lease.inherited() {
             // The dead holder's create request may have reached the daemon only after the
@@ -585,12 +583,8 @@ impl Engine {
             self.remove_orphans(&prep.key).await;
         }
         heartbeat.abort();
-        let keep = scratch.keep();
-        let _ = tokio::task::spawn_blocking(move || {
-            fsutil::force_remove(&keep);
-            drop(scratch_lock);
-        })
-        .await;
+        // Dropping it removes the folder (a container may have left read-only folders in it).
+        let _ = tokio::task::spawn_blocking(move || drop(scratch)).await;
         match result {
             Ok((report, None)) => {
                 if report.status == Status::Cancelled {

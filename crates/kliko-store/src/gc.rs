@@ -127,18 +127,6 @@ fn low_on_space(root: &Path) -> bool {
     (s.f_bavail as u64).saturating_mul(s.f_frsize as u64) < 1 << 20
 }
 
-/// The lock file a run holds inside its scratch folder.
-pub const SCRATCH_LOCK: &str = ".kliko-lock";
-
-/// Lock a run's scratch folder for as long as the returned file lives (None if it cannot be
-/// locked: the folder is then only collected once it is a day old).
-pub fn lock_scratch(dir: &Path) -> Option<File> {
-    let p = dir.join(SCRATCH_LOCK);
-    let f = File::options().create(true).truncate(false).write(true).open(p).ok()?;
-    // SAFETY: flock on an fd we own.
-    (unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0).then_some(f)
-}
-
 impl Store {
     /// Hold `gc.lock` shared: gc waits until this guard is dropped.
     pub fn gc_shared(&self) -> Result<GcGuard> {
@@ -412,21 +400,21 @@ impl Store {
     /// Remove scratch folders left by runs that died: those whose lock is free, and those
     /// without a lock older than `age_ms`. Returns how many were removed.
     fn clean_scratch(&self, age_ms: u64) -> u64 {
+        let scratch = self.root().join(crate::SCRATCH_DIR);
+        // A run's folder holds its lock from before the folder had its lock file's name
+        // (`Store::run_folder`): one whose lock can be taken belongs to a dead run, whatever
+        // its age.
+        let (mut removed, _) =
+            crate::litter::remove_dead(&scratch, |name| scratch.join(name).join(crate::litter::OWNER_LOCK).exists());
+        // An unlocked folder (a web upload kept between requests) only once it is old.
         let cutoff = std::time::SystemTime::now() - std::time::Duration::from_millis(age_ms);
-        let mut removed = 0;
-        let Ok(rd) = fs::read_dir(self.root().join(crate::SCRATCH_DIR)) else { return 0 };
+        let Ok(rd) = fs::read_dir(&scratch) else { return removed };
         for e in rd.flatten() {
             let dir = e.path();
-            let lock = dir.join(SCRATCH_LOCK);
-            let orphan = if let Ok(m) = fs::metadata(&lock) {
-                // A minute's grace covers a run between creating its lock file and locking it.
-                let settled =
-                    m.modified().is_ok_and(|t| t < std::time::SystemTime::now() - std::time::Duration::from_secs(60));
-                settled && lock_scratch(&dir).is_some()
-            } else {
-                e.metadata().and_then(|m| m.modified()).is_ok_and(|t| t < cutoff)
-            };
-            if orphan && remove_tree(&dir) {
+            if dir.join(crate::litter::OWNER_LOCK).exists() || dir.join(crate::litter::OWNER_LOCK_NEW).exists() {
+                continue;
+            }
+            if e.metadata().and_then(|m| m.modified()).is_ok_and(|t| t < cutoff) && remove_tree(&dir) {
                 removed += 1;
             }
         }

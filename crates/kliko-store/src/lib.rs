@@ -38,7 +38,7 @@ pub use blobs::ObjectKind;
 pub use db::Db;
 pub use error::{Result, StoreError};
 pub use fsck::{FsckOptions, FsckReport, StoreStats};
-pub use gc::{lock_scratch, remove_tree, GcGuard, GcOptions, GcReport, DEFAULT_GRACE_MS, SCRATCH_LOCK};
+pub use gc::{remove_tree, GcGuard, GcOptions, GcReport, DEFAULT_GRACE_MS};
 pub use ingest::{IngestMode, Ingested};
 pub use journal::JOURNAL_DIR;
 pub use materialize::{BlobMark, KnownMarks, MaterializeMode};
@@ -190,7 +190,16 @@ impl Store {
         db::exists(&self.root) || self.index_expected()
     }
 
-    /// A new private folder for one run, inside the store's filesystem (so ingest can move files).
+    /// A new private folder for one run, inside the store's filesystem (so ingest can move
+    /// files), owned by this process (see [`litter`]): removed when the value is dropped, and
+    /// by the next gc as soon as this process is dead, however young the folder is.
+    pub fn run_folder(&self, prefix: &str) -> Result<litter::OwnedDir> {
+        let dir = self.root.join(SCRATCH_DIR);
+        litter::OwnedDir::create(&dir, prefix).at(&dir)
+    }
+
+    /// A new private folder inside the store's filesystem that is not locked (web uploads kept
+    /// between requests): gc removes it once it is a day old.
     pub fn scratch(&self, prefix: &str) -> Result<tempfile::TempDir> {
         let dir = self.root.join(SCRATCH_DIR);
         tempfile::Builder::new().prefix(prefix).tempdir_in(&dir).at(&dir)
