@@ -287,15 +287,22 @@ fn cli_fsck_fails_on_a_corrupt_blob_then_is_clean() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("corrupt"), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(fs::symlink_metadata(out.join("victim")).is_err());
+    // The copy that found it set it aside at once (every result naming it is a miss now).
+    assert!(!blob.exists());
+    let stats = json(&ok(kliko(&store).args(["store", "stats", "--json"])));
+    assert_eq!(stats["quarantined"], 1);
+    assert_clean(&store, "after quarantine");
 
+    // One that no placement has met yet is found by fsck.
+    let blob = blob_path(&store, b"hello\n");
+    fs::set_permissions(&blob, fs::Permissions::from_mode(0o644)).unwrap();
+    fs::write(&blob, b"HELLO\n").unwrap();
     let o = run(kliko(&store).args(["store", "fsck"]));
     let text = String::from_utf8_lossy(&o.stdout);
     assert_eq!(o.status.code(), Some(1), "{text}");
     assert!(text.contains("corrupt") && text.contains("quarantine"), "{text}");
     assert!(!blob.exists());
-    let stats = json(&ok(kliko(&store).args(["store", "stats", "--json"])));
-    assert_eq!(stats["quarantined"], 1);
-    assert_clean(&store, "after quarantine");
+    assert_clean(&store, "after fsck");
     let o = run(kliko(&store).args(["store", "fsck"]));
     assert!(o.status.success() && String::from_utf8_lossy(&o.stdout).contains("store is consistent"));
 }
