@@ -108,6 +108,12 @@ fn killed_runs_with_gc_alongside_never_leave_anything_wrong() {
             // SAFETY: a signal to our own child.
             unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
             killed += 1;
+            if killed % 100 == 0 {
+                eprintln!(
+                    "torture: {killed} killed, {finished} finished, {:.0?}, nothing wrong so far",
+                    start.elapsed()
+                );
+            }
         } else {
             finished += 1;
         }

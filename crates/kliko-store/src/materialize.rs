@@ -133,6 +133,10 @@ impl Store {
                 }
             }
         }
+        if db.is_read_only() {
+            // Its marks were deferred above; a read-only database refuses even an empty batch.
+            return Ok(());
+        }
         // A cache of work done: no sync needed (a lost mark only costs a hash).
         db.write(batch).map_err(db.err(self))
     }

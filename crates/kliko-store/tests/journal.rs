@@ -236,6 +236,7 @@ fn a_lookup_never_waits_for_another_process_that_has_the_index_open() {
     let writer = store.db().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     let (root2, key) = (root.clone(), r.key);
+    let out = r.output;
     std::thread::spawn(move || {
         let other = Store::open(&root2).unwrap();
         let db = other.db_nowait().unwrap();
@@ -243,6 +244,9 @@ fn a_lookup_never_waits_for_another_process_that_has_the_index_open() {
         let mut hit = history_entry(&other.get_result(&db, &key).unwrap().unwrap());
         hit.cache = "hit".into();
         other.append_history(&db, &hit).unwrap();
+        // Placing the output through the view verifies its blobs and defers their new marks.
+        let dest = root2.join("placed-through-the-view");
+        other.materialize(&out, &dest, kliko_store::MaterializeMode::ReadOnlyMount).unwrap();
         let read_only = db.is_read_only();
         // Closing the handle leaves its writes for the next writer.
         drop(db);
