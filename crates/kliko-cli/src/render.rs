@@ -30,6 +30,11 @@ fn store_hint(e: &(dyn std::error::Error + 'static)) -> Option<String> {
             "`kliko store repair` rebuilds the index from the result files kept beside it, and says what it could not recover"
                 .into(),
         ),
+        StoreError::ReadOnly { .. } => Some(
+            "a read-only store serves the results it holds; to run and record new ones, use a writable store \
+             (`--store DIR` or `KLIKO_STORE`)"
+                .into(),
+        ),
         StoreError::Db { .. } => Some("if this persists, `kliko store repair` rebuilds the index (nothing is deleted)".into()),
         _ => None,
     }

@@ -255,7 +255,10 @@ impl Engine {
             Some(b) => b,
             None => {
                 let bytes = docker.read_file(&info.id, "/kliko.yml").await?;
-                self.store.put_image_file(&info.id, "/kliko.yml", &bytes)?;
+                // Remembered for next time where the store can be written (not a read-only one).
+                if !self.store.is_read_only() {
+                    self.store.put_image_file(&info.id, "/kliko.yml", &bytes)?;
+                }
                 bytes
             }
         };

@@ -215,6 +215,16 @@ impl Engine {
                     return Ok(report);
                 }
             }
+            if self.store.is_read_only() {
+                // It serves hits; a run it does not hold could not be recorded.
+                return Err(EngineError::Store(kliko_store::StoreError::ReadOnly {
+                    path: self.store.root().to_path_buf(),
+                    what: format!(
+                        "it holds no result for this run (key `{}`), and a new one cannot be recorded",
+                        prep.key
+                    ),
+                }));
+            }
             let attempt = {
                 let (dir, key, me) = (leases.clone(), prep.key, me.clone());
                 blocking(move || lease::try_acquire(&dir, &key, &me).at(dir)).await?

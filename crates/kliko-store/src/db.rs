@@ -134,6 +134,19 @@ pub(crate) fn open_locked(store: &Store, gc: Option<crate::GcGuard>) -> Result<D
 /// is no index yet, or the read-only view cannot be opened, this waits for the index.
 pub(crate) fn open_nowait(store: &Store) -> Result<DbInner> {
     let gc = store.gc_shared()?;
+    if store.is_read_only() {
+        let path = store.db_path();
+        if !exists(store.root()) {
+            return Err(StoreError::ReadOnly { path: store.root().to_path_buf(), what: "it has no index yet".into() });
+        }
+        let opts = options();
+        let cfs = column_families(&opts, &path);
+        let db = DB::open_cf_for_read_only(&opts, &path, &cfs, false)
+            .map_err(|source| StoreError::Db { path: path.clone(), source })?;
+        // Its writes have nowhere to go: they are dropped (records of use only).
+        let deferred = Some(crate::notes::Deferred::new(store));
+        return Ok(DbInner { db, _lock: None, _gc: Some(gc), deferred });
+    }
     let (lock, _) = lock_file(store)?;
     // SAFETY: flock on an fd we own.
     if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {

@@ -17,6 +17,9 @@ pub enum StoreError {
         #[source]
         source: rocksdb::Error,
     },
+    /// The store is on a read-only filesystem and the operation would change it.
+    #[error("the store at `{}` is read-only (on a read-only filesystem): {what}", path.display())]
+    ReadOnly { path: PathBuf, what: String },
     /// The store had an index, and it is gone: never replaced by an empty one in silence.
     #[error(
         "the store's index at `{}` is missing: the results, pins and history recorded in it cannot be read",

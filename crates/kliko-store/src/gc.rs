@@ -27,7 +27,13 @@ pub struct GcGuard {
 fn lock(path: &Path, op: i32) -> Result<GcGuard> {
     // Read and write: on NFS a shared flock is emulated by a read lock, which needs a file
     // opened for reading.
-    let file = File::options().create(true).truncate(false).read(true).write(true).open(path).at(path)?;
+    let file = match File::options().create(true).truncate(false).read(true).write(true).open(path) {
+        Ok(f) => f,
+        // A store on a read-only filesystem (a snapshot, a read-only export of a shared cache):
+        // nothing can change it, and a lock on a descriptor opened for reading still works.
+        Err(e) if e.kind() == std::io::ErrorKind::ReadOnlyFilesystem => File::open(path).at(path)?,
+        Err(e) => return Err(e).at(path),
+    };
     loop {
         // SAFETY: flock on an fd we own.
         if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
@@ -182,6 +188,12 @@ impl Store {
     /// result is safe: gc holds gc.lock exclusively, so nobody is reading, and a result whose
     /// objects are gone is a miss (lookups check completeness).
     pub fn gc(&self, opts: &GcOptions) -> Result<GcReport> {
+        if self.is_read_only() {
+            return Err(crate::StoreError::ReadOnly {
+                path: self.root().to_path_buf(),
+                what: "gc cannot delete anything".into(),
+            });
+        }
         let guard = self.gc_exclusive()?;
         let mut report = GcReport { dry_run: opts.dry_run, ..Default::default() };
         if !opts.dry_run {

@@ -135,6 +135,10 @@ impl Store {
     /// A handle on the index, opening it (and waiting for other processes to let go of it) if
     /// this process has no handle yet.
     pub fn db(&self) -> Result<Db> {
+        if self.is_read_only() {
+            // Nothing can be written: a read-only view serves every reader.
+            return self.db_nowait();
+        }
         let mut slot = self.db.lock().expect("db slot lock");
         if let Some(inner) = slot.upgrade() {
             let db = Db(inner);
@@ -184,6 +188,12 @@ impl Store {
         Ok(db)
     }
 
+    /// Whether the store is on a read-only filesystem: it then serves hits, provenance and
+    /// history through a read-only view of its index, and records nothing.
+    pub fn is_read_only(&self) -> bool {
+        read_only_fs(&self.root)
+    }
+
     /// Whether an index has ever been created here (then opening it either works or says
     /// that it was lost).
     pub fn has_index(&self) -> bool {
@@ -221,6 +231,15 @@ impl Store {
 /// Whether a name in `tmp/` is a store handle's own folder.
 fn is_owned_tmp(name: &std::ffi::OsStr) -> bool {
     name.as_encoded_bytes().starts_with(TMP_OWNED_PREFIX.as_bytes())
+}
+
+/// Whether `path` is on a filesystem mounted read-only.
+fn read_only_fs(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else { return false };
+    // SAFETY: a NUL-terminated path and a zeroed struct for statvfs to fill.
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    unsafe { libc::statvfs(c.as_ptr(), &mut s) == 0 && s.f_flag & libc::ST_RDONLY != 0 }
 }
 
 /// Refuses a store folder that someone other than the invoking user could change (see

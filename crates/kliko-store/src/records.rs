@@ -292,6 +292,9 @@ impl Store {
     }
 
     pub fn set_pin(&self, db: &Db, key: &Digest, pinned: bool) -> Result<()> {
+        if db.is_read_only() && self.is_read_only() {
+            return Err(StoreError::ReadOnly { path: self.root().to_path_buf(), what: "pins cannot change".into() });
+        }
         let cf = db.cf(CF_PINS);
         let r = if pinned { db.put_cf(cf, key.as_bytes(), b"") } else { db.delete_cf(cf, key.as_bytes()) };
         r.map_err(db.err(self))

@@ -110,6 +110,12 @@ impl Store {
     /// and failures, access times, the stat cache and blob marks live only in the index: they
     /// come back only with the old index.
     pub fn repair_index(&self) -> Result<RepairReport> {
+        if self.is_read_only() {
+            return Err(StoreError::ReadOnly {
+                path: self.root().to_path_buf(),
+                what: "its index cannot be repaired".into(),
+            });
+        }
         let guard = self.gc_exclusive()?;
         let mut report = RepairReport { recovered: Recovered::New, ..Default::default() };
         let path = self.db_path();

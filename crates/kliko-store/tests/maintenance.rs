@@ -291,3 +291,61 @@ fn resolving_a_prefix_never_panics_on_odd_input_or_a_damaged_index() {
     let found = store.resolve_prefix(&db, &r.key.to_hex()[..10]).unwrap();
     assert_eq!(found, vec![(r.key, "key")]);
 }
+
+#[test]
+fn a_store_on_a_read_only_filesystem_serves_hits_and_refuses_changes_clearly() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: mounting a tmpfs needs root");
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let Some(disk) = Tmpfs::mount(&t.path().join("snapshot"), "16m") else {
+        panic!("cannot mount a tmpfs at {}: {}", t.path().display(), std::io::Error::last_os_error());
+    };
+    let root = disk.0.join("store");
+    let (key, tree) = {
+        let store = Store::open(&root).unwrap();
+        let src = disk.0.join("src");
+        sample_tree(&src);
+        let tree = store.ingest(&src, IngestMode::Copy).unwrap().digest;
+        let r = result_for(&store, tree, "snapshot");
+        store.journal_result(&r, None).unwrap();
+        let db = store.db().unwrap();
+        store.set_pin(&db, &r.key, true).unwrap();
+        (r.key, tree)
+    };
+    let target = std::ffi::CString::new(disk.0.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path; remounting the tmpfs read-only.
+    let rc = unsafe {
+        libc::mount(
+            std::ptr::null(),
+            target.as_ptr(),
+            std::ptr::null(),
+            libc::MS_REMOUNT | libc::MS_RDONLY,
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(rc, 0, "remount read-only: {}", std::io::Error::last_os_error());
+
+    let store = Store::open(&root).unwrap();
+    assert!(store.is_read_only());
+    // Hits and provenance: lookup, placement (by copy: the store's filesystem cannot take a link).
+    let db = store.db().unwrap();
+    assert!(db.is_read_only());
+    assert_eq!(store.lookup(&db, &key).unwrap().map(|r| r.output), Some(tree));
+    assert!(store.is_pinned(&db, &key).unwrap());
+    assert!(!store.provenance_of(&db, &tree).unwrap().is_empty());
+    let out = t.path().join("out");
+    store.materialize(&tree, &out, kliko_store::MaterializeMode::Auto).unwrap();
+    assert_eq!(hash_dir(&out), tree);
+    // What would change it says so.
+    for e in [
+        store.set_pin(&db, &key, false).unwrap_err(),
+        store.gc(&GcOptions { max_bytes: Some(0), ..Default::default() }).unwrap_err(),
+        store.repair_index().unwrap_err(),
+    ] {
+        assert!(matches!(e, kliko_store::StoreError::ReadOnly { .. }), "{e}");
+        assert!(e.to_string().contains("read-only"), "{e}");
+    }
+}
