@@ -19,6 +19,7 @@ pub mod canonical;
 mod digest;
 pub mod hash;
 pub mod key;
+pub mod process;
 pub mod trace;
 pub mod tree;
 pub mod units;

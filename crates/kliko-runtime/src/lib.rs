@@ -71,16 +71,7 @@ pub fn owner_is_gone(owner: &str) -> bool {
     host == host_name() && process_start(pid) != Some(start)
 }
 
-fn host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default()
-}
-
-/// Field 22 of `/proc/<pid>/stat`: when the process started, in clock ticks since boot.
-fn process_start(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) is in parentheses and may hold spaces: count from after it.
-    stat.rsplit_once(')')?.1.split_whitespace().nth(19)?.parse().ok()
-}
+use kliko_core::process::{host_name, process_start};
 
 /// How many symlinks [`Docker::read_file`] follows before giving up.
 pub const MAX_SYMLINK_HOPS: usize = 16;

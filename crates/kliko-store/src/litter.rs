@@ -40,7 +40,8 @@ pub struct OwnedDir {
 impl OwnedDir {
     /// Create `parent/<prefix><random>` holding a locked [`OWNER_LOCK`].
     pub fn create(parent: &Path, prefix: &str) -> io::Result<OwnedDir> {
-        let path = tempfile::Builder::new().prefix(prefix).tempdir_in(parent)?.keep();
+        // The owner is in the name too, for the moment before the lock file has its name.
+        let path = tempfile::Builder::new().prefix(&format!("{prefix}{}", owner_tag())).tempdir_in(parent)?.keep();
         match lock_new(&path) {
             Ok(lock) => Ok(OwnedDir { path, lock: Some(lock) }),
             Err(e) => {
@@ -90,6 +91,33 @@ fn flock(f: &File, op: i32) -> io::Result<()> {
     }
 }
 
+/// `o<pid>.<start>.<host>-`: this process (its pid, its start time and a short hash of the
+/// host name), as an owned folder's name carries it.
+fn owner_tag() -> String {
+    let pid = std::process::id();
+    let start = kliko_core::process::process_start(pid).unwrap_or(0);
+    format!("o{pid}.{start}.{}-", host_hash())
+}
+
+fn host_hash() -> String {
+    kliko_core::Digest::of_bytes(kliko_core::process::host_name().as_bytes()).to_hex()[..8].to_string()
+}
+
+/// For a folder name carrying an [`owner_tag`]: whether that owner is gone (`None` when the
+/// name has no tag, or names another host, whose processes cannot be seen from here).
+fn tagged_owner_gone(name: &str) -> Option<bool> {
+    // The tag follows the prefix; try each `o` (a prefix may hold one too).
+    let (pid, start, host) = name.match_indices('o').find_map(|(i, _)| {
+        let (tag, _) = name[i + 1..].split_once('-')?;
+        let mut parts = tag.split('.');
+        let pid = parts.next()?.parse::<u32>().ok()?;
+        let start = parts.next()?.parse::<u64>().ok()?;
+        let host = parts.next()?;
+        (parts.next().is_none() && host.len() == 8).then(|| (pid, start, host.to_string()))
+    })?;
+    (host == host_hash()).then(|| !kliko_core::process::is_alive(pid, start))
+}
+
 /// The state of a folder that may be owned.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Owner {
@@ -113,10 +141,13 @@ fn probe(dir: &Path) -> (Owner, Option<File>) {
             }
         }
         Err(_) => {
+            // No lock file yet: its owner (named in the folder's name) died while setting it
+            // up, or is setting it up now.
+            let gone = dir.file_name().and_then(|n| n.to_str()).and_then(tagged_owner_gone);
             let old = fs::symlink_metadata(dir)
                 .and_then(|m| m.modified())
                 .is_ok_and(|t| t < SystemTime::now() - UNLOCKED_GRACE);
-            (if old { Owner::Dead } else { Owner::Unknown }, None)
+            (if gone == Some(true) || old { Owner::Dead } else { Owner::Unknown }, None)
         }
     }
 }
@@ -214,6 +245,25 @@ pub fn is_staging(name: &OsStr) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_folder_whose_owner_died_before_locking_it_is_dead_at_once() {
+        let t = tempfile::tempdir().unwrap();
+        // As a process killed between making the folder and naming its lock file leaves it.
+        let dead = t.path().join(format!(".out.kliko-new-o4194304.5.{}-abc", host_hash()));
+        fs::create_dir(&dead).unwrap();
+        assert_eq!(owner(&dead), Owner::Dead);
+        // This process, still setting its folder up: not judged.
+        let mine = t.path().join(format!(".out.kliko-new-{}abc", owner_tag()));
+        fs::create_dir(&mine).unwrap();
+        assert_eq!(owner(&mine), Owner::Unknown);
+        // Another host's: not judged either.
+        let other = t.path().join(".out.kliko-new-o4194304.5.00000000-abc");
+        fs::create_dir(&other).unwrap();
+        assert_eq!(owner(&other), Owner::Unknown);
+        assert_eq!(remove_dead_staging(t.path()), 1);
+        assert!(!dead.exists() && mine.exists() && other.exists());
+    }
 
     #[test]
     fn a_live_owners_folder_stays_and_a_released_one_goes() {
