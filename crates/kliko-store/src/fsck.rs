@@ -320,13 +320,7 @@ impl Store {
                 };
             }
         }
-        s.index_bytes = walkdir::WalkDir::new(self.db_path())
-            .into_iter()
-            .flatten()
-            .filter_map(|e| e.metadata().ok())
-            .filter(|m| m.is_file())
-            .map(|m| m.len())
-            .sum();
+        s.index_bytes = crate::litter::file_bytes(&self.db_path());
         s.scratch_entries = count_entries(&self.root().join(crate::SCRATCH_DIR));
         s.quarantined = count_entries(&self.root().join(QUARANTINE_DIR));
         if self.has_index() {

@@ -177,19 +177,24 @@ fn remove_dead_with(parent: &Path, matches: impl Fn(&OsStr) -> bool, salvage: im
             continue;
         }
         salvage(&dir);
-        let size: u64 = walkdir::WalkDir::new(&dir)
-            .into_iter()
-            .flatten()
-            .filter_map(|e| e.metadata().ok())
-            .filter(|m| m.is_file())
-            .map(|m| m.len())
-            .sum();
+        let size = file_bytes(&dir);
         if crate::remove_tree(&dir) {
             removed += 1;
             bytes += size;
         }
     }
     (removed, bytes)
+}
+
+/// The bytes the files under `dir` hold.
+pub(crate) fn file_bytes(dir: &Path) -> u64 {
+    walkdir::WalkDir::new(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.metadata().ok())
+        .filter(|m| m.is_file())
+        .map(|m| m.len())
+        .sum()
 }
 
 /// The marker in the name of a placement's staging folder: `.<name>.kliko-new-<random>`.
