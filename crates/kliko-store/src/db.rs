@@ -135,17 +135,11 @@ pub(crate) fn open_locked(store: &Store, gc: Option<crate::GcGuard>) -> Result<D
 pub(crate) fn open_nowait(store: &Store) -> Result<DbInner> {
     let gc = store.gc_shared()?;
     if store.is_read_only() {
-        let path = store.db_path();
         if !exists(store.root()) {
             return Err(StoreError::ReadOnly { path: store.root().to_path_buf(), what: "it has no index yet".into() });
         }
-        let opts = options();
-        let cfs = column_families(&opts, &path);
-        let db = DB::open_cf_for_read_only(&opts, &path, &cfs, false)
-            .map_err(|source| StoreError::Db { path: path.clone(), source })?;
         // Its writes have nowhere to go: they are dropped (records of use only).
-        let deferred = Some(crate::notes::Deferred::new(store));
-        return Ok(DbInner { db, _lock: None, _gc: Some(gc), deferred });
+        return open_view(store, gc).map_err(|(source, _)| StoreError::Db { path: store.db_path(), source });
     }
     let (lock, _) = lock_file(store)?;
     // SAFETY: flock on an fd we own.
@@ -153,18 +147,29 @@ pub(crate) fn open_nowait(store: &Store) -> Result<DbInner> {
         return open_with(store, lock, Some(gc));
     }
     drop(lock);
-    let path = store.db_path();
     if exists(store.root()) {
-        let opts = options();
-        let cfs = column_families(&opts, &path);
-        if let Ok(db) = DB::open_cf_for_read_only(&opts, &path, &cfs, false) {
-            let deferred = Some(crate::notes::Deferred::new(store));
-            kliko_core::trace::mark("index in use by another process: opened read-only");
-            return Ok(DbInner { db, _lock: None, _gc: Some(gc), deferred });
+        match open_view(store, gc) {
+            Ok(view) => {
+                kliko_core::trace::mark("index in use by another process: opened read-only");
+                return Ok(view);
+            }
+            Err((_, gc)) => drop(gc),
         }
+    } else {
+        drop(gc);
     }
-    drop(gc);
     open(store)
+}
+
+/// A read-only RocksDB instance of the index, whose writes are deferred; on failure the
+/// error, and gc.lock given back.
+fn open_view(store: &Store, gc: crate::GcGuard) -> std::result::Result<DbInner, (rocksdb::Error, crate::GcGuard)> {
+    let (opts, path) = (options(), store.db_path());
+    let cfs = column_families(&opts, &path);
+    match DB::open_cf_for_read_only(&opts, &path, &cfs, false) {
+        Ok(db) => Ok(DbInner { db, _lock: None, _gc: Some(gc), deferred: Some(crate::notes::Deferred::new(store)) }),
+        Err(e) => Err((e, gc)),
+    }
 }
 
 /// Every column family: this build's, and those of other kliko versions (RocksDB refuses to
