@@ -64,6 +64,9 @@ pub struct Store {
     db: Mutex<Weak<db::DbInner>>,
     /// This handle's own folder in `tmp/`, made on first use (`None` if it could not be).
     tmp: std::sync::OnceLock<Option<litter::OwnedDir>>,
+    /// Whether the store's filesystem was mounted read-only when it was opened (asked once:
+    /// every index open and lookup consults it).
+    read_only: bool,
 }
 
 /// Folders in `tmp/` owned by one store handle each: `tmp/proc-<random>/`.
@@ -110,7 +113,8 @@ impl Store {
         // Temporary files of processes that died (killed mid-ingest, say) go at once: their
         // folders' locks are free. One `read_dir` and a lock probe per live process.
         litter::remove_dead(&root.join(TMP_DIR), is_owned_tmp);
-        Ok(Store { root, db: Mutex::new(Weak::new()), tmp: std::sync::OnceLock::new() })
+        let read_only = read_only_fs(&root);
+        Ok(Store { root, db: Mutex::new(Weak::new()), tmp: std::sync::OnceLock::new(), read_only })
     }
 
     /// The default store location: `$KLIKO_STORE`, else `$XDG_CACHE_HOME/kliko`, else
@@ -191,7 +195,7 @@ impl Store {
     /// Whether the store is on a read-only filesystem: it then serves hits, provenance and
     /// history through a read-only view of its index, and records nothing.
     pub fn is_read_only(&self) -> bool {
-        read_only_fs(&self.root)
+        self.read_only
     }
 
     /// Whether an index has ever been created here (then opening it either works or says
