@@ -44,7 +44,8 @@ fn run_pipeline(store_root: &Path, file: &Path, opts: Options, json: bool, verbo
         );
         let names: Vec<String> = pipeline.steps.iter().map(|s| s.name.clone()).collect();
         let term = Arc::new(Term::new(names, verbose));
-        let report = kliko_pipeline::run(engine, &pipeline, &checked, opts, term.clone(), cancel).await?;
+        let executor = Arc::new(kliko_pipeline::InProcess::new(engine));
+        let report = kliko_pipeline::run(executor, &pipeline, &checked, opts, term.clone(), cancel).await?;
         term.finish();
         summary(&report);
         if json {

@@ -345,8 +345,8 @@ fn build_request(a: &RunArgs, spec: &Spec, m: &ArgMatches) -> anyhow::Result<Run
         Some(u) => UserChoice::Explicit(u.to_string()),
     };
     req.memory_bytes = a.memory.as_deref().map(parse_size).transpose()?;
-    req.nano_cpus = match a.cpus {
-        Some(c) if c > 0.0 && c.is_finite() => Some((c * 1e9) as i64),
+    req.cpus = match a.cpus {
+        Some(c) if c > 0.0 && c.is_finite() => Some(c),
         Some(c) => bail!("`--cpus {c}` must be a positive number"),
         None => None,
     };
@@ -550,6 +550,9 @@ fn finish(a: &RunArgs, r: &RunReport) -> anyhow::Result<ExitCode> {
                 for l in &r.log_tail {
                     eprintln!("  | {l}");
                 }
+            }
+            if status == Status::LeaderFailed {
+                eprintln!("hint: pass `--retry-failed` to run it again here");
             }
             let code = r.exit_code.clamp(1, 255) as u8;
             Ok(ExitCode::from(code))

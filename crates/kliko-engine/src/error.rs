@@ -24,8 +24,10 @@ pub enum EngineError {
     NoSuchPath { path: PathBuf },
     #[error("`{}` is not a folder", path.display())]
     NotADir { path: PathBuf },
-    #[error("image `{image}` uses io mode `{mode}`: {what}")]
-    IoMode { image: String, mode: String, what: String },
+    /// The run was asked in the other io mode than the image's (`given`), or a join image was
+    /// given no work folder (`given: None`).
+    #[error("image `{image}` {}", io_problem(*.mode, *.given))]
+    IoMode { image: String, mode: kliko_spec::IoMode, given: Option<kliko_spec::IoMode> },
     #[error("the parameter file `{}` changed while the run was being prepared", path.display())]
     ParamFileChanged { path: PathBuf },
     #[error(
@@ -35,29 +37,43 @@ pub enum EngineError {
     StoreNotUtf8 { path: PathBuf },
     #[error("the leader running `{key}` failed")]
     LeaderFailed { key: Digest },
+    #[error("could not take the lease of run `{key}`")]
+    Lease {
+        key: Digest,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A join run's work folder changed while the run went on: it is left as it is.
+    #[error(
+        "the work folder `{}` changed while the run went on, so it was left as it is; the result is stored as \
+         tree `{result}`, and the folder's current contents as tree `{now}`",
+        path.display()
+    )]
+    WorkFolderChanged { path: PathBuf, result: Digest, now: Digest },
+    #[error("the work folder `{}` changed while the run was being prepared", path.display())]
+    WorkChangedBeforeRun { path: PathBuf },
+    /// Neither a path that exists nor a digest (prefix) the store knows.
+    #[error("`{arg}`: {}", if *.hex { "no stored run, tree or file has this digest or prefix" } else { "not a path that exists, nor a hex digest or prefix of at least 8 characters" })]
+    UnknownRef { arg: String, hex: bool },
     #[error("a background task failed: {0}")]
     Join(String),
-    #[error("invalid value for `{what}`: {message}")]
-    Invalid { what: String, message: String },
+    /// A broken promise inside kliko (a bug): what went wrong.
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
-impl EngineError {
-    /// A hint for the user, in their terms, where one helps.
-    pub fn hint(&self) -> Option<String> {
-        match self {
-            EngineError::OutputNotEmpty { .. } => {
-                Some("choose an empty or new folder, or pass `--overwrite` to replace its contents".into())
-            }
-            EngineError::Params { image, .. } => Some(format!("`kliko run {image} --help` lists the parameters")),
-            EngineError::StoreNotUtf8 { .. } => {
-                Some("put the store in a folder whose path is valid UTF-8 (`--store DIR` or `KLIKO_STORE`)".into())
-            }
-            EngineError::IoMode { .. } => {
-                Some("split images take `--input DIR --output DIR`; join images take `--work DIR`".into())
-            }
-            _ => None,
-        }
-    }
+fn io_problem(mode: kliko_spec::IoMode, given: Option<kliko_spec::IoMode>) -> String {
+    use kliko_spec::IoMode;
+    let what = match mode {
+        IoMode::Split => "reads `/input` and writes `/output` (io mode `split`)",
+        IoMode::Join => "changes `/work` in place (io mode `join`)",
+    };
+    let problem = match (mode, given) {
+        (IoMode::Split, _) => "it takes an input and an output folder, not a work folder",
+        (IoMode::Join, Some(_)) => "it takes a work folder, not an input and an output folder",
+        (IoMode::Join, None) => "it needs a work folder",
+    };
+    format!("{what}: {problem}")
 }
 
 pub type Result<T, E = EngineError> = std::result::Result<T, E>;

@@ -21,7 +21,6 @@
 mod error;
 mod explain;
 mod fsutil;
-pub mod lease;
 pub mod provenance;
 mod run;
 
@@ -31,8 +30,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kliko_core::Digest;
-use kliko_runtime::{Docker, ImageInfo, Stream};
+use kliko_runtime::ContainerRuntime;
 use kliko_spec::{IoMode, ParamLayer, Params, Spec};
+use kliko_store::lease::LeaseBackend;
 use kliko_store::records::ActionResult;
 use kliko_store::{MaterializeMode, Store};
 use serde::Serialize;
@@ -40,7 +40,8 @@ use tokio::sync::OnceCell;
 
 pub use error::{EngineError, Result};
 pub use explain::Explanation;
-pub use lease::Holder;
+pub use kliko_runtime::{ImageInfo, LogChunk, Stream};
+pub use kliko_store::lease::Holder;
 pub use run::IndexHold;
 
 /// The command every kliko image is run with (its ENTRYPOINT, if any, stays in place).
@@ -51,9 +52,14 @@ pub const KEY_LABEL: &str = "io.kliko.key";
 pub const STORE_LABEL: &str = "io.kliko.store";
 
 /// The runner: one per process, shared by every run (it is cheap to clone behind an `Arc`).
+///
+/// It is written against three seams: the store (`kliko_store::Store`), a container runtime
+/// ([`ContainerRuntime`]: Docker unless one is given) and the leases that let one of many
+/// identical runs lead ([`LeaseBackend`]: the store's own unless one is given).
 pub struct Engine {
     store: Arc<Store>,
-    docker: OnceCell<Docker>,
+    runtime: OnceCell<Arc<dyn ContainerRuntime>>,
+    leases: Arc<dyn LeaseBackend>,
 }
 
 /// What a run reads.
@@ -97,7 +103,8 @@ pub struct RunRequest {
     pub network: Option<String>,
     pub user: UserChoice,
     pub memory_bytes: Option<i64>,
-    pub nano_cpus: Option<i64>,
+    /// CPU quota, in CPUs.
+    pub cpus: Option<f64>,
     pub timeout: Option<Duration>,
     pub salt: Option<String>,
     /// Run even if a result is stored (and record the new one).
@@ -125,7 +132,7 @@ impl RunRequest {
             network: None,
             user: UserChoice::Invoker,
             memory_bytes: None,
-            nano_cpus: None,
+            cpus: None,
             timeout: None,
             salt: None,
             no_cache: false,
@@ -230,31 +237,93 @@ pub trait Observer: Send + Sync {
 pub struct NoObserver;
 impl Observer for NoObserver {}
 
+/// A local image, as [`Engine::kliko_images`] sees it.
+#[derive(Debug)]
+pub enum Listed {
+    /// A kliko image with a valid kliko.yml.
+    Kliko(Box<ImageMeta>),
+    /// A kliko image whose kliko.yml could not be read or is invalid: the reference, and why.
+    Invalid { reference: String, reason: EngineError },
+}
+
 impl Engine {
+    /// An engine on `store` that runs containers through Docker (connected on first use).
     pub fn new(store: Arc<Store>) -> Engine {
-        Engine { store, docker: OnceCell::new() }
+        let leases = Arc::new(store.leases());
+        Engine { store, runtime: OnceCell::new(), leases }
+    }
+
+    /// An engine on `store` that runs containers through `runtime`.
+    pub fn with_runtime(store: Arc<Store>, runtime: Arc<dyn ContainerRuntime>) -> Engine {
+        let leases = Arc::new(store.leases());
+        Engine { store, runtime: OnceCell::new_with(Some(runtime)), leases }
+    }
+
+    /// The same engine with other leases (a cluster's, say).
+    pub fn with_leases(mut self, leases: Arc<dyn LeaseBackend>) -> Engine {
+        self.leases = leases;
+        self
     }
 
     pub fn store(&self) -> &Arc<Store> {
         &self.store
     }
 
-    /// The Docker connection, made on first use.
-    pub async fn docker(&self) -> Result<&Docker> {
-        Ok(self.docker.get_or_try_init(Docker::connect).await?)
+    pub(crate) fn leases(&self) -> &Arc<dyn LeaseBackend> {
+        &self.leases
+    }
+
+    /// The container runtime, connected on first use.
+    pub async fn runtime(&self) -> Result<&Arc<dyn ContainerRuntime>> {
+        let rt = self
+            .runtime
+            .get_or_try_init(|| async {
+                let docker = kliko_runtime::Docker::connect().await?;
+                Ok::<_, EngineError>(Arc::new(docker) as Arc<dyn ContainerRuntime>)
+            })
+            .await?;
+        Ok(rt)
+    }
+
+    /// Every local image that is a kliko image (has a `/kliko.yml`), newest first; images
+    /// without one are left out, images whose kliko.yml is broken are listed with the reason.
+    /// `skip` is asked first for each image id: an id it answers `true` for is left out without
+    /// being read (a caller remembers the images it found not to be kliko images).
+    pub async fn kliko_images(&self, skip: impl Fn(&str) -> bool) -> Result<(Vec<Listed>, Vec<String>)> {
+        let images = self.runtime().await?.list_images().await?;
+        let mut listed = Vec::new();
+        let mut not_kliko = Vec::new();
+        for info in images {
+            if skip(&info.id) {
+                continue;
+            }
+            let reference =
+                info.repo_tags.iter().find(|t| !t.contains("<none>")).cloned().unwrap_or_else(|| info.id.clone());
+            match self.image(&reference).await {
+                Ok(meta) => listed.push(Listed::Kliko(Box::new(meta))),
+                Err(EngineError::Runtime(
+                    kliko_runtime::RuntimeError::FileNotInImage { .. }
+                    | kliko_runtime::RuntimeError::NotARegularFile { .. },
+                )) => not_kliko.push(info.id),
+                // Removed meanwhile: nothing to show.
+                Err(EngineError::Runtime(kliko_runtime::RuntimeError::ImageNotFound { .. })) => {}
+                Err(reason) => listed.push(Listed::Invalid { reference, reason }),
+            }
+        }
+        Ok((listed, not_kliko))
     }
 
     /// Resolve an image and read its kliko.yml (from the store if this image ID was seen).
     pub async fn image(&self, reference: &str) -> Result<ImageMeta> {
-        let docker = self.docker().await?;
-        kliko_core::trace::mark("docker connected");
-        let info = docker.inspect_image(reference).await?;
+        let runtime = self.runtime().await?;
+        kliko_core::trace::mark("runtime connected");
+        let info = runtime.inspect_image(reference).await?;
         kliko_core::trace::mark("image inspected");
         let cached = self.store.image_file(&info.id, "/kliko.yml")?;
         let yml = match cached {
             Some(b) => b,
             None => {
-                let bytes = docker.read_file(&info.id, "/kliko.yml").await?;
+                let bytes = runtime.read_file(&info.id, "/kliko.yml").await?;
                 // Remembered for next time where the store can be written (not a read-only one).
                 if !self.store.is_read_only() {
                     self.store.put_image_file(&info.id, "/kliko.yml", &bytes)?;

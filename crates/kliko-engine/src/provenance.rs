@@ -46,12 +46,7 @@ pub fn resolve(store: &Store, arg: &str) -> Result<(Digest, String)> {
     let looks_hex = arg.len() >= MIN_PREFIX && arg.chars().all(|c| c.is_ascii_hexdigit());
     if !looks_hex || path.exists() {
         if !path.exists() {
-            return Err(EngineError::Invalid {
-                what: arg.to_string(),
-                message: format!(
-                    "not a path that exists, nor a hex digest or prefix of at least {MIN_PREFIX} characters"
-                ),
-            });
+            return Err(EngineError::UnknownRef { arg: arg.to_string(), hex: false });
         }
         let h = store.hash_path(path, &kliko_core::hash::NoProgress)?;
         return Ok((h.digest, if h.is_dir { "tree" } else { "file" }.to_string()));
@@ -59,10 +54,7 @@ pub fn resolve(store: &Store, arg: &str) -> Result<(Digest, String)> {
     let db = store.db()?;
     let mut found = store.resolve_prefix(&db, arg)?;
     if found.is_empty() {
-        return Err(EngineError::Invalid {
-            what: arg.to_string(),
-            message: "no stored run, tree or file has this digest or prefix".into(),
-        });
+        return Err(EngineError::UnknownRef { arg: arg.to_string(), hex: true });
     }
     if found.len() > 1 {
         found.truncate(10);

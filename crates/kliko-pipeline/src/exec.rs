@@ -1,5 +1,5 @@
 //! Running a checked pipeline: steps start as soon as the steps they read have succeeded, at
-//! most `jobs` runs at once (a foreach entry is one run), every run through `Engine::run`.
+//! most `jobs` runs at once (a foreach entry is one run), every run through a [`StepExecutor`].
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use kliko_core::Digest;
-use kliko_engine::{Cache, Engine, Event, Observer, RunRequest, Status};
+use kliko_engine::{Cache, Event, Observer, RunRequest, Status};
 pub use kliko_runtime::Stream;
 use kliko_store::{MaterializeMode, Store};
 use serde::Serialize;
@@ -17,6 +17,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::check::{param_layer, Checked};
+use crate::executor::{StepExecutor, StepRun};
 use crate::file::{Pipeline, Step};
 use crate::inputs::{EntryRef, Resolver, Stage};
 use crate::{blocking, PipelineError, Result};
@@ -106,8 +107,7 @@ pub struct RunOutcome {
     pub entry: Option<String>,
     pub key: Option<Digest>,
     pub cache: Option<Cache>,
-    /// `succeeded`, `failed`, `timed_out`, `cancelled`, `leader_failed`, `error` or `not_run`.
-    pub status: String,
+    pub status: RunStatus,
     pub exit_code: Option<i64>,
     /// Whether this run started a container.
     pub container: bool,
@@ -121,13 +121,43 @@ pub struct RunOutcome {
     pub error: Option<String>,
 }
 
+/// How one run of a step ended (in JSON: `succeeded`, `failed`, `timed_out`, `cancelled`,
+/// `leader_failed`, `error` or `not_run`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunStatus {
+    Succeeded,
+    /// The container exited with a non-zero code.
+    Failed,
+    TimedOut,
+    Cancelled,
+    /// It waited on an identical run that failed.
+    LeaderFailed,
+    /// It could not run at all (its error says why).
+    Error,
+    /// The pipeline stopped before it started.
+    NotRun,
+}
+
+impl From<Status> for RunStatus {
+    fn from(s: Status) -> RunStatus {
+        match s {
+            Status::Succeeded => RunStatus::Succeeded,
+            Status::Failed => RunStatus::Failed,
+            Status::TimedOut => RunStatus::TimedOut,
+            Status::Cancelled => RunStatus::Cancelled,
+            Status::LeaderFailed => RunStatus::LeaderFailed,
+        }
+    }
+}
+
 impl RunOutcome {
-    fn not_run(entry: Option<String>, status: &str) -> RunOutcome {
+    fn not_run(entry: Option<String>, status: RunStatus) -> RunOutcome {
         RunOutcome {
             entry,
             key: None,
             cache: None,
-            status: status.into(),
+            status,
             exit_code: None,
             container: false,
             wall_ms: 0,
@@ -141,7 +171,7 @@ impl RunOutcome {
     }
 
     pub fn succeeded(&self) -> bool {
-        self.status == "succeeded"
+        self.status == RunStatus::Succeeded
     }
 }
 
@@ -206,7 +236,7 @@ pub const STEP_LABEL: &str = "io.kliko.step";
 /// Everything a step's task needs.
 #[derive(Clone)]
 struct Ctx {
-    engine: Arc<Engine>,
+    executor: Arc<dyn StepExecutor>,
     resolver: Arc<Resolver>,
     sem: Arc<Semaphore>,
     /// Cancelled to stop launching runs (a failure without `--keep-going`, or Ctrl-C).
@@ -280,7 +310,7 @@ impl Ctx {
 
 /// Run a checked pipeline. Returns when every step has finished, failed or been skipped.
 pub async fn run(
-    engine: Arc<Engine>,
+    executor: Arc<dyn StepExecutor>,
     p: &Pipeline,
     checked: &Checked,
     opts: Options,
@@ -288,6 +318,7 @@ pub async fn run(
     cancel: CancellationToken,
 ) -> Result<PipelineReport> {
     let t0 = Instant::now();
+    let engine = executor.engine().clone();
     let keeper = Arc::new(DbKeeper { store: engine.store().clone(), state: Mutex::new((0, None)) });
     keeper.clone().hold().await;
     let resolver = Arc::new(Resolver::new(engine.store().clone(), Stage::Store));
@@ -322,7 +353,7 @@ pub async fn run(
             }
             launched[i] = true;
             let ctx = Ctx {
-                engine: engine.clone(),
+                executor: executor.clone(),
                 resolver: resolver.clone(),
                 sem: sem.clone(),
                 stop: stop.clone(),
@@ -408,7 +439,7 @@ async fn run_step(ctx: Ctx) -> StepReport {
     rep.runs = outcomes
         .into_iter()
         .enumerate()
-        .map(|(k, o)| o.unwrap_or_else(|| RunOutcome::not_run(names[k].clone(), "not_run")))
+        .map(|(k, o)| o.unwrap_or_else(|| RunOutcome::not_run(names[k].clone(), RunStatus::NotRun)))
         .collect();
     rep.saved_ms = rep.runs.iter().map(|r| r.saved_ms).sum();
     let hits = rep.runs.iter().filter(|r| r.cache == Some(Cache::Hit)).count();
@@ -422,18 +453,18 @@ async fn run_step(ctx: Ctx) -> StepReport {
     let bad = rep.runs.iter().filter(|r| !r.succeeded()).collect::<Vec<_>>();
     if !bad.is_empty() {
         let failed: Vec<&&RunOutcome> =
-            bad.iter().filter(|r| !matches!(r.status.as_str(), "not_run" | "cancelled")).collect();
+            bad.iter().filter(|r| !matches!(r.status, RunStatus::NotRun | RunStatus::Cancelled)).collect();
         let state = if !failed.is_empty() {
             StepState::Failed
-        } else if bad.iter().any(|r| r.status == "cancelled") {
+        } else if bad.iter().any(|r| r.status == RunStatus::Cancelled) {
             StepState::Cancelled
         } else {
             StepState::NotRun
         };
         rep.reason = failed.first().map(|r| {
-            let what = r.error.clone().unwrap_or_else(|| match r.status.as_str() {
-                "timed_out" => "timed out".into(),
-                "leader_failed" => "the identical run it waited on failed".into(),
+            let what = r.error.clone().unwrap_or_else(|| match r.status {
+                RunStatus::TimedOut => "timed out".into(),
+                RunStatus::LeaderFailed => "the identical run it waited on failed".into(),
                 _ => format!("exited with code {}", r.exit_code.unwrap_or(-1)),
             });
             match &r.entry {
@@ -466,7 +497,7 @@ async fn run_step(ctx: Ctx) -> StepReport {
     };
     rep.output = Some(output);
     if let Some(target) = step.output.clone() {
-        let store = ctx.engine.store().clone();
+        let store = ctx.executor.engine().store().clone();
         let t = target.clone();
         if let Err(e) = blocking(move || place_output(&store, &output, &t)).await {
             return fail(
@@ -540,19 +571,22 @@ async fn run_one(ctx: Ctx, entry: Option<(String, EntryRef)>) -> RunOutcome {
     let permit = tokio::select! {
         p = ctx.sem.clone().acquire_owned() => match p {
             Ok(p) => p,
-            Err(_) => return RunOutcome::not_run(name, "not_run"),
+            Err(_) => return RunOutcome::not_run(name, RunStatus::NotRun),
         },
-        _ = ctx.stop.cancelled() => return RunOutcome::not_run(name, if ctx.cancel.is_cancelled() { "cancelled" } else { "not_run" }),
+        _ = ctx.stop.cancelled() => return RunOutcome::not_run(name, if ctx.cancel.is_cancelled() { RunStatus::Cancelled } else { RunStatus::NotRun }),
     };
     if ctx.stop.is_cancelled() {
-        return RunOutcome::not_run(name, if ctx.cancel.is_cancelled() { "cancelled" } else { "not_run" });
+        return RunOutcome::not_run(
+            name,
+            if ctx.cancel.is_cancelled() { RunStatus::Cancelled } else { RunStatus::NotRun },
+        );
     }
     let t0 = Instant::now();
     let outcome = run_one_inner(&ctx, entry, name.clone(), t0).await;
     let outcome = match outcome {
         Ok(o) => o,
         Err(e) => {
-            let mut o = RunOutcome::not_run(name, "error");
+            let mut o = RunOutcome::not_run(name, RunStatus::Error);
             o.error = Some(error_chain(&e));
             o.wall_ms = t0.elapsed().as_millis() as u64;
             o
@@ -600,24 +634,25 @@ async fn run_one_inner(
         started: AtomicBool::new(false),
         blocked: AtomicBool::new(false),
     });
-    let report = ctx.engine.run_with(req, ctx.image.clone(), None, obs.clone(), ctx.cancel.clone()).await;
+    let run = StepRun {
+        step: step.clone(),
+        entry: name.clone(),
+        request: req,
+        image: ctx.image.clone(),
+        observer: obs.clone(),
+        cancel: ctx.cancel.clone(),
+    };
+    let report = ctx.executor.execute(run).await;
     if obs.blocked.load(Ordering::SeqCst) {
         ctx.keeper.unblock();
         ctx.keeper.clone().hold().await;
     }
     let report = report?;
-    let status = match report.status {
-        Status::Succeeded => "succeeded",
-        Status::Failed => "failed",
-        Status::TimedOut => "timed_out",
-        Status::Cancelled => "cancelled",
-        Status::LeaderFailed => "leader_failed",
-    };
     Ok(RunOutcome {
         entry: name,
         key: Some(report.key),
         cache: Some(report.cache),
-        status: status.into(),
+        status: report.status.into(),
         exit_code: Some(report.exit_code),
         container: obs.started.load(Ordering::SeqCst),
         wall_ms: t0.elapsed().as_millis() as u64,

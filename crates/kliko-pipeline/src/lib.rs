@@ -12,14 +12,14 @@
 //! ```no_run
 //! # async fn demo() -> Result<(), kliko_pipeline::PipelineError> {
 //! use std::sync::Arc;
-//! use kliko_pipeline::{Pipeline, Options, NoReporter};
+//! use kliko_pipeline::{InProcess, Pipeline, Options, NoReporter};
 //! let store = Arc::new(kliko_store::Store::open("/tmp/kliko-store".as_ref())?);
 //! let engine = Arc::new(kliko_engine::Engine::new(store));
 //! let pipeline = Pipeline::load("pipeline.yml".as_ref())?;
 //! // Every problem (cycles, unknown steps or parameters, missing images or paths) at once:
 //! let checked = kliko_pipeline::check(&engine, &pipeline).await?;
 //! let report = kliko_pipeline::run(
-//!     engine, &pipeline, &checked, Options { jobs: 2, keep_going: false },
+//!     Arc::new(InProcess::new(engine)), &pipeline, &checked, Options { jobs: 2, keep_going: false },
 //!     Arc::new(NoReporter), Default::default(),
 //! ).await?;
 //! for step in &report.steps {
@@ -30,6 +30,7 @@
 
 mod check;
 mod exec;
+mod executor;
 mod file;
 mod inputs;
 mod show;
@@ -39,9 +40,10 @@ use std::path::PathBuf;
 
 pub use check::{check, Checked};
 pub use exec::{
-    run, NoReporter, Options, PipelineReport, Progress, Reporter, RunOutcome, StepCache, StepReport, StepState, Stream,
-    PIPELINE_LABEL, STEP_LABEL,
+    run, NoReporter, Options, PipelineReport, Progress, Reporter, RunOutcome, RunStatus, StepCache, StepReport,
+    StepState, Stream, PIPELINE_LABEL, STEP_LABEL,
 };
+pub use executor::{InProcess, StepExecutor, StepRun};
 pub use file::{
     is_path_like, parse_duration, InputSpec, Item, Named, Pipeline, Problem, Source, Step, PIPELINE_VERSION,
 };

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use kliko_engine::Engine;
-use kliko_pipeline::{check, run, NoReporter, Options, Pipeline, PipelineError, PipelineReport, StepState};
+use kliko_pipeline::{check, run, InProcess, NoReporter, Options, Pipeline, PipelineError, PipelineReport, StepState};
 use kliko_testkit::{ImageBuilder, TestImage};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
@@ -65,9 +65,16 @@ impl Fixture {
 
     async fn run(&self, p: &Pipeline, jobs: usize, keep_going: bool) -> PipelineReport {
         let checked = check(&self.engine, p).await.unwrap_or_else(|e| panic!("{e}"));
-        run(self.engine.clone(), p, &checked, Options { jobs, keep_going }, Arc::new(NoReporter), Default::default())
-            .await
-            .unwrap()
+        run(
+            Arc::new(InProcess::new(self.engine.clone())),
+            p,
+            &checked,
+            Options { jobs, keep_going },
+            Arc::new(NoReporter),
+            Default::default(),
+        )
+        .await
+        .unwrap()
     }
 
     /// The stored container interval of a step's (only) run, in ms since the epoch.

@@ -60,7 +60,7 @@ impl Docker {
     pub async fn connect() -> Result<Docker, RuntimeError> {
         let endpoint =
             std::env::var("DOCKER_HOST").ok().filter(|h| !h.is_empty()).unwrap_or_else(|| DEFAULT_ENDPOINT.to_string());
-        let unreachable = |source| RuntimeError::DaemonUnreachable { endpoint: endpoint.clone(), source };
+        let unreachable = |source| RuntimeError::docker_unreachable(&endpoint, source);
         // On a local socket, ask `/_ping` (what the docker CLI asks) for the daemon's API
         // version: `/version`, which bollard's negotiation uses, makes the daemon query
         // containerd and run `runc --version`, several milliseconds on every command. Any
@@ -98,11 +98,6 @@ impl Docker {
     /// The endpoint this connection talks to (`unix:///var/run/docker.sock`, `tcp://…`).
     pub fn endpoint(&self) -> &str {
         &self.endpoint
-    }
-
-    /// The underlying bollard client, for calls this crate does not wrap.
-    pub fn bollard(&self) -> &bollard::Docker {
-        &self.inner
     }
 
     /// Resolve a reference (tag, short or full id, `name@sha256:…`) to the

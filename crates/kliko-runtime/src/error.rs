@@ -1,27 +1,35 @@
 //! The one error type of this crate.
+//!
+//! The errors describe what happened in the runtime's terms; none carries a type from the
+//! client library behind it (sources are boxed), and none gives advice that names a command
+//! or a flag: front ends choose their own ([`RuntimeError::unreachable_reason`] says why a
+//! daemon could not be reached, for example).
 
 use std::path::PathBuf;
 
-/// Everything that can go wrong while talking to the Docker Engine.
+/// Any error from the layer under a runtime (an HTTP client, a spawned process).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Everything that can go wrong while talking to a container runtime.
 ///
 /// A container that exits non-zero is *not* an error: see [`crate::Outcome`].
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum RuntimeError {
-    /// The daemon did not answer (not running, no permission on its socket,
-    /// wrong `DOCKER_HOST`).
-    #[error("cannot reach the docker daemon at `{endpoint}`; {}", daemon_hint(.endpoint, .source))]
-    DaemonUnreachable {
+    /// The runtime's daemon did not answer (not running, no permission on its socket, a
+    /// wrong endpoint).
+    #[error("cannot reach the {runtime} daemon at `{endpoint}`{}", .reason.suffix())]
+    Unreachable {
+        /// `docker`, `podman`, ...
+        runtime: String,
         endpoint: String,
+        reason: Unreachable,
         #[source]
-        source: bollard::errors::Error,
+        source: BoxError,
     },
 
     /// No local image answers to this reference (nothing is ever pulled).
-    #[error(
-        "image `{reference}` not found locally; build it with `docker build -t {reference} .` \
-         or fetch it with `docker pull {reference}`"
-    )]
+    #[error("image `{reference}` not found locally")]
     ImageNotFound { reference: String },
 
     /// The image has no such path (or a symlink in it points nowhere).
@@ -46,12 +54,12 @@ pub enum RuntimeError {
     },
 
     /// Bind mounts need absolute host paths: a relative one would silently
-    /// become a named Docker volume.
+    /// become a named volume.
     #[error("mount source `{}` is not an absolute path", .path.display())]
     RelativeMount { path: PathBuf },
 
-    /// Docker's API carries paths as UTF-8 strings: a host path that is not valid UTF-8 would
-    /// be changed on the way (and could name another folder), so it is refused.
+    /// The runtime's API carries paths as UTF-8 strings: a host path that is not valid UTF-8
+    /// would be changed on the way (and could name another folder), so it is refused.
     #[error("the host path `{}` cannot be given to the container runtime: it is not valid UTF-8", .path.display())]
     PathNotUtf8 { path: PathBuf },
 
@@ -59,7 +67,7 @@ pub enum RuntimeError {
     #[error("mount target `{target}` is not an absolute path")]
     RelativeMountTarget { target: String },
 
-    /// An environment variable name that Docker would misread.
+    /// An environment variable name that the runtime would misread.
     #[error("invalid environment variable name `{name}`")]
     InvalidEnvName { name: String },
 
@@ -68,49 +76,83 @@ pub enum RuntimeError {
     NoExitStatus { container: String },
 
     /// The background task removing a stopped container ended abnormally (it panicked or
-    /// the runtime shut down under it); the container may still exist.
-    #[error("could not finish removing container `{container}`: {message}; remove it with `docker rm -f {container}`")]
+    /// the async runtime shut down under it); the container may still exist.
+    #[error("could not finish removing container `{container}`: {message}")]
     RemovalInterrupted { container: String, message: String },
 
-    /// Any other call to the daemon that failed.
-    #[error("docker failed to {action}")]
-    Docker {
+    /// Any other call to the runtime that failed.
+    #[error("{runtime} failed to {action}")]
+    Backend {
+        runtime: String,
         action: String,
         #[source]
-        source: bollard::errors::Error,
+        source: BoxError,
     },
 }
 
-impl RuntimeError {
-    pub(crate) fn docker(action: impl Into<String>, source: bollard::errors::Error) -> Self {
-        RuntimeError::Docker { action: action.into(), source }
+/// Why a daemon could not be reached, as far as the operating system said.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Unreachable {
+    /// Nothing listens at the endpoint (no socket, connection refused).
+    NotRunning,
+    /// The socket exists but this user may not open it.
+    PermissionDenied,
+    /// Something else (a timeout, a protocol error).
+    Other,
+}
+
+impl Unreachable {
+    fn suffix(self) -> &'static str {
+        match self {
+            Unreachable::NotRunning => ": nothing answers there",
+            Unreachable::PermissionDenied => ": permission denied on its socket",
+            Unreachable::Other => "",
+        }
+    }
+
+    /// Classify by the I/O error at the bottom of `source`'s chain.
+    pub fn of(source: &(dyn std::error::Error + 'static)) -> Unreachable {
+        use std::io::ErrorKind;
+        let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(source);
+        let mut kind = None;
+        while let Some(e) = cur {
+            if let Some(io) = e.downcast_ref::<std::io::Error>() {
+                kind = Some(io.kind());
+            }
+            cur = e.source();
+        }
+        match kind {
+            Some(ErrorKind::PermissionDenied) => Unreachable::PermissionDenied,
+            Some(ErrorKind::NotFound | ErrorKind::ConnectionRefused) => Unreachable::NotRunning,
+            _ => Unreachable::Other,
+        }
     }
 }
 
-/// Choose the fix to suggest from the I/O error at the bottom of the chain.
-fn daemon_hint(endpoint: &str, source: &bollard::errors::Error) -> String {
-    use std::io::ErrorKind;
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(source);
-    let mut kind = None;
-    while let Some(e) = cur {
-        if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            kind = Some(io.kind());
+impl RuntimeError {
+    /// Why the daemon could not be reached, for an [`RuntimeError::Unreachable`].
+    pub fn unreachable_reason(&self) -> Option<Unreachable> {
+        match self {
+            RuntimeError::Unreachable { reason, .. } => Some(*reason),
+            _ => None,
         }
-        cur = e.source();
     }
-    if matches!(source, bollard::errors::Error::SocketNotFoundError(_)) {
-        kind = Some(ErrorKind::NotFound);
+
+    pub(crate) fn docker(action: impl Into<String>, source: bollard::errors::Error) -> Self {
+        RuntimeError::Backend { runtime: "docker".into(), action: action.into(), source: Box::new(source) }
     }
-    let socket = endpoint.strip_prefix("unix://").unwrap_or("/var/run/docker.sock");
-    let start = "is the daemon running? start it with `systemctl start docker`";
-    let group = "add your user to the `docker` group (`sudo usermod -aG docker $USER`, then log in again)";
-    match kind {
-        Some(ErrorKind::PermissionDenied) => {
-            format!("permission denied on `{socket}`: {group}")
+
+    pub(crate) fn docker_unreachable(endpoint: &str, source: bollard::errors::Error) -> Self {
+        let reason = match &source {
+            bollard::errors::Error::SocketNotFoundError(_) => Unreachable::NotRunning,
+            other => Unreachable::of(other),
+        };
+        RuntimeError::Unreachable {
+            runtime: "docker".into(),
+            endpoint: endpoint.to_string(),
+            reason,
+            source: Box::new(source),
         }
-        Some(ErrorKind::NotFound) | Some(ErrorKind::ConnectionRefused) => {
-            format!("{start}, or point `DOCKER_HOST` at a running daemon")
-        }
-        _ => format!("{start}; if `{socket}` refuses you, {group}; check `DOCKER_HOST` if you set it"),
     }
 }

@@ -1,6 +1,9 @@
-//! Running kliko images through the Docker Engine.
+//! Running kliko images through a container runtime.
 //!
-//! This crate owns every conversation with the daemon (through `bollard`):
+//! [`ContainerRuntime`] is the seam: what kliko needs from any runtime. [`Docker`] implements
+//! it over the Docker Engine API (through `bollard`), and `fake::FakeRuntime` (feature `fake`)
+//! is a scripted one for tests that need no daemon. The Docker implementation owns every
+//! conversation with the daemon:
 //! connecting and negotiating the API version, resolving image references to
 //! content-addressed ids, reading `/kliko.yml` out of an image without running
 //! it, and running one container to completion with its logs streamed, a
@@ -12,7 +15,7 @@
 //! get no network unless the spec asks for one.
 //!
 //! ```no_run
-//! use kliko_runtime::{ContainerSpec, Docker, Outcome};
+//! use kliko_runtime::{ContainerRuntime, ContainerSpec, Docker, Outcome};
 //! use tokio_util::sync::CancellationToken;
 //!
 //! # async fn demo() -> Result<(), kliko_runtime::RuntimeError> {
@@ -41,11 +44,15 @@
 mod archive;
 mod docker;
 mod error;
+#[cfg(feature = "fake")]
+pub mod fake;
 mod run;
+mod runtime;
 
-pub use docker::{Docker, ImageInfo, DEFAULT_STOP_GRACE};
-pub use error::RuntimeError;
+pub use docker::{Docker, ImageInfo, Labelled, DEFAULT_STOP_GRACE};
+pub use error::{BoxError, RuntimeError, Unreachable};
 pub use run::{ContainerSpec, LogChunk, Mount, Outcome, Removal, RunOutcome, Stream};
+pub use runtime::ContainerRuntime;
 
 /// The label on every container this crate creates (value `true`).
 pub const MANAGED_LABEL: &str = "io.kliko.managed";

@@ -34,7 +34,7 @@ pub struct Mount {
 }
 
 /// Everything needed to run one container.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct ContainerSpec {
     /// The image, best given as its id (`sha256:…`) so a re-tag cannot swap it.
     pub image_id: String,
@@ -49,8 +49,8 @@ pub struct ContainerSpec {
     /// means `none`: no network at all, the default.
     pub network: Option<String>,
     pub memory_bytes: Option<i64>,
-    /// CPU quota in units of 10^-9 CPUs.
-    pub nano_cpus: Option<i64>,
+    /// CPU quota, in CPUs (`1.5`: one and a half).
+    pub cpus: Option<f64>,
     /// Wall-clock limit from start; the container is stopped when it passes.
     pub timeout: Option<Duration>,
     /// Added to the container next to `io.kliko.managed=true`.
@@ -85,7 +85,7 @@ pub enum Outcome {
     Cancelled,
 }
 
-/// The result of [`Docker::run`]. The container no longer exists.
+/// The result of a run ([`crate::ContainerRuntime::run`]). The container no longer exists.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunOutcome {
     pub outcome: Outcome,
@@ -96,13 +96,19 @@ pub struct RunOutcome {
     pub finished_at: SystemTime,
 }
 
-/// A stopped container being removed in the background (see [`Docker::run_until_exit`]).
+/// A stopped container being removed in the background (see
+/// [`crate::ContainerRuntime::run_until_exit`]).
 pub struct Removal {
     container: String,
     task: Option<tokio::task::JoinHandle<Result<(), RuntimeError>>>,
 }
 
 impl Removal {
+    /// A removal going on in `task`.
+    pub fn spawned(container: String, task: tokio::task::JoinHandle<Result<(), RuntimeError>>) -> Removal {
+        Removal { container, task: Some(task) }
+    }
+
     /// Wait until the container is gone.
     pub async fn finish(mut self) -> Result<(), RuntimeError> {
         let task = self.task.take().expect("finish is called once");
@@ -118,28 +124,7 @@ impl Removal {
 type LogStream = Pin<Box<dyn FuturesStream<Item = Result<LogOutput, BollardError>> + Send>>;
 
 impl Docker {
-    /// Run one container to completion and remove it.
-    ///
-    /// Output is sent to `logs` as it arrives, stdout and stderr apart; all
-    /// of it has been sent when this returns. The receiver should be read
-    /// concurrently: a full channel holds the log stream back. A dropped
-    /// receiver is fine (the output is then discarded).
-    ///
-    /// The container is removed (forcibly, with its anonymous volumes) on every
-    /// path: exit, timeout, cancellation through `cancel`, an error part-way,
-    /// and, from a background task, if this future is dropped unfinished.
-    pub async fn run(
-        &self,
-        spec: &ContainerSpec,
-        logs: mpsc::Sender<LogChunk>,
-        cancel: CancellationToken,
-    ) -> Result<RunOutcome, RuntimeError> {
-        let (outcome, removal) = self.run_until_exit(spec, logs, cancel).await?;
-        removal.finish().await?;
-        Ok(outcome)
-    }
-
-    /// [`Docker::run`], returning as soon as the container has stopped and all its output has
+    /// [`ContainerRuntime::run`](crate::ContainerRuntime::run), returning as soon as the container has stopped and all its output has
     /// been sent, while its removal goes on in the background: the caller can work on the
     /// output meanwhile (the container's processes are gone, so nothing writes to its mounts
     /// any more). Await [`Removal::finish`] before reporting the run as done; a dropped
@@ -166,7 +151,7 @@ impl Docker {
                     guard.disarm();
                     removed
                 });
-                Ok((outcome, Removal { container, task: Some(task) }))
+                Ok((outcome, Removal::spawned(container, task)))
             }
             Err(e) => {
                 let _ = self.remove(&id).await;
@@ -372,7 +357,7 @@ fn container_body(spec: &ContainerSpec) -> Result<ContainerCreateBody, RuntimeEr
             network_mode: Some(spec.network.clone().unwrap_or_else(|| "none".to_string())),
             mounts: Some(mounts),
             memory: spec.memory_bytes,
-            nano_cpus: spec.nano_cpus,
+            nano_cpus: spec.cpus.map(|c| (c * 1e9) as i64),
             ..Default::default()
         }),
         ..Default::default()

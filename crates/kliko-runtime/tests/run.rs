@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use kliko_runtime::{Mount, Outcome, RuntimeError, Stream};
+use kliko_runtime::{ContainerRuntime, Mount, Outcome, RuntimeError, Stream};
 use kliko_testkit::{ImageBuilder, TestImage};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -150,7 +150,7 @@ async fn failure_to_start_is_an_error_and_still_cleans_up() {
     let label = unique_value("nostart");
     let got = run_collect(&docker, &spec(&image.id, &["/no/such/binary"], &label), CancellationToken::new()).await;
     let err = got.outcome.unwrap_err();
-    assert!(matches!(&err, RuntimeError::Docker { action, .. } if action.starts_with("start container")), "{err:?}");
+    assert!(matches!(&err, RuntimeError::Backend { action, .. } if action.starts_with("start container")), "{err:?}");
     assert!(leftovers(&docker, &label).await.is_empty());
 }
 
@@ -191,7 +191,7 @@ async fn user_env_workdir_and_limits_apply() {
     spec.env = vec![("GREETING".into(), "hello world".into())];
     spec.workdir = Some("/tmp".into());
     spec.memory_bytes = Some(64 * 1024 * 1024);
-    spec.nano_cpus = Some(500_000_000);
+    spec.cpus = Some(0.5);
     spec.name = Some(unique_value("kliko-rt-named"));
     let got = run_collect(&docker, &spec, CancellationToken::new()).await;
     assert_eq!(got.outcome(), Outcome::Exited(0), "{}", got.stderr());

@@ -24,6 +24,7 @@ mod fsck;
 mod gc;
 mod ingest;
 mod journal;
+pub mod lease;
 pub mod litter;
 mod materialize;
 mod notes;
@@ -126,6 +127,11 @@ impl Store {
         var("KLIKO_STORE")
             .or_else(|| var("XDG_CACHE_HOME").map(|p| p.join("kliko")))
             .or_else(|| var("HOME").map(|p| p.join(".cache").join("kliko")))
+    }
+
+    /// The leases of this store's keys, for the processes that share its filesystem.
+    pub fn leases(&self) -> lease::FlockLeases {
+        lease::FlockLeases::new(self.root.join(LEASES_DIR))
     }
 
     pub fn root(&self) -> &Path {

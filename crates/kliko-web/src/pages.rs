@@ -58,6 +58,28 @@ fn chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// An engine error as a browser user reads it: what went wrong, then, where there is
+/// something to do about it, what (in this interface's terms, never a command-line flag).
+fn explain(e: &EngineError) -> String {
+    use kliko_runtime::Unreachable;
+    let advice = match e {
+        EngineError::Runtime(RuntimeError::Unreachable { reason: Unreachable::NotRunning, runtime, .. }) => {
+            Some(format!("The {runtime} daemon on this server is not running: whoever runs this kliko server must start it. Nothing was run."))
+        }
+        EngineError::Runtime(RuntimeError::Unreachable { reason: Unreachable::PermissionDenied, runtime, .. }) => {
+            Some(format!("This kliko server may not use {runtime}: whoever runs it must give its user access. Nothing was run."))
+        }
+        EngineError::Runtime(RuntimeError::ImageNotFound { .. }) => {
+            Some("The image is not on this server: it must be built or pulled there first.".to_string())
+        }
+        _ => None,
+    };
+    match advice {
+        Some(a) => format!("{}\n{a}", chain(e)),
+        None => chain(e),
+    }
+}
+
 fn internal(e: impl std::error::Error) -> PageError {
     PageError::new(StatusCode::INTERNAL_SERVER_ERROR, chain(&e))
 }
@@ -84,36 +106,22 @@ enum Listed {
 }
 
 pub async fn index(State(st): St) -> Result<Html<String>, PageError> {
-    let docker = st.engine.docker().await.map_err(|e| PageError::new(StatusCode::SERVICE_UNAVAILABLE, chain(&e)))?;
-    let images = docker.list_images().await.map_err(|e| PageError::new(StatusCode::SERVICE_UNAVAILABLE, chain(&e)))?;
+    let skip = |id: &str| st.not_kliko.lock().expect("not_kliko lock").get(id).is_some_and(|k| k.is_none());
+    let (found, not_kliko) =
+        st.engine.kliko_images(skip).await.map_err(|e| PageError::new(StatusCode::SERVICE_UNAVAILABLE, explain(&e)))?;
     let mut listed = Vec::new();
-    for info in images {
-        let reference =
-            info.repo_tags.iter().find(|t| !t.contains("<none>")).cloned().unwrap_or_else(|| info.id.clone());
-        let known = st.not_kliko.lock().expect("not_kliko lock").get(&info.id).cloned();
-        match known {
-            Some(None) => continue,
-            Some(Some(why)) => {
-                listed.push(Listed::Invalid(reference, why));
-                continue;
-            }
-            None => {}
+    {
+        let mut known = st.not_kliko.lock().expect("not_kliko lock");
+        for id in not_kliko {
+            known.insert(id, None);
         }
-        match st.engine.image(&reference).await {
-            Ok(meta) => listed.push(Listed::Kliko(Box::new(meta))),
-            Err(EngineError::Runtime(RuntimeError::FileNotInImage { .. } | RuntimeError::NotARegularFile { .. })) => {
-                st.not_kliko.lock().expect("not_kliko lock").insert(info.id.clone(), None);
+    }
+    for l in found {
+        match l {
+            kliko_engine::Listed::Kliko(meta) => listed.push(Listed::Kliko(meta)),
+            kliko_engine::Listed::Invalid { reference, reason } => {
+                listed.push(Listed::Invalid(reference, chain(&reason)))
             }
-            Err(e @ EngineError::Spec(_)) => {
-                let why = chain(&e);
-                st.not_kliko.lock().expect("not_kliko lock").insert(info.id.clone(), Some(why.clone()));
-                listed.push(Listed::Invalid(reference, why));
-            }
-            // Removed meanwhile: nothing to show.
-            Err(EngineError::Runtime(RuntimeError::ImageNotFound { .. })) => {}
-            // A kliko.yml that could not be read (a symlink loop, a broken archive, the
-            // daemon or the store failing): shown on the image's own row, asked again next time.
-            Err(e) => listed.push(Listed::Invalid(reference, chain(&e))),
         }
     }
     let mut b =
@@ -225,7 +233,10 @@ async fn image_meta(st: &AppState, reference: &str) -> Result<ImageMeta, PageErr
         EngineError::Runtime(RuntimeError::FileNotInImage { .. }) => {
             PageError::new(StatusCode::NOT_FOUND, format!("`{reference}` is not a kliko image: it has no /kliko.yml"))
         }
-        e => PageError::new(StatusCode::UNPROCESSABLE_ENTITY, chain(&e)),
+        e @ EngineError::Runtime(RuntimeError::Unreachable { .. }) => {
+            PageError::new(StatusCode::SERVICE_UNAVAILABLE, explain(&e))
+        }
+        e => PageError::new(StatusCode::UNPROCESSABLE_ENTITY, explain(&e)),
     })
 }
 
@@ -450,7 +461,7 @@ pub async fn submit(State(st): St, Path(reference): Path<String>, mut mp: Multip
         let result = engine.run_with(req, Some(meta), None, obs, entry.cancel.clone()).await;
         // The uploads are needed until the engine has copied them for the container.
         drop(dirs);
-        entry.finish(result.map_err(|e| chain(&e)));
+        entry.finish(result.map_err(|e| explain(&e)));
     });
     Ok(Redirect::to(&format!("/run/{id}")).into_response())
 }
@@ -954,7 +965,7 @@ async fn provenance_body(st: &AppState, typed: &str, q: Option<&str>) -> Result<
             b.push_str("<div class=\"alert warn\">The store is empty: nothing has run yet.</div>");
             return Ok(b);
         }
-        Err(e @ (EngineError::Invalid { .. } | EngineError::Store(kliko_store::StoreError::Ambiguous { .. }))) => {
+        Err(e @ (EngineError::UnknownRef { .. } | EngineError::Store(kliko_store::StoreError::Ambiguous { .. }))) => {
             b.push_str(&format!("<div class=\"alert warn\">{}</div>", esc(&chain(&e))));
             return Ok(b);
         }

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use kliko_runtime::{ContainerSpec, Docker, LogChunk, RunOutcome, RuntimeError, Stream};
+use kliko_runtime::{ContainerRuntime, ContainerSpec, Docker, LogChunk, RunOutcome, RuntimeError, Stream};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -88,8 +88,9 @@ pub async fn managed_from_image(docker: &Docker, image: &str) -> Vec<String> {
         ("label", vec![format!("{}=true", kliko_runtime::MANAGED_LABEL)]),
         ("ancestor", vec![image.to_string()]),
     ]);
-    docker
-        .bollard()
+    let _ = docker;
+    bollard::Docker::connect_with_defaults()
+        .expect("client")
         .list_containers(Some(ListContainersOptionsBuilder::new().all(true).filters(&filters).build()))
         .await
         .expect("list containers")
