@@ -164,10 +164,7 @@ fn gc_duration(s: &str) -> anyhow::Result<u64> {
 
 /// `--max-size`: a size as `--memory` takes it, or zero (evict every result not pinned).
 fn gc_size(s: &str) -> anyhow::Result<u64> {
-    if s.trim().trim_end_matches(|c: char| c.is_ascii_alphabetic()).trim().parse::<f64>().is_ok_and(|n| n == 0.0) {
-        return Ok(0);
-    }
-    Ok(crate::cmd_run::parse_size(s)? as u64)
+    kliko_core::units::parse_size(s).map_err(anyhow::Error::msg)
 }
 
 fn pin(store: &Store, key: &str, on: bool) -> anyhow::Result<ExitCode> {

@@ -344,7 +344,11 @@ fn build_request(a: &RunArgs, spec: &Spec, m: &ArgMatches) -> anyhow::Result<Run
         Some("image") => UserChoice::Image,
         Some(u) => UserChoice::Explicit(u.to_string()),
     };
-    req.memory_bytes = a.memory.as_deref().map(parse_size).transpose()?;
+    req.memory_bytes = a
+        .memory
+        .as_deref()
+        .map(|m| parse_size(m).and_then(|n| i64::try_from(n).map_err(|_| anyhow::anyhow!("`{m}` is too large a size"))))
+        .transpose()?;
     req.cpus = match a.cpus {
         Some(c) if c > 0.0 && c.is_finite() => Some(c),
         Some(c) => bail!("`--cpus {c}` must be a positive number"),
@@ -434,22 +438,13 @@ fn check_apart(output: &Path, input: Option<&Path>, join: bool) -> anyhow::Resul
     Ok(())
 }
 
-pub fn parse_size(s: &str) -> anyhow::Result<i64> {
-    let t = s.trim().to_ascii_lowercase();
-    let t = t.trim_end_matches("ib").trim_end_matches('b');
-    let (num, mult) = match t.chars().last() {
-        Some('k') => (&t[..t.len() - 1], 1i64 << 10),
-        Some('m') => (&t[..t.len() - 1], 1 << 20),
-        Some('g') => (&t[..t.len() - 1], 1 << 30),
-        Some('t') => (&t[..t.len() - 1], 1 << 40),
-        _ => (t, 1),
-    };
-    let n: f64 =
-        num.trim().parse().map_err(|_| anyhow::anyhow!("`{s}` is not a size (examples: `512m`, `4g`, `100000`)"))?;
-    if n <= 0.0 || !n.is_finite() {
+/// A positive size (`kliko_core::units::parse_size`'s grammar).
+pub fn parse_size(s: &str) -> anyhow::Result<u64> {
+    let n = kliko_core::units::parse_size(s).map_err(anyhow::Error::msg)?;
+    if n == 0 {
         bail!("`{s}` is not a positive size");
     }
-    Ok((n * mult as f64) as i64)
+    Ok(n)
 }
 
 /// A positive duration (`kliko_core::units::parse_duration`'s grammar).
@@ -572,6 +567,7 @@ mod tests {
         assert_eq!(parse_size("4G").unwrap(), 4 << 30);
         assert_eq!(parse_size("1gb").unwrap(), 1 << 30);
         assert!(parse_size("lots").is_err());
+        assert!(parse_size("0").unwrap_err().to_string().contains("positive"));
         assert_eq!(parse_duration("90s").unwrap(), Duration::from_secs(90));
         assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
         assert_eq!(parse_duration("1.5").unwrap(), Duration::from_millis(1500));

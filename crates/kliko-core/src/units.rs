@@ -1,4 +1,5 @@
-//! Sizes and durations as people read them, shared by the command line and the web pages.
+//! Sizes and durations as people read and write them, shared by the command line, pipeline
+//! files and the web pages.
 
 /// `1536` → `1.5 KiB`; bytes below 1 KiB exactly.
 pub fn human_bytes(n: u64) -> String {
@@ -46,9 +47,56 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     std::time::Duration::try_from_secs_f64(n * secs).map_err(|_| format!("`{s}` is too long a duration"))
 }
 
+/// A size as people write it, the one grammar of every kliko option and pipeline field that
+/// takes one: a number (fractions allowed), then an optional binary unit `K`, `M`, `G`, `T`
+/// or `P` (any case, with or without `B` or `iB`: `4G`, `4gb` and `4GiB` are all 2^32 bytes),
+/// or no unit for bytes: `100000`, `512M`, `1.5G`. Zero is a size; whether it makes sense is
+/// the caller's business. The error says what was wrong, in the user's terms.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let bad = || format!("`{s}` is not a size (examples: `512M`, `4G`, `1.5T`, `100000` bytes)");
+    let t = s.trim().to_ascii_lowercase();
+    let t = t.strip_suffix("ib").or_else(|| t.strip_suffix('b')).unwrap_or(&t);
+    let (num, shift) = [('k', 10), ('m', 20), ('g', 30), ('t', 40), ('p', 50)]
+        .iter()
+        .find_map(|(unit, shift)| t.strip_suffix(*unit).map(|n| (n, *shift)))
+        .unwrap_or((t, 0));
+    let num = num.trim();
+    if num.is_empty() || !num.chars().all(|c| c.is_ascii_digit() || c == '.') {
+        return Err(bad());
+    }
+    let n: f64 = num.parse().map_err(|_| bad())?;
+    let bytes = n * (1u64 << shift) as f64;
+    if !bytes.is_finite() || bytes >= u64::MAX as f64 {
+        return Err(format!("`{s}` is too large a size"));
+    }
+    Ok(bytes as u64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_in_every_unit() {
+        let z = |s| parse_size(s).unwrap();
+        assert_eq!(z("1000"), 1000);
+        assert_eq!(z("0"), 0);
+        assert_eq!(z("64kb"), 64 << 10);
+        assert_eq!(z("512m"), 512 << 20);
+        assert_eq!(z("500M"), 500 << 20);
+        assert_eq!(z("4G"), 4 << 30);
+        assert_eq!(z("1gb"), 1 << 30);
+        assert_eq!(z("1GiB"), 1 << 30);
+        assert_eq!(z(" 1.5G "), 3 << 29);
+        assert_eq!(z("2T"), 2 << 40);
+        assert_eq!(z("1P"), 1 << 50);
+        assert_eq!(z("10b"), 10);
+        for bad in ["", "G", "lots", "1X", "-1G", "1e3", "nan", "1..5G", "1 2G", "0x10"] {
+            let e = parse_size(bad).unwrap_err();
+            assert!(e.contains("not a size"), "{bad}: {e}");
+        }
+        assert!(parse_size("99999999P").unwrap_err().contains("too large"));
+    }
 
     #[test]
     fn readable() {

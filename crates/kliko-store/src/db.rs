@@ -9,13 +9,13 @@
 
 use std::fs::File;
 use std::ops::Deref;
-use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::Arc;
 
 use rocksdb::{ColumnFamily, Options, WriteOptions, DB};
 
 use crate::error::{IoContext, Result, StoreError};
+use crate::flock::{self, Mode};
 use crate::Store;
 
 /// Column families of the index; `cache-format.md` describes each.
@@ -113,17 +113,7 @@ fn lock_file(store: &Store) -> Result<(File, std::path::PathBuf)> {
 pub(crate) fn open_locked(store: &Store, gc: Option<crate::GcGuard>) -> Result<DbInner> {
     let (lock, lock_path) = lock_file(store)?;
     kliko_core::trace::mark("waiting for the index lock");
-    // SAFETY: flock on an fd we own.
-    loop {
-        let rc = unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) };
-        if rc == 0 {
-            break;
-        }
-        let e = std::io::Error::last_os_error();
-        if e.kind() != std::io::ErrorKind::Interrupted {
-            return Err(e).at(&lock_path);
-        }
-    }
+    flock::lock(&lock, Mode::Exclusive).at(&lock_path)?;
     kliko_core::trace::mark("index lock taken");
     open_with(store, lock, gc)
 }
@@ -142,8 +132,7 @@ pub(crate) fn open_nowait(store: &Store) -> Result<DbInner> {
         return open_view(store, gc).map_err(|(source, _)| StoreError::Db { path: store.db_path(), source });
     }
     let (lock, _) = lock_file(store)?;
-    // SAFETY: flock on an fd we own.
-    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+    if flock::try_lock(&lock, Mode::Exclusive).unwrap_or(false) {
         return open_with(store, lock, Some(gc));
     }
     drop(lock);

@@ -8,7 +8,6 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::{self, File};
-use std::os::fd::AsRawFd;
 use std::path::Path;
 
 use kliko_core::Digest;
@@ -16,6 +15,7 @@ use serde::Serialize;
 
 use crate::blobs::ObjectKind;
 use crate::error::{IoContext, Result};
+use crate::flock::{self, Mode};
 use crate::records::{now_ms, ActionResult, TreeObjects};
 use crate::Store;
 
@@ -24,7 +24,7 @@ pub struct GcGuard {
     _file: File,
 }
 
-fn lock(path: &Path, op: i32) -> Result<GcGuard> {
+fn lock(path: &Path, mode: Mode) -> Result<GcGuard> {
     // Read and write: on NFS a shared flock is emulated by a read lock, which needs a file
     // opened for reading.
     let file = match File::options().create(true).truncate(false).read(true).write(true).open(path) {
@@ -34,16 +34,8 @@ fn lock(path: &Path, op: i32) -> Result<GcGuard> {
         Err(e) if e.kind() == std::io::ErrorKind::ReadOnlyFilesystem => File::open(path).at(path)?,
         Err(e) => return Err(e).at(path),
     };
-    loop {
-        // SAFETY: flock on an fd we own.
-        if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
-            return Ok(GcGuard { _file: file });
-        }
-        let e = std::io::Error::last_os_error();
-        if e.kind() != std::io::ErrorKind::Interrupted {
-            return Err(e).at(path);
-        }
-    }
+    flock::lock(&file, mode).at(path)?;
+    Ok(GcGuard { _file: file })
 }
 
 #[derive(Clone, Debug)]
@@ -136,11 +128,11 @@ fn low_on_space(root: &Path) -> bool {
 impl Store {
     /// Hold `gc.lock` shared: gc waits until this guard is dropped.
     pub fn gc_shared(&self) -> Result<GcGuard> {
-        lock(&self.root().join("gc.lock"), libc::LOCK_SH)
+        lock(&self.root().join("gc.lock"), Mode::Shared)
     }
 
     pub(crate) fn gc_exclusive(&self) -> Result<GcGuard> {
-        lock(&self.root().join("gc.lock"), libc::LOCK_EX)
+        lock(&self.root().join("gc.lock"), Mode::Exclusive)
     }
 
     /// Every object a result needs: its output trees and blobs, its logs, and its input tree

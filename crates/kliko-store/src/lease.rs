@@ -14,13 +14,14 @@
 
 use std::fs::{self, File};
 use std::io::{self, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use kliko_core::Digest;
 use serde::{Deserialize, Serialize};
+
+use crate::flock::{self, Mode};
 
 /// Who holds a lease.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -136,14 +137,9 @@ impl LeaseBackend for FlockLeases {
         let path = self.lock_path(key);
         loop {
             let file = File::options().create(true).truncate(false).read(true).write(true).open(&path)?;
-            // SAFETY: flock on an fd we own.
-            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-                let e = io::Error::last_os_error();
-                if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                    let holder = fs::read(&path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
-                    return Ok(Attempt::Busy(holder));
-                }
-                return Err(e);
+            if !flock::try_lock(&file, Mode::Exclusive)? {
+                let holder = fs::read(&path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+                return Ok(Attempt::Busy(holder));
             }
             // The previous holder may have unlinked the file between our open and our lock:
             // then we hold a lock on a file nobody else can find. Start again on the current file.
@@ -168,8 +164,7 @@ impl LeaseBackend for FlockLeases {
     fn is_free(&self, key: &Digest) -> bool {
         match File::open(self.lock_path(key)) {
             Err(_) => true,
-            // SAFETY: flock on an fd we own.
-            Ok(f) => unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) == 0 },
+            Ok(f) => flock::try_lock(&f, Mode::Shared).unwrap_or(false),
         }
     }
 

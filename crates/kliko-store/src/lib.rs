@@ -20,6 +20,7 @@
 mod blobs;
 pub mod db;
 mod error;
+mod flock;
 mod fsck;
 mod gc;
 mod ingest;

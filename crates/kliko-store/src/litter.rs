@@ -17,9 +17,10 @@
 use std::ffi::OsStr;
 use std::fs::{self, File};
 use std::io;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
+
+use crate::flock::{self, Mode};
 
 /// The lock file inside an owned folder.
 pub const OWNER_LOCK: &str = ".kliko-lock";
@@ -73,22 +74,9 @@ impl Drop for OwnedDir {
 fn lock_new(dir: &Path) -> io::Result<File> {
     let new = dir.join(OWNER_LOCK_NEW);
     let f = File::options().create_new(true).write(true).open(&new)?;
-    flock(&f, libc::LOCK_EX)?;
+    flock::lock(&f, Mode::Exclusive)?;
     fs::rename(&new, dir.join(OWNER_LOCK))?;
     Ok(f)
-}
-
-fn flock(f: &File, op: i32) -> io::Result<()> {
-    loop {
-        // SAFETY: flock on an fd we own.
-        if unsafe { libc::flock(f.as_raw_fd(), op) } == 0 {
-            return Ok(());
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    }
 }
 
 /// `o<pid>.<start>.<host>-`: this process (its pid, its start time and a short hash of the
@@ -133,8 +121,7 @@ pub enum Owner {
 fn probe(dir: &Path) -> (Owner, Option<File>) {
     match File::options().write(true).open(dir.join(OWNER_LOCK)) {
         Ok(f) => {
-            // SAFETY: flock on an fd we own.
-            if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            if flock::try_lock(&f, Mode::Exclusive).unwrap_or(false) {
                 (Owner::Dead, Some(f))
             } else {
                 (Owner::Alive, None)
