@@ -5,3 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 cargo test --release --workspace "$@"
+# The shared tier against a real S3 server (SeaweedFS on loopback, in its own network namespace).
+bash scripts/with-s3.sh cargo test --release --offline -p kliko-engine --test fake_runtime tier

@@ -10,6 +10,15 @@ pub struct Cli {
     /// `~/.cache/kliko`.
     #[arg(long, global = true, env = "KLIKO_STORE", value_name = "DIR")]
     pub store: Option<PathBuf>,
+    /// A cache shared by many machines, beside the local store: `s3://BUCKET/PREFIX`
+    /// (credentials and endpoint from the `AWS_*` variables) or a shared folder (an absolute
+    /// path or `file:///PATH`). A local miss looks there first; a new result is published
+    /// there. Default: `$KLIKO_REMOTE`. Give it before the command: `kliko --remote URL run ...`.
+    #[arg(long, global = true, env = "KLIKO_REMOTE", value_name = "URL")]
+    pub remote: Option<String>,
+    /// Read results from the shared tier, never write to it.
+    #[arg(long, global = true)]
+    pub remote_read_only: bool,
     #[command(subcommand)]
     pub command: Command,
 }

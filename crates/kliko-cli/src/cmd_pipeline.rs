@@ -28,7 +28,7 @@ pub fn run(store_root: &Path, cmd: PipelineCommand) -> anyhow::Result<ExitCode> 
 fn open(store_root: &Path) -> anyhow::Result<Arc<Engine>> {
     let store = kliko_store::Store::open(store_root)
         .with_context(|| format!("cannot open the store at `{}`", store_root.display()))?;
-    Ok(Arc::new(Engine::new(Arc::new(store))))
+    Ok(Arc::new(crate::engine(Arc::new(store))?))
 }
 
 fn run_pipeline(store_root: &Path, file: &Path, opts: Options, json: bool, verbose: bool) -> anyhow::Result<ExitCode> {

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Arg, ArgAction, ArgMatches, Args, Command, FromArgMatches};
-use kliko_engine::{Cache, Engine, Event, Input, Observer, RunReport, RunRequest, Status, UserChoice};
+use kliko_engine::{Cache, Event, Input, Observer, RunReport, RunRequest, Status, UserChoice};
 use kliko_runtime::Stream;
 use kliko_spec::{IoMode, ParamLayer, Spec};
 use tokio_util::sync::CancellationToken;
@@ -211,7 +211,7 @@ pub fn run(store_root: &Path, args: Vec<OsString>) -> anyhow::Result<ExitCode> {
             kliko_store::Store::open(store_root)
                 .with_context(|| format!("cannot open the store at `{}`", store_root.display()))?,
         );
-        let engine = Engine::new(store);
+        let engine = crate::engine(store)?;
         // The image (for its flags) and the index (for the lookup) at the same time.
         let (meta, hold) = tokio::join!(engine.image(&image), engine.hold_index());
         let meta = meta?;
@@ -509,6 +509,8 @@ fn finish(a: &RunArgs, r: &RunReport) -> anyhow::Result<ExitCode> {
             "saved_ms": r.saved_ms,
             "waited": r.waited_on.is_some(),
             "recorded": r.recorded,
+            "hit_from": r.hit_from,
+            "published": r.published,
             "warnings": r.warnings,
         });
         println!("{v}");
@@ -517,8 +519,22 @@ fn finish(a: &RunArgs, r: &RunReport) -> anyhow::Result<ExitCode> {
         Status::Succeeded => {
             if !a.json {
                 let what = match r.cache {
+                    Cache::Hit if r.hit_from == Some(kliko_engine::Tier::Remote) => {
+                        format!("cache hit from the shared tier (saved {})", human_ms(r.saved_ms))
+                    }
                     Cache::Hit => format!("cache hit (saved {})", human_ms(r.saved_ms)),
-                    Cache::Miss => format!("ran in {}", human_ms(r.wall_ms)),
+                    Cache::Miss => match &r.published {
+                        Some(p) if p.raced => {
+                            format!("ran in {}; another machine had published it first", human_ms(r.wall_ms))
+                        }
+                        Some(p) => format!(
+                            "ran in {}; published to the shared tier ({} new objects, {})",
+                            human_ms(r.wall_ms),
+                            p.uploaded,
+                            kliko_core::units::human_bytes(p.bytes)
+                        ),
+                        None => format!("ran in {}", human_ms(r.wall_ms)),
+                    },
                 };
                 let out = match (&r.output_path, r.output) {
                     (Some(p), _) => format!("output in `{}`", p.display()),

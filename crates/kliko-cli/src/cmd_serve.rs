@@ -6,7 +6,6 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
-use kliko_engine::Engine;
 
 use crate::cli::ServeArgs;
 
@@ -39,7 +38,7 @@ pub fn run(store_root: &Path, a: ServeArgs) -> anyhow::Result<ExitCode> {
             kliko_store::Store::open(store_root)
                 .with_context(|| format!("cannot open the store at `{}`", store_root.display()))?,
         );
-        let engine = Arc::new(Engine::new(store));
+        let engine = Arc::new(crate::engine(store)?);
         kliko_web::serve(engine, config).await?;
         Ok(ExitCode::SUCCESS)
     })

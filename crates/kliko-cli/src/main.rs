@@ -51,7 +51,23 @@ fn main() -> ExitCode {
     }
 }
 
+/// The shared tier the command line names (`--remote`, `$KLIKO_REMOTE`), set once at start.
+static REMOTE: std::sync::OnceLock<Option<(String, bool)>> = std::sync::OnceLock::new();
+
+/// An engine on `store`, with the shared tier if one is configured.
+pub fn engine(store: std::sync::Arc<kliko_store::Store>) -> anyhow::Result<kliko_engine::Engine> {
+    let engine = kliko_engine::Engine::new(store);
+    match REMOTE.get().cloned().flatten() {
+        Some((url, read_only)) => {
+            let remote = kliko_remote::Remote::open(&url, read_only)?;
+            Ok(engine.with_remote(std::sync::Arc::new(remote)))
+        }
+        None => Ok(engine),
+    }
+}
+
 fn dispatch(cli: cli::Cli) -> anyhow::Result<ExitCode> {
+    let _ = REMOTE.set(cli.remote.clone().filter(|u| !u.is_empty()).map(|u| (u, cli.remote_read_only)));
     let store = cli.store.clone();
     let store_root = || {
         store.clone().or_else(kliko_store::Store::default_root).ok_or_else(|| {

@@ -322,3 +322,47 @@ fn explain_prints_the_preimage_and_the_differences_and_runs_nothing() {
     assert!(x["preimage"]["input"].as_str().is_some_and(|s| s.len() == 64), "{x}");
     assert_no_containers(&img);
 }
+
+/// Two machines (two stores) sharing a folder tier: the second gets the first's result
+/// without a container, and says where it came from.
+#[test]
+fn a_result_from_another_machine_through_a_shared_folder() {
+    let img = image("cache-shared");
+    let (a, b) = (World::new(), World::new());
+    let tier = a.path("tier");
+    let input = a.folder("in", &[("a.txt", "alpha")]);
+    let shared = |w: &World, out: &Path| {
+        let mut c = w.kliko();
+        c.arg("--remote").arg(&tier).arg("run").arg(&img.tag).arg("--input").arg(&input).arg("--output").arg(out);
+        c.arg("--json");
+        Out::of(&mut c)
+    };
+    let made = shared(&a, &a.path("out"));
+    made.ok();
+    assert_eq!(made.cache(), "miss");
+    assert!(made.json()["published"]["uploaded"].as_u64().unwrap() > 0, "{}", made.stdout);
+
+    let since = docker_now();
+    let got = shared(&b, &b.path("out"));
+    let until = docker_now();
+    got.ok();
+    assert_eq!((got.cache().as_str(), got.json()["hit_from"].as_str()), ("hit", Some("remote")));
+    assert_eq!(got.key(), made.key());
+    // The second machine reads the image's kliko.yml once (a container created, never
+    // started); the step itself does not run.
+    assert_eq!(containers_started(&img, &since, &until), 0, "a shared hit runs no container");
+    assert!(containers_created(&img, &since, &until) <= 1);
+    assert_eq!(read_tree(&b.path("out")), read_tree(&a.path("out")));
+    // Its provenance came along: `kliko show` on the second machine knows the run.
+    let show = Out::of(b.kliko().args(["show", &got.key()[..16]]));
+    show.ok();
+    assert!(show.stdout.contains("ran"), "{}", show.stdout);
+
+    // A shared folder given relatively is refused, before anything runs.
+    let mut c = b.kliko();
+    c.args(["--remote", "relative/tier", "run", &img.tag, "--input"]).arg(&input).arg("--output").arg(b.path("o2"));
+    let o = Out::of(&mut c);
+    o.expect_code(2);
+    assert!(o.stderr.contains("absolute path"), "{}", o.stderr);
+    assert_no_containers(&img);
+}

@@ -60,6 +60,9 @@ pub struct Engine {
     store: Arc<Store>,
     runtime: OnceCell<Arc<dyn ContainerRuntime>>,
     leases: Arc<dyn LeaseBackend>,
+    remote: Option<Arc<kliko_remote::Remote>>,
+    /// The tier's leases, when they are the engine's (for their warnings).
+    tier_leases: Option<Arc<kliko_remote::lease::TierLeases>>,
 }
 
 /// What a run reads.
@@ -177,6 +180,16 @@ pub enum Cache {
     Miss,
 }
 
+/// Where a hit's result came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Tier {
+    /// This machine's store.
+    Local,
+    /// The shared tier (fetched, and now in the local store too).
+    Remote,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Status {
@@ -209,6 +222,10 @@ pub struct RunReport {
     pub log_tail: Vec<String>,
     /// Whether the result was recorded in the cache.
     pub recorded: bool,
+    /// For a hit: which tier had it.
+    pub hit_from: Option<Tier>,
+    /// For a miss with a shared tier: what was published there.
+    pub published: Option<kliko_remote::Published>,
     pub warnings: Vec<String>,
     #[serde(skip)]
     pub result: Option<ActionResult>,
@@ -250,19 +267,46 @@ impl Engine {
     /// An engine on `store` that runs containers through Docker (connected on first use).
     pub fn new(store: Arc<Store>) -> Engine {
         let leases = Arc::new(store.leases());
-        Engine { store, runtime: OnceCell::new(), leases }
+        Engine { store, runtime: OnceCell::new(), leases, remote: None, tier_leases: None }
     }
 
     /// An engine on `store` that runs containers through `runtime`.
     pub fn with_runtime(store: Arc<Store>, runtime: Arc<dyn ContainerRuntime>) -> Engine {
         let leases = Arc::new(store.leases());
-        Engine { store, runtime: OnceCell::new_with(Some(runtime)), leases }
+        Engine { store, runtime: OnceCell::new_with(Some(runtime)), leases, remote: None, tier_leases: None }
     }
 
     /// The same engine with other leases (a cluster's, say).
     pub fn with_leases(mut self, leases: Arc<dyn LeaseBackend>) -> Engine {
         self.leases = leases;
         self
+    }
+
+    /// The same engine with a shared tier: a local miss looks there before running, and a
+    /// run's result is published there before the run is reported done. Unless the tier is
+    /// read-only, its leases join this store's (made on the current tokio runtime), so
+    /// identical runs started on different machines execute once.
+    pub fn with_remote(self, remote: Arc<kliko_remote::Remote>) -> Engine {
+        let ttl = kliko_remote::lease::TTL;
+        self.with_remote_ttl(remote, ttl)
+    }
+
+    /// [`Engine::with_remote`], with this machine's leases trusted for `ttl` without a
+    /// heartbeat (waiters elsewhere take over after that).
+    pub fn with_remote_ttl(mut self, remote: Arc<kliko_remote::Remote>, ttl: Duration) -> Engine {
+        if !remote.is_read_only() {
+            if let Some(t) = kliko_remote::lease::TierLeases::new(self.store.leases(), remote.clone()) {
+                let t = Arc::new(t.with_ttl(ttl));
+                self.leases = t.clone();
+                self.tier_leases = Some(t);
+            }
+        }
+        self.remote = Some(remote);
+        self
+    }
+
+    pub fn remote(&self) -> Option<&Arc<kliko_remote::Remote>> {
+        self.remote.as_ref()
     }
 
     pub fn store(&self) -> &Arc<Store> {

@@ -294,3 +294,192 @@ async fn a_non_empty_output_folder_is_never_overwritten_unless_asked() {
     assert_eq!(s.run(req).await.unwrap().status, Status::Succeeded);
     assert_eq!(read(&out.join("data.txt")), "visibilities");
 }
+
+// ---------------------------------------------------------------- the shared tier
+
+/// Two machines (two stores, two runtimes) sharing one tier at `remote`.
+fn two_machines(remote: &str) -> (Setup, Setup) {
+    two_machines_with(remote, &[])
+}
+
+fn two_machines_with(remote: &str, options: &[(&str, &str)]) -> (Setup, Setup) {
+    let mut m = machines(remote, options, 2);
+    let b = m.pop().unwrap();
+    (m.pop().unwrap(), b)
+}
+
+/// `n` machines (stores and runtimes) sharing one tier at `remote`.
+fn machines(remote: &str, options: &[(&str, &str)], n: usize) -> Vec<Setup> {
+    let machine = || {
+        let mut s = setup();
+        let tier = Arc::new(kliko_remote::Remote::open_with(remote, false, options).unwrap());
+        let engine = Engine::with_runtime(s.store.clone(), s.fake.clone() as Arc<dyn ContainerRuntime>);
+        s.engine = Arc::new(engine.with_remote(tier));
+        // The same image on both machines (the same content ID).
+        add_copy_image(&s, "tool:1", || FakeExit::code(0));
+        s
+    };
+    (0..n).map(|_| machine()).collect()
+}
+
+async fn a_result_made_on_one_machine_is_a_hit_on_another(remote: &str) {
+    let (a, b) = two_machines(remote);
+    let made = a.run(a.request("tool:1", "out")).await.unwrap();
+    assert_eq!((made.cache, made.status), (Cache::Miss, Status::Succeeded));
+    let published = made.published.clone().expect("published");
+    assert!(published.uploaded >= 4 && !published.raced, "{published:?}");
+
+    let reused = b.run(b.request("tool:1", "out")).await.unwrap();
+    assert_eq!((reused.cache, reused.hit_from), (Cache::Hit, Some(kliko_engine::Tier::Remote)));
+    assert_eq!(reused.key, made.key);
+    assert_eq!(b.fake.runs(), 0, "no container on the second machine");
+    assert_eq!(read(&b.root.join("out/data.txt")), "visibilities");
+    // Backfilled: the next hit there is local, and its logs came along.
+    let again = b.run(b.request("tool:1", "out2")).await.unwrap();
+    assert_eq!((again.cache, again.hit_from), (Cache::Hit, Some(kliko_engine::Tier::Local)));
+    let result = again.result.unwrap();
+    assert_eq!(b.store.get_bytes(kliko_store::ObjectKind::Blob, &result.stdout).unwrap(), b"working\n");
+
+    // A file big enough to go up in parts comes back whole.
+    let big = |c: &FakeContainer<'_>| {
+        let bytes: Vec<u8> = (0..20u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        std::fs::write(c.host("/output").unwrap().join("big.bin"), bytes).unwrap();
+        FakeExit::code(0)
+    };
+    a.fake.add_image("big:1", &[("/kliko.yml", SPLIT_YML)], big);
+    b.fake.add_image("big:1", &[("/kliko.yml", SPLIT_YML)], big);
+    let made_big = a.run(a.request("big:1", "big")).await.unwrap();
+    assert!(made_big.published.as_ref().unwrap().bytes > kliko_remote::MULTIPART_ABOVE);
+    let got_big = b.run(b.request("big:1", "big")).await.unwrap();
+    assert_eq!(got_big.hit_from, Some(kliko_engine::Tier::Remote));
+    assert_eq!(std::fs::read(b.root.join("big/big.bin")).unwrap(), std::fs::read(a.root.join("big/big.bin")).unwrap());
+
+    // Publishing again uploads nothing; a second record for the key keeps the first.
+    let tier = kliko_remote::Remote::open(remote, false).unwrap();
+    let p = tier.publish(&a.store, made.result.as_ref().unwrap()).await.unwrap();
+    assert_eq!((p.uploaded, p.raced), (0, true), "{p:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_folder_tier_serves_a_second_machine() {
+    let tier = tempfile::tempdir().unwrap();
+    a_result_made_on_one_machine_is_a_hit_on_another(tier.path().to_str().unwrap()).await;
+}
+
+/// Against a real S3 server: `scripts/test.sh` starts SeaweedFS on 127.0.0.1 (inside a
+/// network namespace) and sets `KLIKO_TEST_S3` to a bucket URL; without it, nothing to test.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_s3_tier_serves_a_second_machine() {
+    let Ok(bucket) = std::env::var("KLIKO_TEST_S3") else {
+        eprintln!("KLIKO_TEST_S3 is not set: no S3 server to test against");
+        return;
+    };
+    let prefix = format!(
+        "{}/{}",
+        bucket.trim_end_matches('/'),
+        kliko_core::Digest::of_bytes(&std::process::id().to_le_bytes()).short(12)
+    );
+    a_result_made_on_one_machine_is_a_hit_on_another(&prefix).await;
+    runs_started_on_two_machines_at_once(&format!("{prefix}/race")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_shared_result_is_a_miss_never_a_partial_output() {
+    let tier = tempfile::tempdir().unwrap();
+    let (a, b) = two_machines(tier.path().to_str().unwrap());
+    let made = a.run(a.request("tool:1", "out")).await.unwrap();
+    // Corrupt the one data.txt blob on the tier.
+    let data = kliko_core::Digest::of_bytes(b"visibilities").to_hex();
+    let blob = tier.path().join("kliko-remote-v1/blobs-v1").join(&data[..2]).join(&data[2..]);
+    std::fs::write(&blob, "tampered").unwrap();
+    let run = b.run(b.request("tool:1", "out")).await.unwrap();
+    assert_eq!((run.cache, run.status), (Cache::Miss, Status::Succeeded), "the run happens here");
+    assert_eq!(run.key, made.key);
+    assert_eq!(b.fake.runs(), 1);
+    assert_eq!(read(&b.root.join("out/data.txt")), "visibilities");
+
+    // A missing record object (deleted blob) is a miss too.
+    std::fs::remove_file(&blob).unwrap();
+    let (_, c) = two_machines(tier.path().to_str().unwrap());
+    let run = c.run(c.request("tool:1", "out")).await.unwrap();
+    assert_eq!(run.cache, Cache::Miss);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_tier_is_a_warning_and_the_run_goes_on() {
+    // Nothing listens on port 9 of loopback.
+    let options = [
+        ("aws_access_key_id", "x"),
+        ("aws_secret_access_key", "x"),
+        ("aws_region", "us-east-1"),
+        ("aws_allow_http", "true"),
+        ("aws_endpoint", "http://127.0.0.1:9"),
+    ];
+    let (a, _) = two_machines_with("s3://nowhere/kliko", &options);
+    let report = a.run(a.request("tool:1", "out")).await.unwrap();
+    assert_eq!((report.cache, report.status, report.recorded), (Cache::Miss, Status::Succeeded, true));
+    assert!(report.published.is_none());
+    assert!(
+        report.warnings.iter().any(|w| w.contains("publishing it to the shared tier failed")),
+        "{:?}",
+        report.warnings
+    );
+    // The local store has it.
+    assert_eq!(a.run(a.request("tool:1", "out2")).await.unwrap().hit_from, Some(kliko_engine::Tier::Local));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identical_runs_started_on_four_machines_at_once_execute_once() {
+    let tier = tempfile::tempdir().unwrap();
+    let remote = tier.path().to_str().unwrap();
+    let key = runs_started_on_two_machines_at_once(remote).await;
+    // Released: no lease is left on the tier.
+    let leases = tier.path().join("kliko-remote-v1/leases").join(key.to_hex());
+    assert!(std::fs::read_dir(&leases).map(|d| d.count() == 0).unwrap_or(true));
+}
+
+/// Four machines start the same run at once: one container runs, the other three wait on it
+/// and get its result from the tier.
+async fn runs_started_on_two_machines_at_once(remote: &str) -> kliko_core::Digest {
+    let m = machines(remote, &[], 4);
+    for s in &m {
+        add_copy_image(s, "slow:1", || FakeExit::code(0).taking(Duration::from_millis(1500)));
+    }
+    let reports: Vec<RunReport> = futures_util::future::join_all(m.iter().map(|s| s.run(s.request("slow:1", "out"))))
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(m.iter().map(|s| s.fake.runs()).sum::<usize>(), 1, "one container across four machines");
+    assert_eq!(reports.iter().filter(|r| r.cache == Cache::Miss).count(), 1);
+    for waiter in reports.iter().filter(|r| r.cache == Cache::Hit) {
+        assert_eq!(waiter.hit_from, Some(kliko_engine::Tier::Remote));
+        assert!(waiter.waited_on.is_some(), "the other machines waited on the leader");
+    }
+    for s in &m {
+        assert_eq!(read(&s.root.join("out/data.txt")), "visibilities");
+    }
+    reports[0].key
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_whose_holder_died_on_another_machine_is_taken_over() {
+    let tier = tempfile::tempdir().unwrap();
+    let (_, b) = two_machines(tier.path().to_str().unwrap());
+    let key = b.engine.prepare(&b.request("tool:1", "out")).await.unwrap().key;
+    // A holder on another machine that stopped renewing (it was killed, its node died).
+    let dir = tier.path().join("kliko-remote-v1/leases").join(key.to_hex());
+    std::fs::create_dir_all(&dir).unwrap();
+    let dead = r#"{"holder":{"pid":4242,"host":"node-that-died","started_at":"2026-01-01T00:00:00Z"},"id":"dead","seq":7,"ttl_s":1}"#;
+    std::fs::write(dir.join(format!("{:020}.json", 1)), dead).unwrap();
+
+    let started = std::time::Instant::now();
+    let report = b.run(b.request("tool:1", "out")).await.unwrap();
+    assert!(started.elapsed() >= Duration::from_secs(1), "it waited for the lease to expire first");
+    assert_eq!((report.cache, report.status), (Cache::Miss, Status::Succeeded));
+    assert_eq!(report.waited_on.as_ref().map(|h| h.host.as_str()), Some("node-that-died"));
+    assert_eq!(b.fake.runs(), 1);
+    // The takeover was a new generation; released, it took the dead one with it, so the next
+    // machine to run this key does not wait out its expiry again.
+    assert_eq!(std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0), 0);
+}

@@ -132,6 +132,22 @@ impl Store {
         Ok(bytes)
     }
 
+    /// Take `file` (written in [`Store::tmp_dir`], its content already checked to have digest
+    /// `d`: a blob fetched from a shared tier) as blob `d`: made read-only, synced, renamed
+    /// into place. A blob already present is kept and `file` dropped.
+    pub fn adopt_blob(&self, file: tempfile::NamedTempFile, d: &Digest) -> Result<()> {
+        let dest = self.object_path(ObjectKind::Blob, d);
+        if self.has_object(ObjectKind::Blob, d) {
+            return Ok(());
+        }
+        file.as_file().sync_all().at(file.path())?;
+        fs::set_permissions(file.path(), fs::Permissions::from_mode(0o444)).at(file.path())?;
+        let parent = dest.parent().expect("object paths have a parent");
+        fs_err::create_dir_all(parent).at(parent)?;
+        file.persist(&dest).map_err(|e| StoreError::Io { path: dest.clone(), source: e.error })?;
+        sync_dir(parent)
+    }
+
     pub fn get_tree(&self, d: &Digest) -> Result<Tree> {
         let bytes = self.get_bytes(ObjectKind::Tree, d)?;
         Tree::decode(&bytes).map_err(|source| StoreError::BadTree { digest: *d, source })

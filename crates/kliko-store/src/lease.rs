@@ -132,14 +132,25 @@ fn holder_json(h: &Holder) -> Vec<u8> {
     serde_json::to_vec(&h).unwrap_or_default()
 }
 
+/// The holder named in a lock file someone holds. A holder writes its name just after it
+/// takes the lock, so a file read in between is still empty: read again, briefly.
+fn read_holder(path: &Path) -> Holder {
+    for _ in 0..50 {
+        if let Some(h) = fs::read(path).ok().and_then(|b| serde_json::from_slice::<Holder>(&b).ok()) {
+            return h;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    Holder::default()
+}
+
 impl LeaseBackend for FlockLeases {
     fn try_acquire(&self, key: &Digest, me: &Holder) -> io::Result<Attempt> {
         let path = self.lock_path(key);
         loop {
             let file = File::options().create(true).truncate(false).read(true).write(true).open(&path)?;
             if !flock::try_lock(&file, Mode::Exclusive)? {
-                let holder = fs::read(&path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
-                return Ok(Attempt::Busy(holder));
+                return Ok(Attempt::Busy(read_holder(&path)));
             }
             // The previous holder may have unlinked the file between our open and our lock:
             // then we hold a lock on a file nobody else can find. Start again on the current file.

@@ -55,7 +55,7 @@ impl World {
     /// `kliko --store STORE` (and no `KLIKO_STORE` from the environment).
     pub fn kliko(&self) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_kliko"));
-        c.env_remove("KLIKO_STORE").arg("--store").arg(&self.store);
+        c.env_remove("KLIKO_STORE").env_remove("KLIKO_REMOTE").arg("--store").arg(&self.store);
         c
     }
 
@@ -179,9 +179,20 @@ pub fn docker_now() -> String {
 /// Containers created from `image` between `since` and `until` (from the daemon's event log,
 /// so a container that came and went in between is counted too).
 pub fn containers_created(image: &TestImage, since: &str, until: &str) -> usize {
+    container_events(image, since, until, "create")
+}
+
+/// Containers of `image` started between `since` and `until` (created without starting:
+/// only to read a file out of the image).
+pub fn containers_started(image: &TestImage, since: &str, until: &str) -> usize {
+    container_events(image, since, until, "start")
+}
+
+fn container_events(image: &TestImage, since: &str, until: &str, event: &str) -> usize {
     let out = Command::new("docker")
         .args(["events", "--since", since, "--until", until])
-        .args(["--filter", "type=container", "--filter", "event=create"])
+        .args(["--filter", "type=container", "--filter"])
+        .arg(format!("event={event}"))
         .args(["--format", "{{.Actor.Attributes.image}}"])
         .output()
         .expect("docker events");

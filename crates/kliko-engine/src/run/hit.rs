@@ -11,7 +11,7 @@ use super::report::HistoryKind;
 use super::{in_place, RunCtx};
 use crate::error::{blocking, EngineError, Result};
 use crate::fsutil;
-use crate::{Cache, Engine, Event, Holder, RunReport, Status};
+use crate::{Cache, Engine, Event, Holder, RunReport, Status, Tier};
 
 impl Engine {
     /// The stored result of this run, placed at its target, if there is a complete one.
@@ -28,6 +28,10 @@ impl Engine {
         })
         .await?;
         mark("looked up");
+        let (found, from) = match found {
+            Some(r) => (Some(r), Tier::Local),
+            None => (self.fetch_remote(ctx).await?, Tier::Remote),
+        };
         let Some(result) = found else { return Ok(None) };
         if let Some(t) = ctx.target {
             match self.place(ctx, &result.output, t, None, None).await {
@@ -64,9 +68,44 @@ impl Engine {
             waited_on,
             log_tail: Vec::new(),
             recorded: true,
+            hit_from: Some(from),
+            published: None,
             warnings: Vec::new(),
             result: Some(result),
         }))
+    }
+
+    /// After a local miss: the shared tier's result for this key, if it has a usable one,
+    /// fetched into the local store and looked up there. A tier that fails or holds a broken
+    /// result is a warning and a miss, never an error: correctness never depends on it.
+    async fn fetch_remote(&self, ctx: &RunCtx<'_>) -> Result<Option<kliko_store::records::ActionResult>> {
+        let Some(remote) = &self.remote else { return Ok(None) };
+        if self.store.is_read_only() {
+            return Ok(None);
+        }
+        let key = ctx.prep.key;
+        match remote.fetch(&self.store, &key).await {
+            Ok(kliko_remote::Fetched::Hit { .. }) => {
+                mark("fetched from the shared tier");
+                let store = self.store.clone();
+                blocking(move || Ok(store.lookup(&store.db_nowait()?, &key)?)).await
+            }
+            Ok(kliko_remote::Fetched::Absent) => Ok(None),
+            Ok(kliko_remote::Fetched::Unusable { reason }) => {
+                ctx.obs.event(&Event::Warning(format!(
+                    "the shared tier `{}` has a result for this run that cannot be used ({reason}); the run happens here",
+                    remote.url()
+                )));
+                Ok(None)
+            }
+            Err(e) => {
+                ctx.obs.event(&Event::Warning(format!(
+                    "the shared tier could not be used ({}); going on without it",
+                    crate::error::chain(&e)
+                )));
+                Ok(None)
+            }
+        }
     }
 
     /// Put stored tree `tree` at `target`, which shows either its old contents or the

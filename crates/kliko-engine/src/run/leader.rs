@@ -273,8 +273,28 @@ impl Engine {
         let recorded = recorded?;
         placed?;
         mark("recorded and placed");
-        drop(gc_guard);
         let mut warnings = Vec::new();
+        // Published before the run is reported done (and before its lease is let go), so
+        // a machine waiting on it finds the result; still under gc.lock, so gc cannot take
+        // an object from under the upload.
+        let mut published = None;
+        if let Some(remote) = self.remote.as_ref().filter(|r| recorded && !r.is_read_only()) {
+            match remote.publish(&store, &result).await {
+                Ok(p) => {
+                    mark("published");
+                    published = Some(p);
+                }
+                Err(e) => {
+                    let w = format!(
+                        "the result is stored here, but publishing it to the shared tier failed ({})",
+                        crate::error::chain(&e)
+                    );
+                    obs.event(&Event::Warning(w.clone()));
+                    warnings.push(w);
+                }
+            }
+        }
+        drop(gc_guard);
         if !recorded {
             let w = "the input folder changed while the container ran: the output is kept but not cached".to_string();
             obs.event(&Event::Warning(w.clone()));
@@ -285,6 +305,7 @@ impl Engine {
         report.output = Some(result.output);
         report.output_path = target.clone();
         report.recorded = recorded;
+        report.published = published;
         report.warnings = warnings;
         report.result = Some(result);
         Ok((report, None))

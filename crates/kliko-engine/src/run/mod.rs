@@ -138,6 +138,9 @@ impl Engine {
                 blocking(move || leases.try_acquire(&key, &me).map_err(|source| EngineError::Lease { key, source }))
                     .await?
             };
+            if let Some(w) = self.tier_leases.as_ref().and_then(|t| t.take_warning()) {
+                obs.event(&Event::Warning(w));
+            }
             match attempt {
                 Attempt::Leader(lease) => {
                     mark("lease taken");

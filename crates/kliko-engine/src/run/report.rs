@@ -69,6 +69,8 @@ impl RunCtx<'_> {
             waited_on: None,
             log_tail: Vec::new(),
             recorded: false,
+            hit_from: None,
+            published: None,
             warnings: Vec::new(),
             result: None,
         }

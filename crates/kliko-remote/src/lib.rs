@@ -1,0 +1,387 @@
+//! kliko-remote is the shared tier: a second cache, on infrastructure a cluster already has
+//! (S3 or an S3-compatible server such as Ceph RGW, MinIO or SeaweedFS; or a shared folder on
+//! NFS, Lustre or BeeGFS), that every machine reads and writes beside its own local store.
+//! RocksDB stays local: the tier holds only content-addressed objects and result records,
+//! in the layout `cache-format.md` specifies (`kliko-remote-v1/`).
+//!
+//! - [`Remote::fetch`]: a result recorded by any machine, with exactly the objects this
+//!   store lacks, downloaded in parallel and hashed while they stream; it is then recorded in
+//!   the local store, so the next hit on this machine is local. A missing or corrupt object
+//!   makes it [`Fetched::Unusable`]: the caller runs the step, never hands out a partial tree.
+//! - [`Remote::publish`]: after a run, the objects the tier lacks (big ones in parts), then
+//!   the record last, created only if absent, so a record always names objects that exist
+//!   and the first of two racing machines keeps its record.
+//!
+//! One library, `object_store`, speaks to every backend.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), kliko_remote::RemoteError> {
+//! use std::sync::Arc;
+//! let store = Arc::new(kliko_store::Store::open("/tmp/kliko-store".as_ref())?);
+//! let remote = kliko_remote::Remote::open("s3://group-bucket/kliko", false)?;
+//! let key: kliko_core::Digest = "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262".parse().unwrap();
+//! match remote.fetch(&store, &key).await? {
+//!     kliko_remote::Fetched::Hit { result, .. } => println!("reused {}", result.output),
+//!     other => println!("{other:?}"),
+//! }
+//! # Ok(()) }
+//! ```
+
+pub mod lease;
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::{StreamExt, TryStreamExt};
+use kliko_core::tree::{Entry, Tree};
+use kliko_core::Digest;
+use kliko_store::records::ActionResult;
+use kliko_store::{ObjectKind, Store, StoreError};
+use object_store::path::Path as ObjPath;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, WriteMultipart};
+
+/// The folder under the tier's prefix that holds everything kliko writes there.
+pub const LAYOUT: &str = "kliko-remote-v1";
+/// Objects transferred at once.
+pub const PARALLEL: usize = 8;
+/// Objects larger than this are uploaded in parts.
+pub const MULTIPART_ABOVE: u64 = 16 << 20;
+/// The size of each part of a multipart upload.
+const PART: usize = 8 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RemoteError {
+    #[error("`{url}` is not a shared tier kliko can use: {reason}")]
+    BadUrl { url: String, reason: String },
+    #[error("the shared tier `{url}` failed to {action}")]
+    Backend {
+        url: String,
+        action: String,
+        #[source]
+        source: object_store::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("i/o error on `{}`", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("a background task failed: {0}")]
+    Join(String),
+}
+
+pub type Result<T, E = RemoteError> = std::result::Result<T, E>;
+
+/// What [`Remote::fetch`] found.
+#[derive(Debug)]
+pub enum Fetched {
+    /// A complete result, now in the local store too.
+    Hit {
+        result: Box<ActionResult>,
+        /// Objects downloaded (the rest were local already).
+        objects: usize,
+        bytes: u64,
+    },
+    /// No machine has recorded this key.
+    Absent,
+    /// A record exists but cannot be used (an object is missing or does not match its
+    /// digest, or the record is unreadable): treat as a miss.
+    Unusable { reason: String },
+}
+
+/// What [`Remote::publish`] did.
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Published {
+    /// Objects uploaded, and their bytes.
+    pub uploaded: usize,
+    pub bytes: u64,
+    /// Objects the tier had already (not uploaded again).
+    pub present: usize,
+    /// Another machine recorded this key first: its record is kept.
+    pub raced: bool,
+}
+
+/// A shared tier.
+pub struct Remote {
+    os: Arc<dyn ObjectStore>,
+    base: ObjPath,
+    url: String,
+    read_only: bool,
+}
+
+impl std::fmt::Debug for Remote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Remote").field("url", &self.url).field("read_only", &self.read_only).finish()
+    }
+}
+
+impl Remote {
+    /// The tier at `url`: `s3://bucket/prefix` (credentials, region and endpoint from the
+    /// standard `AWS_*` variables: `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`,
+    /// `AWS_ENDPOINT_URL`, `AWS_ALLOW_HTTP`, ...), or a shared folder as `file:///path` or a
+    /// plain absolute path (created if absent). `read_only`: fetch, never publish.
+    pub fn open(url: &str, read_only: bool) -> Result<Remote> {
+        Remote::open_with(url, read_only, &[])
+    }
+
+    /// [`Remote::open`] with S3 options that win over the environment, named as
+    /// `object_store` names them (`aws_endpoint`, `aws_allow_http`, `aws_access_key_id`, ...).
+    pub fn open_with(url: &str, read_only: bool, options: &[(&str, &str)]) -> Result<Remote> {
+        let bad = |reason: &str| RemoteError::BadUrl { url: url.to_string(), reason: reason.to_string() };
+        let (os, base): (Arc<dyn ObjectStore>, ObjPath) = if let Some(rest) = url.strip_prefix("s3://") {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            if bucket.is_empty() {
+                return Err(bad("it names no bucket (`s3://BUCKET/PREFIX`)"));
+            }
+            let mut b = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket);
+            // `AWS_ENDPOINT_URL` is the variable the AWS tools read; object_store's own is
+            // `AWS_ENDPOINT`. Either works.
+            if let Ok(e) = std::env::var("AWS_ENDPOINT_URL") {
+                b = b.with_endpoint(e);
+            }
+            for (k, v) in options {
+                let key = k.parse::<object_store::aws::AmazonS3ConfigKey>().map_err(|e| bad(&e.to_string()))?;
+                b = b.with_config(key, *v);
+            }
+            // A tier that does not answer costs a miss a few seconds, not object_store's
+            // default three minutes of retries.
+            b = b.with_retry(object_store::RetryConfig {
+                backoff: Default::default(),
+                max_retries: 3,
+                retry_timeout: std::time::Duration::from_secs(20),
+            });
+            let s3 = b.build().map_err(|e| bad(&e.to_string()))?;
+            (Arc::new(s3), ObjPath::parse(prefix.trim_matches('/')).map_err(|e| bad(&e.to_string()))?)
+        } else if url.contains("://") && !url.starts_with("file://") {
+            let scheme = url.split("://").next().unwrap_or("");
+            return Err(bad(&format!(
+                "`{scheme}://` is not supported (yet): use `s3://BUCKET/PREFIX` or a shared folder"
+            )));
+        } else {
+            let path = PathBuf::from(url.strip_prefix("file://").unwrap_or(url));
+            if !path.is_absolute() {
+                return Err(bad("a shared folder must be given as an absolute path"));
+            }
+            std::fs::create_dir_all(&path).map_err(|source| RemoteError::Io { path: path.clone(), source })?;
+            let fs = object_store::local::LocalFileSystem::new_with_prefix(&path).map_err(|e| bad(&e.to_string()))?;
+            (Arc::new(fs), ObjPath::default())
+        };
+        Ok(Remote { os, base: base.join(LAYOUT), url: url.to_string(), read_only })
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn object(&self, kind: ObjectKind, d: &Digest) -> ObjPath {
+        let h = d.to_hex();
+        self.base.clone().join(kind.dir()).join(&h[..2]).join(&h[2..])
+    }
+
+    fn record(&self, key: &Digest) -> ObjPath {
+        self.base.clone().join("ac").join(format!("{}.json", key.to_hex()))
+    }
+
+    fn backend(&self, action: impl Into<String>) -> impl FnOnce(object_store::Error) -> RemoteError + '_ {
+        let action = action.into();
+        move |source| RemoteError::Backend { url: self.url.clone(), action, source }
+    }
+
+    /// The object at `path`, or `None` if there is none.
+    async fn get(&self, path: &ObjPath, what: &str) -> Result<Option<Bytes>> {
+        match self.os.get(path).await {
+            Ok(g) => Ok(Some(g.bytes().await.map_err(self.backend(format!("read {what}")))?)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.backend(format!("read {what}"))(e)),
+        }
+    }
+
+    /// The result recorded for `key` by any machine, with its objects, into `store`.
+    pub async fn fetch(&self, store: &Arc<Store>, key: &Digest) -> Result<Fetched> {
+        let Some(bytes) = self.get(&self.record(key), "a result record").await? else { return Ok(Fetched::Absent) };
+        let result: ActionResult = match serde_json::from_slice(&bytes) {
+            Ok(r) => r,
+            Err(e) => return Ok(Fetched::Unusable { reason: format!("its record is unreadable ({e})") }),
+        };
+        if result.key != *key {
+            return Ok(Fetched::Unusable { reason: format!("its record is for another key ({})", result.key) });
+        }
+        let (mut objects, mut total) = (0usize, 0u64);
+        // Trees first, level by level: a tree names the objects under it.
+        let mut files = BTreeSet::new();
+        let mut seen = BTreeSet::new();
+        let mut stack = vec![result.output];
+        while let Some(t) = stack.pop() {
+            if !seen.insert(t) {
+                continue;
+            }
+            let encoded = match store.get_bytes(ObjectKind::Tree, &t) {
+                Ok(b) => b,
+                Err(StoreError::Missing { .. } | StoreError::Corrupt { .. }) => {
+                    let Some(b) = self.get(&self.object(ObjectKind::Tree, &t), "a tree").await? else {
+                        return Ok(Fetched::Unusable { reason: format!("its tree {t} is missing from the tier") });
+                    };
+                    if ObjectKind::Tree.digest_of(&b) != t {
+                        return Ok(Fetched::Unusable { reason: format!("its tree {t} does not match its digest") });
+                    }
+                    store.put_bytes(ObjectKind::Tree, &b)?;
+                    objects += 1;
+                    total += b.len() as u64;
+                    b.to_vec()
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let tree = match Tree::decode(&encoded) {
+                Ok(tree) => tree,
+                Err(e) => return Ok(Fetched::Unusable { reason: format!("its tree {t} is unreadable ({e})") }),
+            };
+            for e in tree.entries.values() {
+                match e {
+                    Entry::Dir { digest } => stack.push(*digest),
+                    Entry::File { size, digest, .. } => {
+                        files.insert((*digest, *size));
+                    }
+                    Entry::Symlink { .. } => {}
+                }
+            }
+        }
+        files.insert((result.stdout, result.stdout_bytes));
+        files.insert((result.stderr, result.stderr_bytes));
+        let missing: Vec<(Digest, u64)> = files.into_iter().filter(|(d, size)| !store.has_blob(d, *size)).collect();
+        let outcomes: Vec<Option<String>> = futures_util::stream::iter(missing.iter().copied())
+            .map(|(d, size)| self.fetch_blob(store, d, size))
+            .buffer_unordered(PARALLEL)
+            .try_collect()
+            .await?;
+        if let Some(reason) = outcomes.into_iter().flatten().next() {
+            return Ok(Fetched::Unusable { reason });
+        }
+        objects += missing.len();
+        total += missing.iter().map(|(_, s)| s).sum::<u64>();
+        let (s, r) = (store.clone(), result.clone());
+        tokio::task::spawn_blocking(move || s.journal_result(&r, None))
+            .await
+            .map_err(|e| RemoteError::Join(e.to_string()))??;
+        Ok(Fetched::Hit { result: Box::new(result), objects, bytes: total })
+    }
+
+    /// Download blob `d` into `store`, hashing while it streams. `Some(reason)`: it is
+    /// missing or does not match.
+    async fn fetch_blob(&self, store: &Arc<Store>, d: Digest, size: u64) -> Result<Option<String>> {
+        let path = self.object(ObjectKind::Blob, &d);
+        let mut stream = match self.os.get(&path).await {
+            Ok(g) => g.into_stream(),
+            Err(object_store::Error::NotFound { .. }) => {
+                return Ok(Some(format!("its file {d} is missing from the tier")));
+            }
+            Err(e) => return Err(self.backend("read a file")(e)),
+        };
+        let tmp_dir = store.tmp_dir();
+        let mut tmp = tempfile::Builder::new()
+            .prefix(".r-")
+            .tempfile_in(&tmp_dir)
+            .map_err(|source| RemoteError::Io { path: tmp_dir.clone(), source })?;
+        let mut hasher = blake3::Hasher::new();
+        let mut got = 0u64;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(self.backend("read a file"))?;
+            got += chunk.len() as u64;
+            if got > size {
+                return Ok(Some(format!("its file {d} is larger on the tier than recorded")));
+            }
+            hasher.update(&chunk);
+            tmp.write_all(&chunk).map_err(|source| RemoteError::Io { path: tmp.path().to_path_buf(), source })?;
+        }
+        if got != size || Digest::from(hasher.finalize()) != d {
+            return Ok(Some(format!("its file {d} does not match its digest on the tier")));
+        }
+        let s = store.clone();
+        tokio::task::spawn_blocking(move || s.adopt_blob(tmp, &d))
+            .await
+            .map_err(|e| RemoteError::Join(e.to_string()))??;
+        Ok(None)
+    }
+
+    /// Put `result` and every object it names on the tier: objects first (those the tier
+    /// lacks), the record last, created only if no machine recorded the key before.
+    pub async fn publish(&self, store: &Arc<Store>, result: &ActionResult) -> Result<Published> {
+        if self.read_only {
+            return Ok(Published::default());
+        }
+        let (s, out) = (store.clone(), result.output);
+        let (trees, mut files) = tokio::task::spawn_blocking(move || s.walk_tree(&out))
+            .await
+            .map_err(|e| RemoteError::Join(e.to_string()))??;
+        files.insert((result.stdout, result.stdout_bytes));
+        files.insert((result.stderr, result.stderr_bytes));
+        let objects: Vec<(ObjectKind, Digest, u64)> = trees
+            .into_iter()
+            .map(|t| (ObjectKind::Tree, t, 0))
+            .chain(files.into_iter().map(|(d, size)| (ObjectKind::Blob, d, size)))
+            .collect();
+        let sent: Vec<Option<u64>> = futures_util::stream::iter(objects)
+            .map(|(kind, d, size)| self.upload(store, kind, d, size))
+            .buffer_unordered(PARALLEL)
+            .try_collect()
+            .await?;
+        let mut p = Published::default();
+        for s in sent {
+            match s {
+                Some(bytes) => {
+                    p.uploaded += 1;
+                    p.bytes += bytes;
+                }
+                None => p.present += 1,
+            }
+        }
+        let record = serde_json::to_vec(result).expect("a result serializes");
+        let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
+        match self.os.put_opts(&self.record(&result.key), PutPayload::from(record), opts).await {
+            Ok(_) => {}
+            Err(object_store::Error::AlreadyExists { .. }) => p.raced = true,
+            Err(e) => return Err(self.backend("record a result")(e)),
+        }
+        Ok(p)
+    }
+
+    /// Upload one object unless the tier has it: `Some(bytes)` uploaded, `None` present.
+    async fn upload(&self, store: &Arc<Store>, kind: ObjectKind, d: Digest, size: u64) -> Result<Option<u64>> {
+        let path = self.object(kind, &d);
+        match self.os.head(&path).await {
+            Ok(meta) if kind == ObjectKind::Tree || meta.size == size => return Ok(None),
+            Ok(_) | Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => return Err(self.backend("look for an object")(e)),
+        }
+        let local = store.object_path(kind, &d);
+        let io = |source| RemoteError::Io { path: local.clone(), source };
+        let len = std::fs::metadata(&local).map_err(io)?.len();
+        if len <= MULTIPART_ABOVE {
+            let bytes = tokio::fs::read(&local).await.map_err(io)?;
+            self.os.put(&path, PutPayload::from(bytes)).await.map_err(self.backend("upload an object"))?;
+        } else {
+            let upload = self.os.put_multipart(&path).await.map_err(self.backend("start an upload"))?;
+            let mut w = WriteMultipart::new_with_chunk_size(upload, PART);
+            let mut file = tokio::fs::File::open(&local).await.map_err(io)?;
+            let mut buf = vec![0u8; PART];
+            loop {
+                let n = tokio::io::AsyncReadExt::read(&mut file, &mut buf).await.map_err(io)?;
+                if n == 0 {
+                    break;
+                }
+                w.wait_for_capacity(PARALLEL).await.map_err(self.backend("upload a part"))?;
+                w.write(&buf[..n]);
+            }
+            w.finish().await.map_err(self.backend("finish an upload"))?;
+        }
+        Ok(Some(len))
+    }
+}
