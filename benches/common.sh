@@ -18,3 +18,24 @@ kliko_binary() {
         KLIKO=$repo/target/release/kliko
     fi
 }
+
+# bench_workspace NAME: a fresh folder $work and an image tag $IMAGE, both removed on exit.
+bench_workspace() {
+    work=$(mktemp -d -p "${KLIKO_BENCH_DIR:-${TMPDIR:-/tmp}}" "kliko-$1.XXXXXX")
+    IMAGE=kliko-bench-$1-$$:latest
+    trap 'docker image rm --force "$IMAGE" >/dev/null 2>&1 || true; chmod -R u+w "$work" 2>/dev/null || true; rm -rf "$work"' EXIT
+}
+
+# build_copy_image: $IMAGE, FROM scratch with a static busybox ($BUSYBOX), whose /kliko copies
+# its input to its output (no parameters).
+build_copy_image() {
+    local ctx=$work/image
+    mkdir -p "$ctx/rootfs/bin"
+    cp "$BUSYBOX" "$ctx/rootfs/bin/busybox"
+    for applet in sh cp; do ln -s busybox "$ctx/rootfs/bin/$applet"; done
+    printf 'schema_version: 4\nio: split\nsections: []\n' > "$ctx/rootfs/kliko.yml"
+    printf '#!/bin/sh\ncp -r /input/. /output/\n' > "$ctx/rootfs/kliko"
+    chmod 755 "$ctx/rootfs/kliko"
+    printf 'FROM scratch\nCOPY rootfs/ /\n' > "$ctx/Dockerfile"
+    docker build --quiet --tag "$IMAGE" "$ctx" >/dev/null 2>&1 || { echo "error: docker build failed" >&2; exit 1; }
+}

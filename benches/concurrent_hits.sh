@@ -22,24 +22,8 @@ mkdir -p "$OUT"
 need docker jq awk
 kliko_binary
 
-work=$(mktemp -d -p "${KLIKO_BENCH_DIR:-${TMPDIR:-/tmp}}" kliko-concurrent.XXXXXX)
-IMAGE=kliko-bench-concurrent-$$:latest
-cleanup() {
-    docker image rm --force "$IMAGE" >/dev/null 2>&1 || true
-    chmod -R u+w "$work" 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
-
-ctx=$work/image
-mkdir -p "$ctx/rootfs/bin"
-cp "$BUSYBOX" "$ctx/rootfs/bin/busybox"
-for applet in sh cp; do ln -s busybox "$ctx/rootfs/bin/$applet"; done
-printf 'schema_version: 4\nio: split\nsections: []\n' > "$ctx/rootfs/kliko.yml"
-printf '#!/bin/sh\ncp -r /input/. /output/\n' > "$ctx/rootfs/kliko"
-chmod 755 "$ctx/rootfs/kliko"
-printf 'FROM scratch\nCOPY rootfs/ /\n' > "$ctx/Dockerfile"
-docker build --quiet --tag "$IMAGE" "$ctx" >/dev/null
+bench_workspace concurrent
+build_copy_image
 IN=$work/in
 mkdir -p "$IN"
 for i in $(seq 1 20); do head -c 8192 /dev/urandom > "$IN/f$i.bin"; done
