@@ -6,4 +6,4 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 cargo test --release --workspace "$@"
 # The shared tier against a real S3 server (SeaweedFS on loopback, in its own network namespace).
-bash scripts/with-s3.sh cargo test --release --offline -p kliko-engine --test fake_runtime tier
+bash scripts/with-s3.sh cargo test --release --offline -p kliko-engine -p kliko-cli --test fake_runtime --test remote_cli -- tier bucket s3

@@ -46,6 +46,10 @@ pub enum Command {
     Pipeline(PipelineCommand),
     /// Serve the web interface: a form per kliko image, live runs, history and provenance.
     Serve(ServeArgs),
+    /// The shared tier (`--remote`): check it, see what it holds, publish to it, clean it; and
+    /// this user's signing key.
+    #[command(subcommand)]
+    Remote(RemoteCommand),
     #[command(flatten)]
     Cache(CacheCommand),
 }
@@ -61,6 +65,57 @@ pub struct HashArgs {
     /// Do not use or update the stat cache (read every file).
     #[arg(long)]
     pub no_stat_cache: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum RemoteCommand {
+    /// Is the shared tier usable: reachable, credentials accepted, writable, conditional writes
+    /// honoured (needed for leases across machines); its latency and throughput.
+    Check {
+        /// Bytes to upload and download to measure throughput (`0`: skip).
+        #[arg(long, default_value = "32m", value_name = "SIZE")]
+        probe_size: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// How many records and objects the shared tier holds.
+    Stats {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Publish every result of the local store that the shared tier lacks (what a run could
+    /// not publish while the tier was unreachable, or a store made before there was a tier).
+    Push {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove records written more than AGE ago, then the objects no remaining record names
+    /// that are older than the grace period. Safe while machines publish.
+    Gc {
+        /// Records last written longer ago than this are removed, e.g. `90d`.
+        #[arg(long, value_name = "AGE")]
+        older_than: String,
+        /// Objects no record names are kept until this old (a machine may be publishing them).
+        #[arg(long, default_value = "1d", value_name = "AGE")]
+        grace: String,
+        /// Count what would be removed; remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// This user's signing key: records published to the tier are signed with it.
+    #[command(subcommand)]
+    Key(KeyCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum KeyCommand {
+    /// Make a signing key (never replaces one) and print its public key, for others'
+    /// `KLIKO_TRUSTED_KEYS`.
+    New,
+    /// Print the public key of this user's signing key.
+    Show,
 }
 
 #[derive(Subcommand, Debug)]

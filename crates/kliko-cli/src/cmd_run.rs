@@ -266,6 +266,9 @@ pub fn run(store_root: &Path, args: Vec<OsString>) -> anyhow::Result<ExitCode> {
                     Some(_) => {}
                     None => println!("no earlier run of this image is stored"),
                 }
+                if let Some(r) = &x.remote {
+                    println!("shared tier: {r}");
+                }
             }
             return Ok(ExitCode::SUCCESS);
         }
@@ -552,10 +555,8 @@ fn finish(a: &RunArgs, r: &RunReport) -> anyhow::Result<ExitCode> {
                 Status::LeaderFailed => format!("the identical run `{}` that this one waited on failed", r.image_ref),
                 _ => format!("`{}` exited with code {}", r.image_ref, r.exit_code),
             };
+            // Its warnings were said as they happened.
             eprintln!("error: {what}; nothing was cached");
-            for w in &r.warnings {
-                eprintln!("  {w}");
-            }
             if !r.log_tail.is_empty() {
                 eprintln!("last log lines:");
                 for l in &r.log_tail {

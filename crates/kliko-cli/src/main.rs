@@ -18,6 +18,7 @@ mod cli;
 mod cmd_cache;
 mod cmd_hash;
 mod cmd_pipeline;
+mod cmd_remote;
 mod cmd_run;
 mod cmd_serve;
 mod cmd_store;
@@ -54,16 +55,21 @@ fn main() -> ExitCode {
 /// The shared tier the command line names (`--remote`, `$KLIKO_REMOTE`), set once at start.
 static REMOTE: std::sync::OnceLock<Option<(String, bool)>> = std::sync::OnceLock::new();
 
+/// The shared tier the command line names, with this user's keys, if one is configured.
+pub fn remote() -> anyhow::Result<Option<kliko_remote::Remote>> {
+    match REMOTE.get().cloned().flatten() {
+        Some((url, read_only)) => Ok(Some(kliko_remote::Remote::open(&url, read_only)?.with_user_keys()?)),
+        None => Ok(None),
+    }
+}
+
 /// An engine on `store`, with the shared tier if one is configured.
 pub fn engine(store: std::sync::Arc<kliko_store::Store>) -> anyhow::Result<kliko_engine::Engine> {
     let engine = kliko_engine::Engine::new(store);
-    match REMOTE.get().cloned().flatten() {
-        Some((url, read_only)) => {
-            let remote = kliko_remote::Remote::open(&url, read_only)?;
-            Ok(engine.with_remote(std::sync::Arc::new(remote)))
-        }
-        None => Ok(engine),
-    }
+    Ok(match remote()? {
+        Some(remote) => engine.with_remote(std::sync::Arc::new(remote)),
+        None => engine,
+    })
 }
 
 fn dispatch(cli: cli::Cli) -> anyhow::Result<ExitCode> {
@@ -81,6 +87,7 @@ fn dispatch(cli: cli::Cli) -> anyhow::Result<ExitCode> {
         cli::Command::Store(a) => cmd_store::run(&store_root()?, a),
         cli::Command::Pipeline(a) => cmd_pipeline::run(&store_root()?, a),
         cli::Command::Serve(a) => cmd_serve::run(&store_root()?, a),
+        cli::Command::Remote(a) => cmd_remote::run(store_root, a),
         cli::Command::Cache(a) => cmd_cache::run(&store_root()?, a),
     }
 }

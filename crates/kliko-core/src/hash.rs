@@ -252,19 +252,93 @@ pub struct Hasher<'a> {
     pub progress: &'a dyn Progress,
     /// Keep every tree encoding and file path (needed to ingest the tree).
     pub collect: bool,
+    /// A folder this process may write a small file in (the store's `tmp/`): for files on
+    /// its filesystem, "now" for the racy check is read from the filesystem itself.
+    pub clock_probe_dir: Option<&'a Path>,
+    /// This machine's clock (ns since the epoch); replaced in tests to skew it.
+    pub now: fn() -> i64,
 }
 
 impl Default for Hasher<'_> {
     fn default() -> Self {
-        Hasher { cache: &NoCache, progress: &NoProgress, collect: false }
+        Hasher { cache: &NoCache, progress: &NoProgress, collect: false, clock_probe_dir: None, now: now_ns }
     }
 }
+
+/// On a network filesystem whose clock cannot be read, "now" is taken as this much before
+/// this machine's clock: a file changed there in the last five minutes is always read again.
+pub const NETWORK_CLOCK_ALLOWANCE_NS: i64 = 300_000_000_000;
 
 struct Walk<'a> {
     opts: &'a Hasher<'a>,
     stats: HashStats,
     trees: Mutex<Vec<(Digest, Vec<u8>)>>,
     files: Mutex<Vec<HashedFile>>,
+    /// Per device: how far the filesystem's clock is behind ours (ns, never ahead).
+    clock_lag: Mutex<std::collections::HashMap<u64, i64>>,
+}
+
+impl Walk<'_> {
+    /// "Now" for files in `dir`, as the filesystem that stamps their times sees it. A file
+    /// server's clock may be behind this machine's: then a file just written there has an
+    /// mtime that looks old here, and its digest could be trusted while a write in the same
+    /// timestamp granule goes unseen. So, as git does, "now" comes from the filesystem: a
+    /// file created in [`Hasher::clock_probe_dir`] when that is on the same filesystem; on
+    /// another network filesystem, our clock less [`NETWORK_CLOCK_ALLOWANCE_NS`]; on a local
+    /// one (stamped by this kernel), our clock.
+    fn now_for(&self, dir: &Path) -> i64 {
+        let now = (self.opts.now)();
+        let Ok(dev) = fs::metadata(dir).map(|m| m.dev()) else { return now - NETWORK_CLOCK_ALLOWANCE_NS };
+        let mut lags = self.clock_lag.lock().expect("clock lock");
+        let lag = *lags.entry(dev).or_insert_with(|| {
+            let probe = self.opts.clock_probe_dir.filter(|p| fs::metadata(p).is_ok_and(|m| m.dev() == dev));
+            if let Some(fs_now) = probe.and_then(filesystem_now) {
+                return (now - fs_now).max(0);
+            }
+            if is_network_filesystem(dir) {
+                NETWORK_CLOCK_ALLOWANCE_NS
+            } else {
+                0
+            }
+        });
+        now - lag
+    }
+}
+
+/// The filesystem's "now": the mtime of a file just created in `dir`.
+fn filesystem_now(dir: &Path) -> Option<i64> {
+    let f = tempfile::tempfile_in(dir).ok()?;
+    let m = f.metadata().ok()?;
+    Some(m.mtime() * 1_000_000_000 + m.mtime_nsec())
+}
+
+/// Whether `dir` is on a filesystem whose times another machine's clock may set.
+fn is_network_filesystem(dir: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else { return true };
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: statfs on a NUL-terminated path into a zeroed struct we own.
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return true;
+    }
+    const NETWORK: [i64; 13] = [
+        0x6969,               // NFS
+        0x517B,               // SMB
+        0xFF534D42u32 as i64, // CIFS
+        0xFE534D42u32 as i64, // SMB2
+        0x0BD00BD0,           // Lustre
+        0x19830326,           // BeeGFS
+        0x65735546,           // FUSE (sshfs, s3fs, ...)
+        0x47504653,           // GPFS
+        0x00C36400,           // Ceph
+        0x01021997,           // 9p
+        0x5346414F,           // AFS
+        0x6B414653,           // kAFS
+        0x013111A8,           // IBRIX
+    ];
+    #[allow(clippy::unnecessary_cast)]
+    let t = st.f_type as i64;
+    NETWORK.contains(&t) || NETWORK.contains(&(t & 0xFFFF_FFFF))
 }
 
 impl Hasher<'_> {
@@ -273,7 +347,13 @@ impl Hasher<'_> {
     pub fn hash_path(&self, path: &Path) -> Result<Hashed, HashError> {
         let abs = std::path::absolute(path).map_err(io_err(path))?;
         let meta = fs::metadata(&abs).map_err(io_err(&abs))?;
-        let walk = Walk { opts: self, stats: HashStats::default(), trees: Mutex::default(), files: Mutex::default() };
+        let walk = Walk {
+            opts: self,
+            stats: HashStats::default(),
+            trees: Mutex::default(),
+            files: Mutex::default(),
+            clock_lag: Mutex::default(),
+        };
         let (digest, is_dir) = if meta.is_dir() {
             (walk.dir(&abs)?, true)
         } else if meta.is_file() {
@@ -328,7 +408,8 @@ impl Walk<'_> {
             children.push((e.file_name().as_bytes().to_vec(), path, kind));
         }
         let cached = self.opts.cache.load(dir);
-        let now = now_ns();
+        // Taken before any file is read: a write during the read is then newer than it.
+        let now = self.now_for(dir);
         type Child = (Vec<u8>, Entry, Option<FileStat>);
         let results: Vec<Result<Child, HashError>> = children
             .into_par_iter()

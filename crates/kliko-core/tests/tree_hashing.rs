@@ -208,3 +208,34 @@ fn racy_files_are_hashed_again() {
     let (_, read) = hash_with(&cache, t.path());
     assert_eq!(read, 2);
 }
+
+/// This machine's clock an hour ahead of the filesystem's (a file server whose clock is
+/// behind ours, as the issue of network filesystems goes).
+fn an_hour_ahead() -> i64 {
+    kliko_core::hash::now_ns() + 3_600_000_000_000
+}
+
+#[test]
+fn a_clock_ahead_of_the_filesystem_does_not_make_a_just_written_file_trusted() {
+    let t = tempfile::tempdir().unwrap();
+    let probe = tempfile::tempdir().unwrap();
+    fs::write(t.path().join("f"), b"1\n").unwrap();
+    let cache = MemCache::default();
+    // "Now" read from the filesystem (a probe file on the same filesystem, as the store's
+    // tmp/ is): the record says the file was hashed just after it was written, so it is racy.
+    let skewed = Hasher { cache: &cache, clock_probe_dir: Some(probe.path()), now: an_hour_ahead, ..Hasher::default() };
+    skewed.hash_path(t.path()).unwrap();
+    let rec = cache.0.lock().unwrap().get(t.path()).unwrap().files[0].clone();
+    let meta = fs::metadata(t.path().join("f")).unwrap();
+    assert!(!rec.still_valid(&meta), "a file written a moment ago is not trusted, whatever our clock says");
+    let again = skewed.hash_path(t.path()).unwrap();
+    let read = again.stats.bytes_read.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(read, 2, "read again");
+
+    // Without a way to read the filesystem's clock, our skewed clock would be believed: the
+    // same record would be trusted (this is what the probe prevents).
+    let cache2 = MemCache::default();
+    Hasher { cache: &cache2, now: an_hour_ahead, ..Hasher::default() }.hash_path(t.path()).unwrap();
+    let rec2 = cache2.0.lock().unwrap().get(t.path()).unwrap().files[0].clone();
+    assert!(rec2.still_valid(&meta), "a local filesystem is stamped by our own clock: believed");
+}

@@ -9,6 +9,8 @@ pub enum EngineError {
     #[error(transparent)]
     Store(#[from] kliko_store::StoreError),
     #[error(transparent)]
+    Remote(#[from] kliko_remote::RemoteError),
+    #[error(transparent)]
     Spec(#[from] kliko_spec::SpecError),
     #[error("invalid parameters for `{image}`:\n{errors}")]
     Params { image: String, errors: kliko_spec::ParamErrors },

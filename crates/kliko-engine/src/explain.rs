@@ -18,6 +18,10 @@ pub struct Explanation {
     pub nearest: Option<Digest>,
     /// `field: earlier → now`, one per difference from `nearest`.
     pub differences: Vec<String>,
+    /// What the shared tier holds for the key, in words (when one is configured and the
+    /// local store has no result).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub remote: Option<String>,
 }
 
 impl Engine {
@@ -29,7 +33,7 @@ impl Engine {
         let pre = serde_json::to_value(&prep.preimage).unwrap_or(Value::Null);
         let pre2 = pre.clone();
         let image_id = prep.image.info.id.clone();
-        blocking(move || {
+        let explanation = blocking(move || {
             let db = store.db()?;
             let stored = store.lookup(&db, &key)?.is_some();
             let mut best: Option<(usize, Digest, Vec<String>)> = None;
@@ -48,9 +52,24 @@ impl Engine {
                 Some((_, k, d)) => (Some(k), d),
                 None => (None, Vec::new()),
             };
-            Ok(Explanation { key, stored, preimage: pre, nearest, differences })
+            Ok(Explanation { key, stored, preimage: pre, nearest, differences, remote: None })
         })
-        .await
+        .await;
+        let mut x = explanation?;
+        if let (false, Some(remote)) = (x.stored, &self.remote) {
+            use kliko_remote::Record;
+            x.remote = Some(match remote.record_of(&key).await {
+                Ok(Record::Absent) => "no machine has recorded a result for this key".into(),
+                Ok(Record::Usable { signed_by: Some(k), .. }) => {
+                    format!("a result signed by {k} (trusted): a run would fetch it")
+                }
+                Ok(Record::Usable { signed_by: None, .. }) => "an unsigned result: a run would fetch it".into(),
+                Ok(Record::Ignored { reason }) => format!("a result that is ignored: {reason}"),
+                Ok(Record::Unusable { reason }) => format!("a result that cannot be used: {reason}"),
+                Err(e) => format!("it could not be read ({})", crate::error::chain(&e)),
+            });
+        }
+        Ok(x)
     }
 }
 

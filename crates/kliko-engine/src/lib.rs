@@ -63,6 +63,8 @@ pub struct Engine {
     remote: Option<Arc<kliko_remote::Remote>>,
     /// The tier's leases, when they are the engine's (for their warnings).
     tier_leases: Option<Arc<kliko_remote::lease::TierLeases>>,
+    /// Whether the tier answered the first request made of it (asked on first use).
+    remote_ready: tokio::sync::OnceCell<bool>,
 }
 
 /// What a run reads.
@@ -267,13 +269,27 @@ impl Engine {
     /// An engine on `store` that runs containers through Docker (connected on first use).
     pub fn new(store: Arc<Store>) -> Engine {
         let leases = Arc::new(store.leases());
-        Engine { store, runtime: OnceCell::new(), leases, remote: None, tier_leases: None }
+        Engine {
+            store,
+            runtime: OnceCell::new(),
+            leases,
+            remote: None,
+            tier_leases: None,
+            remote_ready: Default::default(),
+        }
     }
 
     /// An engine on `store` that runs containers through `runtime`.
     pub fn with_runtime(store: Arc<Store>, runtime: Arc<dyn ContainerRuntime>) -> Engine {
         let leases = Arc::new(store.leases());
-        Engine { store, runtime: OnceCell::new_with(Some(runtime)), leases, remote: None, tier_leases: None }
+        Engine {
+            store,
+            runtime: OnceCell::new_with(Some(runtime)),
+            leases,
+            remote: None,
+            tier_leases: None,
+            remote_ready: Default::default(),
+        }
     }
 
     /// The same engine with other leases (a cluster's, say).

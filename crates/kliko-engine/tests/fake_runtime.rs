@@ -310,16 +310,22 @@ fn two_machines_with(remote: &str, options: &[(&str, &str)]) -> (Setup, Setup) {
 
 /// `n` machines (stores and runtimes) sharing one tier at `remote`.
 fn machines(remote: &str, options: &[(&str, &str)], n: usize) -> Vec<Setup> {
-    let machine = || {
-        let mut s = setup();
-        let tier = Arc::new(kliko_remote::Remote::open_with(remote, false, options).unwrap());
-        let engine = Engine::with_runtime(s.store.clone(), s.fake.clone() as Arc<dyn ContainerRuntime>);
-        s.engine = Arc::new(engine.with_remote(tier));
-        // The same image on both machines (the same content ID).
-        add_copy_image(&s, "tool:1", || FakeExit::code(0));
-        s
-    };
-    (0..n).map(|_| machine()).collect()
+    (0..n).map(|_| machine_on(remote, options, |r| r)).collect()
+}
+
+/// One machine on the tier at `remote`, its view of the tier configured by `configure`.
+fn machine_on(
+    remote: &str,
+    options: &[(&str, &str)],
+    configure: impl FnOnce(kliko_remote::Remote) -> kliko_remote::Remote,
+) -> Setup {
+    let mut s = setup();
+    let tier = Arc::new(configure(kliko_remote::Remote::open_with(remote, false, options).unwrap()));
+    let engine = Engine::with_runtime(s.store.clone(), s.fake.clone() as Arc<dyn ContainerRuntime>);
+    s.engine = Arc::new(engine.with_remote(tier));
+    // The same image on every machine (the same content ID).
+    add_copy_image(&s, "tool:1", || FakeExit::code(0));
+    s
 }
 
 async fn a_result_made_on_one_machine_is_a_hit_on_another(remote: &str) {
@@ -330,7 +336,12 @@ async fn a_result_made_on_one_machine_is_a_hit_on_another(remote: &str) {
     assert!(published.uploaded >= 4 && !published.raced, "{published:?}");
 
     let reused = b.run(b.request("tool:1", "out")).await.unwrap();
-    assert_eq!((reused.cache, reused.hit_from), (Cache::Hit, Some(kliko_engine::Tier::Remote)));
+    assert_eq!(
+        (reused.cache, reused.hit_from),
+        (Cache::Hit, Some(kliko_engine::Tier::Remote)),
+        "{:?}",
+        reused.warnings
+    );
     assert_eq!(reused.key, made.key);
     assert_eq!(b.fake.runs(), 0, "no container on the second machine");
     assert_eq!(read(&b.root.join("out/data.txt")), "visibilities");
@@ -419,11 +430,13 @@ async fn an_unreachable_tier_is_a_warning_and_the_run_goes_on() {
     let report = a.run(a.request("tool:1", "out")).await.unwrap();
     assert_eq!((report.cache, report.status, report.recorded), (Cache::Miss, Status::Succeeded, true));
     assert!(report.published.is_none());
+    // One warning, from the first request; the tier is not asked again (no publish, no leases).
     assert!(
-        report.warnings.iter().any(|w| w.contains("publishing it to the shared tier failed")),
+        report.warnings.iter().any(|w| w.contains("could not list its results") && w.contains("going on without it")),
         "{:?}",
         report.warnings
     );
+    assert_eq!(report.warnings.len(), 1, "{:?}", report.warnings);
     // The local store has it.
     assert_eq!(a.run(a.request("tool:1", "out2")).await.unwrap().hit_from, Some(kliko_engine::Tier::Local));
 }
@@ -482,4 +495,163 @@ async fn a_lease_whose_holder_died_on_another_machine_is_taken_over() {
     // The takeover was a new generation; released, it took the dead one with it, so the next
     // machine to run this key does not wait out its expiry again.
     assert_eq!(std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0), 0);
+}
+
+// ---------------------------------------------------------------- trust
+
+fn signing_key(dir: &Path, name: &str) -> kliko_remote::trust::SigningKey {
+    kliko_remote::trust::SigningKey::create(&dir.join(name)).unwrap()
+}
+
+fn trusting(keys: &[&kliko_remote::trust::SigningKey]) -> kliko_remote::trust::Trust {
+    kliko_remote::trust::Trust::only(keys.iter().map(|k| k.public()).collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_not_signed_by_a_trusted_key_is_never_used() {
+    let (tier, keys) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let remote = tier.path().to_str().unwrap();
+    let (alice, mallory) = (signing_key(keys.path(), "alice"), signing_key(keys.path(), "mallory"));
+    let alice_pub = alice.public();
+    // Mallory publishes first: a record of the key, signed by Mallory.
+    let m = machine_on(remote, &[], |r| r.with_signer(Some(mallory)));
+    let planted = m.run(m.request("tool:1", "out")).await.unwrap();
+    assert!(planted.published.as_ref().unwrap().signed_by.is_some());
+
+    // Bob trusts only Alice: Mallory's record is not used, and --explain says why.
+    let bob_key = signing_key(keys.path(), "bob");
+    let bob_trust = trusting(&[&alice]);
+    let bob = machine_on(remote, &[], |r| r.with_trust(bob_trust));
+    let why = bob.engine.explain(&bob.request("tool:1", "out")).await.unwrap();
+    let said = why.remote.expect("the tier is explained");
+    assert!(said.contains("ignored") && said.contains("not a trusted key"), "{said}");
+    let run = bob.run(bob.request("tool:1", "out")).await.unwrap();
+    assert_eq!((run.cache, run.status), (Cache::Miss, Status::Succeeded));
+    assert_eq!(bob.fake.runs(), 1, "the run happened on Bob's machine");
+    assert!(run.warnings.iter().any(|w| w.contains("not a trusted key")), "{:?}", run.warnings);
+    drop(bob_key);
+
+    // Alice (trusting herself) replaces the record she does not trust with her own...
+    let alice_trust = trusting(&[&alice]);
+    let a = machine_on(remote, &[], |r| r.with_trust(alice_trust).with_signer(Some(alice)));
+    let made = a.run(a.request("tool:1", "out")).await.unwrap();
+    let published = made.published.clone().unwrap();
+    assert!(published.replaced && !published.raced, "{published:?}");
+    assert_eq!(published.signed_by, Some(alice_pub.to_string()));
+    // ...which a reader that trusts Alice uses.
+    let carol_trust = kliko_remote::trust::Trust::only(vec![alice_pub]);
+    let carol = machine_on(remote, &[], |r| r.with_trust(carol_trust));
+    let said = carol.engine.explain(&carol.request("tool:1", "out")).await.unwrap().remote.unwrap();
+    assert!(said.contains("trusted") && said.contains(&alice_pub.to_string()), "{said}");
+    let hit = carol.run(carol.request("tool:1", "out")).await.unwrap();
+    assert_eq!((hit.cache, hit.hit_from), (Cache::Hit, Some(kliko_engine::Tier::Remote)), "{:?}", hit.warnings);
+    assert_eq!(carol.fake.runs(), 0);
+
+    // An unsigned record is not used by a reader with trusted keys.
+    let record = tier.path().join("kliko-remote-v1/ac").join(format!("{}.json", made.key.to_hex()));
+    let text = read(&record);
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    std::fs::write(&record, serde_json::json!({ "result": v["result"] }).to_string()).unwrap();
+    let dave_trust = kliko_remote::trust::Trust::only(vec![alice_pub]);
+    let dave = machine_on(remote, &[], |r| r.with_trust(dave_trust));
+    let said = dave.engine.explain(&dave.request("tool:1", "out")).await.unwrap().remote.unwrap();
+    assert!(said.contains("not signed"), "{said}");
+    // A reader with no trusted keys uses it.
+    let erin = machine_on(remote, &[], |r| r);
+    assert_eq!(erin.run(erin.request("tool:1", "out")).await.unwrap().hit_from, Some(kliko_engine::Tier::Remote));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_whose_signed_contents_were_edited_is_never_used() {
+    let (tier, keys) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let remote = tier.path().to_str().unwrap();
+    let alice = signing_key(keys.path(), "alice");
+    let a = machine_on(remote, &[], |r| r.with_signer(Some(alice)));
+    let made = a.run(a.request("tool:1", "out")).await.unwrap();
+    // Point the signed record at other output: the signature no longer matches.
+    let record = tier.path().join("kliko-remote-v1/ac").join(format!("{}.json", made.key.to_hex()));
+    let text = read(&record);
+    let out = made.result.as_ref().unwrap().output.to_hex();
+    let other = kliko_core::Digest::of_bytes(b"something else").to_hex();
+    std::fs::write(&record, text.replace(&out, &other)).unwrap();
+    // Even a reader with no trusted keys refuses a bad signature.
+    let b = machine_on(remote, &[], |r| r);
+    let run = b.run(b.request("tool:1", "out")).await.unwrap();
+    assert_eq!(run.cache, Cache::Miss);
+    assert!(run.warnings.iter().any(|w| w.contains("does not match")), "{:?}", run.warnings);
+    assert_eq!(read(&b.root.join("out/data.txt")), "visibilities");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_folder_this_user_may_not_write_is_an_error_before_any_container() {
+    let tier = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(tier.path(), std::os::unix::fs::PermissionsExt::from_mode(0o555)).unwrap();
+    // Root may write anyway (unless the filesystem is read-only): nothing to test as root.
+    if std::fs::write(tier.path().join("probe"), "").is_ok() {
+        eprintln!("running as root: the folder is writable anyway");
+        return;
+    }
+    let a = machine_on(tier.path().to_str().unwrap(), &[], |r| r);
+    let e = a.run(a.request("tool:1", "out")).await.unwrap_err().to_string();
+    assert!(e.contains("may not read and write the shared folder"), "{e}");
+    assert_eq!(a.fake.runs(), 0);
+}
+
+/// Against the real S3 server (`KLIKO_TEST_S3`): a bucket that does not exist and refused
+/// credentials are errors before anything runs, each naming what to fix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_bucket_or_refused_credentials_is_an_error_before_any_container() {
+    if std::env::var("KLIKO_TEST_S3").is_err() {
+        eprintln!("KLIKO_TEST_S3 is not set: no S3 server to test against");
+        return;
+    }
+    let a = machine_on("s3://no-such-bucket-for-kliko/x", &[], |r| r);
+    let e = a.run(a.request("tool:1", "out")).await.unwrap_err().to_string();
+    assert!(e.contains("the bucket does not exist"), "{e}");
+    let b = machine_on(&std::env::var("KLIKO_TEST_S3").unwrap(), &[("aws_secret_access_key", "wrong")], |r| r);
+    let e = b.run(b.request("tool:1", "out")).await.unwrap_err().to_string();
+    assert!(e.contains("refused the credentials"), "{e}");
+    assert_eq!(a.fake.runs() + b.fake.runs(), 0);
+}
+
+/// Keeps the log bytes it is shown.
+#[derive(Default)]
+struct LogsSeen(std::sync::Mutex<Vec<u8>>);
+
+impl kliko_engine::Observer for LogsSeen {
+    fn log(&self, _stream: kliko_engine::Stream, bytes: &[u8]) {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_on_another_machine_sees_the_leaders_logs_as_they_grow() {
+    let tier = tempfile::tempdir().unwrap();
+    let (a, b) = two_machines(tier.path().to_str().unwrap());
+    let slow = |_: &FakeContainer<'_>| FakeExit::code(0).stdout("calibrating 3C286\n").taking(Duration::from_secs(3));
+    a.fake.add_image("slow:1", &[("/kliko.yml", SPLIT_YML)], slow);
+    b.fake.add_image("slow:1", &[("/kliko.yml", SPLIT_YML)], slow);
+    let a = Arc::new(a);
+    let leader = {
+        let a = a.clone();
+        tokio::spawn(async move { a.run(a.request("slow:1", "out")).await.unwrap() })
+    };
+    // Wait until A leads on the tier.
+    let leases = tier.path().join("kliko-remote-v1/leases");
+    for _ in 0..100 {
+        if std::fs::read_dir(&leases).is_ok_and(|mut d| d.next().is_some()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let seen = Arc::new(LogsSeen::default());
+    let waiting = b.engine.run(b.request("slow:1", "out"), seen.clone(), CancellationToken::new());
+    let (waited, led) = tokio::join!(waiting, leader);
+    let (waited, led) = (waited.unwrap(), led.unwrap());
+    assert_eq!(led.cache, Cache::Miss);
+    assert_eq!((waited.cache, waited.hit_from), (Cache::Hit, Some(kliko_engine::Tier::Remote)));
+    assert!(waited.waited_on.is_some(), "B waited on A");
+    assert_eq!(b.fake.runs(), 0);
+    let shown = String::from_utf8(seen.0.lock().unwrap().clone()).unwrap();
+    assert_eq!(shown, "calibrating 3C286\n", "A's log lines, once, while B waited");
 }

@@ -66,6 +66,8 @@ pub struct TierLeases {
     /// Whether the tier honours create-if-absent (asked once, on first use).
     conditional: OnceLock<bool>,
     seen: Mutex<HashMap<Digest, Seen>>,
+    /// Per key: the generation whose leader's logs a waiter here reads, and when it last asked.
+    logs_seen: Mutex<HashMap<Digest, (u64, Instant)>>,
     warning: Mutex<Option<String>>,
 }
 
@@ -80,6 +82,7 @@ impl TierLeases {
             ttl: TTL,
             conditional: OnceLock::new(),
             seen: Mutex::new(HashMap::new()),
+            logs_seen: Mutex::new(HashMap::new()),
             warning: Mutex::new(None),
         })
     }
@@ -111,6 +114,11 @@ impl TierLeases {
         self.dir(key).join(format!("{generation:020}.json"))
     }
 
+    /// The folder of generation `generation`'s log chunks.
+    fn logs_dir(&self, key: &Digest, generation: u64) -> ObjPath {
+        self.remote.base.clone().join("logs").join(key.to_hex()).join(format!("{generation:020}"))
+    }
+
     fn failed_path(&self, key: &Digest) -> ObjPath {
         self.remote.base.clone().join("failed").join(format!("{}.json", key.to_hex()))
     }
@@ -119,17 +127,15 @@ impl TierLeases {
         &self.remote.os
     }
 
-    /// Whether the tier refuses a second create of one name (Garage, for one, does not).
+    /// Use only the local leases from now on (the tier did not answer), without a warning.
+    pub fn disable(&self) {
+        let _ = self.conditional.set(false);
+    }
+
+    /// Whether the tier refuses a second create of one name (asked once).
     fn honours_conditional_writes(&self) -> bool {
         *self.conditional.get_or_init(|| {
-            let probe = self.remote.base.clone().join("probe").join(unique_id());
-            let create = PutOptions { mode: PutMode::Create, ..Default::default() };
-            let honoured = self.handle.block_on(async {
-                let first = self.os().put_opts(&probe, PutPayload::from_static(b"1"), create.clone()).await;
-                let second = self.os().put_opts(&probe, PutPayload::from_static(b"2"), create).await;
-                let _ = self.os().delete(&probe).await;
-                first.is_ok() && matches!(second, Err(object_store::Error::AlreadyExists { .. }))
-            });
+            let honoured = self.handle.block_on(self.remote.honours_conditional_writes());
             if !honoured {
                 self.warn(format!(
                     "the shared tier `{}` does not honour create-if-absent writes: identical runs started on \
@@ -192,6 +198,7 @@ impl TierLeases {
         }
         entry.asked = now;
         entry.free = entry.since.elapsed() >= entry.ttl;
+        self.logs_seen.lock().expect("logs lock").entry(*key).or_insert((generation, now - REMOTE_POLL)).0 = generation;
         Ok((entry.free, generation, holder_of(&body)))
     }
 
@@ -216,6 +223,8 @@ impl TierLeases {
                     generation: generation + 1,
                     path,
                     failed: self.failed_path(key),
+                    logs_dir: self.logs_dir(key, generation + 1),
+                    shipper: None,
                     os: self.os().clone(),
                     handle: self.handle.clone(),
                 })))
@@ -246,7 +255,24 @@ fn generation_of(location: &ObjPath) -> Option<u64> {
     location.filename()?.strip_suffix(".json")?.parse().ok()
 }
 
-fn unique_id() -> String {
+/// `a/b/c` → `a/b`.
+fn parent_of(path: &ObjPath) -> ObjPath {
+    let parts: Vec<_> = path.parts().collect();
+    ObjPath::from_iter(parts[..parts.len().saturating_sub(1)].iter().cloned())
+}
+
+/// `logs/<key>/<generation>/<stream>-<offset>` → (0 stdout / 1 stderr, byte offset).
+fn chunk_of(location: &ObjPath) -> Option<(usize, u64)> {
+    let (stream, offset) = location.filename()?.split_once('-')?;
+    let stream = match stream {
+        "stdout" => 0,
+        "stderr" => 1,
+        _ => return None,
+    };
+    Some((stream, offset.parse().ok()?))
+}
+
+pub(crate) fn unique_id() -> String {
     let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
     format!("{}-{}-{nanos}", kliko_core::process::host_name(), std::process::id())
 }
@@ -288,6 +314,47 @@ impl LeaseBackend for TierLeases {
         })
     }
 
+    fn remote_logs(&self, key: &Digest, from: [u64; 2]) -> Option<[Vec<u8>; 2]> {
+        if self.local.holder(key).is_some() {
+            return None;
+        }
+        let generation = {
+            let mut seen = self.logs_seen.lock().expect("logs lock");
+            let (generation, asked) = seen.get_mut(key)?;
+            // Asked at most every REMOTE_POLL while the lease is held; once more when it is
+            // free (the last lines are on the tier before the lease goes).
+            let held = self.seen.lock().expect("seen lock").get(key).is_some_and(|s| !s.free);
+            if held && asked.elapsed() < REMOTE_POLL {
+                return Some([Vec::new(), Vec::new()]);
+            }
+            *asked = Instant::now();
+            *generation
+        };
+        let dir = self.logs_dir(key, generation);
+        let got = self.handle.block_on(async {
+            let listed: Vec<_> = self.os().list(Some(&dir)).try_collect().await.ok()?;
+            let mut chunks: Vec<(usize, u64, ObjPath)> =
+                listed.into_iter().filter_map(|m| chunk_of(&m.location).map(|(s, o)| (s, o, m.location))).collect();
+            chunks.sort();
+            let mut out = [Vec::new(), Vec::new()];
+            for (stream, offset, path) in chunks {
+                let at = from[stream] + out[stream].len() as u64;
+                // Chunks in order, from where this waiter is: a gap (a chunk not yet listed)
+                // waits for the next ask.
+                if offset < at {
+                    continue;
+                }
+                if offset > at {
+                    break;
+                }
+                let bytes = self.os().get(&path).await.ok()?.bytes().await.ok()?;
+                out[stream].extend_from_slice(&bytes);
+            }
+            Some(out)
+        });
+        Some(got.unwrap_or_default())
+    }
+
     fn failure_since(&self, key: &Digest, since_ms: u64) -> Option<Failure> {
         if let Some(f) = self.local.failure_since(key, since_ms) {
             return Some(f);
@@ -311,8 +378,74 @@ struct TierLease {
     generation: u64,
     path: ObjPath,
     failed: ObjPath,
+    /// Where this generation's log chunks go, for waiters on other machines.
+    logs_dir: ObjPath,
+    shipper: Option<Shipper>,
     os: Arc<dyn ObjectStore>,
     handle: tokio::runtime::Handle,
+}
+
+/// Copies a leader's growing log files to the tier in chunks, every [`SHIP_EVERY`], until
+/// stopped (with a last copy).
+struct Shipper {
+    stop: Arc<tokio::sync::Notify>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// How often a leader's new log lines go to the tier.
+const SHIP_EVERY: Duration = Duration::from_secs(1);
+/// At most this much of each log goes to the tier (a waiter elsewhere sees the start of a
+/// huge log; the whole log is in the result).
+const SHIP_AT_MOST: u64 = 16 << 20;
+
+impl Shipper {
+    fn start(os: Arc<dyn ObjectStore>, handle: &tokio::runtime::Handle, dir: ObjPath, logs: &Path) -> Shipper {
+        let stop = Arc::new(tokio::sync::Notify::new());
+        let files = [logs.join("stdout.log"), logs.join("stderr.log")];
+        let stopped = stop.clone();
+        let task = handle.spawn(async move {
+            let mut open: [Option<std::fs::File>; 2] = [None, None];
+            let mut sent = [0u64; 2];
+            let mut last = false;
+            loop {
+                for (i, name) in ["stdout", "stderr"].iter().enumerate() {
+                    if open[i].is_none() {
+                        // Open once: an open file stays readable after ingest moves it.
+                        open[i] = std::fs::File::open(&files[i]).ok();
+                    }
+                    let Some(f) = &mut open[i] else { continue };
+                    let mut buf = Vec::new();
+                    let room = SHIP_AT_MOST.saturating_sub(sent[i]);
+                    let _ = std::io::Read::read_to_end(&mut std::io::Read::take(&mut *f, room), &mut buf);
+                    if buf.is_empty() {
+                        continue;
+                    }
+                    let path = dir.clone().join(format!("{name}-{:016}", sent[i]));
+                    let n = buf.len() as u64;
+                    if os.put(&path, PutPayload::from(buf)).await.is_ok() {
+                        sent[i] += n;
+                    } else {
+                        // Read again next time from where the tier has it.
+                        let _ = std::io::Seek::seek(f, std::io::SeekFrom::Start(sent[i]));
+                    }
+                }
+                if last {
+                    return;
+                }
+                tokio::select! {
+                    _ = stopped.notified() => last = true,
+                    _ = tokio::time::sleep(SHIP_EVERY) => {}
+                }
+            }
+        });
+        Shipper { stop, task }
+    }
+
+    /// Stop, after a last copy of what the files gained.
+    async fn finish(self) {
+        self.stop.notify_one();
+        let _ = self.task.await;
+    }
 }
 
 impl Lease for TierLease {
@@ -322,6 +455,9 @@ impl Lease for TierLease {
     }
 
     fn announce_logs(&mut self, dir: &Path) -> io::Result<()> {
+        if self.shipper.is_none() {
+            self.shipper = Some(Shipper::start(self.os.clone(), &self.handle, self.logs_dir.clone(), dir));
+        }
         self.local.announce_logs(dir)
     }
 
@@ -342,8 +478,12 @@ impl Lease for TierLease {
     }
 
     fn release(self: Box<Self>, how: Release) {
-        let TierLease { local, dir, generation, path, failed, os, handle, .. } = *self;
+        let TierLease { local, dir, generation, path, failed, logs_dir, shipper, os, handle, .. } = *self;
         handle.block_on(async {
+            // The last lines reach the tier before the lease goes, so waiters see them.
+            if let Some(s) = shipper {
+                s.finish().await;
+            }
             match &how {
                 Release::Succeeded => {
                     let _ = os.delete(&failed).await;
@@ -367,6 +507,21 @@ impl Lease for TierLease {
                 .filter(|l| generation_of(l).is_some_and(|g| g < generation))
                 .collect();
             for l in older {
+                let _ = os.delete(&l).await;
+            }
+            // The log chunks of generations before this one (this one's stay for waiters that
+            // are reading them now; the next holder, or `kliko remote gc`, removes them).
+            let key_logs = parent_of(&logs_dir);
+            let old_logs: Vec<ObjPath> = os
+                .list(Some(&key_logs))
+                .try_collect::<Vec<_>>()
+                .await
+                .unwrap_or_default()
+                .into_iter()
+                .map(|m| m.location)
+                .filter(|l| !l.prefix_matches(&logs_dir))
+                .collect();
+            for l in old_logs {
                 let _ = os.delete(&l).await;
             }
         });

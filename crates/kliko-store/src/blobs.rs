@@ -132,20 +132,23 @@ impl Store {
         Ok(bytes)
     }
 
-    /// Take `file` (written in [`Store::tmp_dir`], its content already checked to have digest
-    /// `d`: a blob fetched from a shared tier) as blob `d`: made read-only, synced, renamed
-    /// into place. A blob already present is kept and `file` dropped.
-    pub fn adopt_blob(&self, file: tempfile::NamedTempFile, d: &Digest) -> Result<()> {
-        let dest = self.object_path(ObjectKind::Blob, d);
-        if self.has_object(ObjectKind::Blob, d) {
+    /// Take `files` (written in [`Store::tmp_dir`], each one's content already checked to
+    /// have its digest and its data already flushed to disk: blobs fetched from a shared
+    /// tier) as blobs: each made read-only and renamed into place, then the filesystem synced
+    /// once for the renames. A blob already present is kept and its file dropped.
+    pub fn adopt_blobs(&self, files: Vec<(tempfile::TempPath, Digest)>) -> Result<()> {
+        let files: Vec<_> = files.into_iter().filter(|(_, d)| !self.has_object(ObjectKind::Blob, d)).collect();
+        if files.is_empty() {
             return Ok(());
         }
-        file.as_file().sync_all().at(file.path())?;
-        fs::set_permissions(file.path(), fs::Permissions::from_mode(0o444)).at(file.path())?;
-        let parent = dest.parent().expect("object paths have a parent");
-        fs_err::create_dir_all(parent).at(parent)?;
-        file.persist(&dest).map_err(|e| StoreError::Io { path: dest.clone(), source: e.error })?;
-        sync_dir(parent)
+        for (tmp, d) in files {
+            fs::set_permissions(&tmp, fs::Permissions::from_mode(0o444)).at(&tmp)?;
+            let dest = self.object_path(ObjectKind::Blob, &d);
+            let parent = dest.parent().expect("object paths have a parent");
+            fs_err::create_dir_all(parent).at(parent)?;
+            tmp.persist(&dest).map_err(|e| StoreError::Io { path: dest.clone(), source: e.error })?;
+        }
+        crate::ingest::syncfs(self.root())
     }
 
     pub fn get_tree(&self, d: &Digest) -> Result<Tree> {

@@ -94,7 +94,7 @@ impl Store {
 
     /// Hash `path` and stage every object the store lacks (not yet visible).
     fn stage(&self, path: &Path, mode: IngestMode, progress: &dyn Progress) -> Result<(Ingested, Vec<Staged>)> {
-        let hashed = Hasher { cache: &NoCache, progress, collect: true }.hash_path(path)?;
+        let hashed = Hasher { cache: &NoCache, progress, collect: true, ..Hasher::default() }.hash_path(path)?;
         let root_dev = fs::metadata(self.root()).at(self.root())?;
         let tmp = self.tmp_dir();
 

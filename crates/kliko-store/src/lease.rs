@@ -103,6 +103,12 @@ pub trait LeaseBackend: Send + Sync {
     fn holder(&self, key: &Digest) -> Option<Holder>;
     /// The failure the last leader of `key` reported, if at or after `since_ms`.
     fn failure_since(&self, key: &Digest, since_ms: u64) -> Option<Failure>;
+    /// The log bytes of `key`'s leader past `from` (offsets into its stdout and stderr) when
+    /// the leader is on another machine and its logs reach this one through the backend.
+    /// `None`: its logs, if any, are the local files its [`Holder::logs`] names.
+    fn remote_logs(&self, _key: &Digest, _from: [u64; 2]) -> Option<[Vec<u8>; 2]> {
+        None
+    }
 }
 
 /// Leases as `flock`ed files in one folder (see the module docs).

@@ -38,7 +38,8 @@ impl Store {
     /// Hash a host path using (and updating) the stat cache.
     pub fn hash_path(&self, path: &Path, progress: &dyn Progress) -> Result<Hashed> {
         let cache = DbStatCache::new(self.db_nowait()?);
-        Ok(Hasher { cache: &cache, progress, collect: false }.hash_path(path)?)
+        let probe = self.tmp_dir();
+        Ok(Hasher { cache: &cache, progress, clock_probe_dir: Some(&probe), ..Hasher::default() }.hash_path(path)?)
     }
 
     /// [`Store::hash_path`], keeping a copy of the stat records it used in `copy`, so the
@@ -46,6 +47,7 @@ impl Store {
     pub fn hash_path_remembering(&self, path: &Path, progress: &dyn Progress, copy: &MemoryCache) -> Result<Hashed> {
         let cache = DbStatCache::new(self.db_nowait()?);
         let tee = Tee { cache: &cache, copy };
-        Ok(Hasher { cache: &tee, progress, collect: false }.hash_path(path)?)
+        let probe = self.tmp_dir();
+        Ok(Hasher { cache: &tee, progress, clock_probe_dir: Some(&probe), ..Hasher::default() }.hash_path(path)?)
     }
 }

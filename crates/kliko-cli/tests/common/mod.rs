@@ -56,6 +56,8 @@ impl World {
     pub fn kliko(&self) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_kliko"));
         c.env_remove("KLIKO_STORE").env_remove("KLIKO_REMOTE").arg("--store").arg(&self.store);
+        // This world's own signing key (made by `kliko remote key new`), none of the user's.
+        c.env("KLIKO_SIGNING_KEY", self.path("signing-key")).env_remove("KLIKO_TRUSTED_KEYS");
         c
     }
 

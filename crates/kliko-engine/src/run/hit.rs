@@ -79,7 +79,7 @@ impl Engine {
     /// fetched into the local store and looked up there. A tier that fails or holds a broken
     /// result is a warning and a miss, never an error: correctness never depends on it.
     async fn fetch_remote(&self, ctx: &RunCtx<'_>) -> Result<Option<kliko_store::records::ActionResult>> {
-        let Some(remote) = &self.remote else { return Ok(None) };
+        let Some(remote) = self.usable_remote(&**ctx.obs).await? else { return Ok(None) };
         if self.store.is_read_only() {
             return Ok(None);
         }
@@ -91,6 +91,13 @@ impl Engine {
                 blocking(move || Ok(store.lookup(&store.db_nowait()?, &key)?)).await
             }
             Ok(kliko_remote::Fetched::Absent) => Ok(None),
+            Ok(kliko_remote::Fetched::Ignored { reason }) => {
+                ctx.obs.event(&Event::Warning(format!(
+                    "the shared tier `{}` has a result for this run that is not used: {reason}; the run happens here",
+                    remote.url()
+                )));
+                Ok(None)
+            }
             Ok(kliko_remote::Fetched::Unusable { reason }) => {
                 ctx.obs.event(&Event::Warning(format!(
                     "the shared tier `{}` has a result for this run that cannot be used ({reason}); the run happens here",
@@ -106,6 +113,30 @@ impl Engine {
                 Ok(None)
             }
         }
+    }
+
+    /// The shared tier, once its first request has answered: a configuration the user must
+    /// fix (no such bucket, refused credentials, a folder they may not write) is an error
+    /// before anything runs; a tier that does not answer is one warning, and this engine
+    /// goes on without it.
+    pub(crate) async fn usable_remote(&self, obs: &dyn crate::Observer) -> Result<Option<&Arc<kliko_remote::Remote>>> {
+        let Some(remote) = &self.remote else { return Ok(None) };
+        let ready = self
+            .remote_ready
+            .get_or_try_init(|| async {
+                match remote.preflight().await? {
+                    None => Ok::<_, crate::EngineError>(true),
+                    Some(warning) => {
+                        if let Some(t) = &self.tier_leases {
+                            t.disable();
+                        }
+                        obs.event(&Event::Warning(warning));
+                        Ok(false)
+                    }
+                }
+            })
+            .await?;
+        Ok(ready.then_some(remote))
     }
 
     /// Put stored tree `tree` at `target`, which shows either its old contents or the

@@ -240,10 +240,11 @@ impl Engine {
             let history = ctx.history_entry(HistoryKind::Miss, ctx.t0.elapsed().as_millis() as u64, 0, Some(0));
             blocking(move || {
                 if let Some(p) = changed_input {
+                    let probe = s.tmp_dir();
                     let hasher = kliko_core::hash::Hasher {
                         cache: &*stat,
-                        progress: &kliko_core::hash::NoProgress,
-                        collect: false,
+                        clock_probe_dir: Some(&probe),
+                        ..kliko_core::hash::Hasher::default()
                     };
                     let now = hasher.hash_path(&p).map_err(kliko_store::StoreError::from)?;
                     if now.digest != expected {
@@ -278,7 +279,8 @@ impl Engine {
         // a machine waiting on it finds the result; still under gc.lock, so gc cannot take
         // an object from under the upload.
         let mut published = None;
-        if let Some(remote) = self.remote.as_ref().filter(|r| recorded && !r.is_read_only()) {
+        let usable = self.remote_ready.get().copied().unwrap_or(true);
+        if let Some(remote) = self.remote.as_ref().filter(|r| recorded && usable && !r.is_read_only()) {
             match remote.publish(&store, &result).await {
                 Ok(p) => {
                     mark("published");

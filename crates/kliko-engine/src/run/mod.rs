@@ -47,6 +47,24 @@ pub struct IndexHold {
 }
 
 /// What every stage of one run shares.
+/// Passes everything on, and keeps the warnings.
+struct CollectWarnings {
+    inner: Arc<dyn Observer>,
+    said: std::sync::Mutex<Vec<String>>,
+}
+
+impl Observer for CollectWarnings {
+    fn log(&self, stream: crate::Stream, bytes: &[u8]) {
+        self.inner.log(stream, bytes);
+    }
+    fn event(&self, event: &Event) {
+        if let Event::Warning(w) = event {
+            self.said.lock().expect("warnings lock").push(w.clone());
+        }
+        self.inner.event(event);
+    }
+}
+
 pub(crate) struct RunCtx<'a> {
     pub req: &'a RunRequest,
     pub prep: &'a Prepared,
@@ -79,6 +97,25 @@ impl Engine {
     /// waits for another. Without them, the image is resolved and the index opened at the
     /// same time (a runtime request takes milliseconds; opening RocksDB about as long).
     pub async fn run_with(
+        &self,
+        req: RunRequest,
+        image: Option<crate::ImageMeta>,
+        hold: Option<IndexHold>,
+        obs: Arc<dyn Observer>,
+        cancel: CancellationToken,
+    ) -> Result<RunReport> {
+        // Every warning said during the run is in its report too (and in `--json`).
+        let collect = Arc::new(CollectWarnings { inner: obs, said: std::sync::Mutex::new(Vec::new()) });
+        let mut report = self.run_observed(req, image, hold, collect.clone(), cancel).await?;
+        for w in collect.said.lock().expect("warnings lock").drain(..) {
+            if !report.warnings.contains(&w) {
+                report.warnings.push(w);
+            }
+        }
+        Ok(report)
+    }
+
+    async fn run_observed(
         &self,
         req: RunRequest,
         image: Option<crate::ImageMeta>,

@@ -18,9 +18,24 @@ struct LeaderLogs {
     dir: Option<PathBuf>,
     /// Open log files; an open file keeps being readable after ingest moves it into the store.
     files: Vec<(Stream, fs::File)>,
+    /// Bytes read so far of a leader's logs on another machine (stdout, stderr).
+    remote_from: [u64; 2],
 }
 
 impl LeaderLogs {
+    /// Whatever the leader's logs gained since the last call, from the lease backend when the
+    /// leader is on another machine, else from its local log files.
+    fn read(&mut self, leases: &dyn kliko_store::lease::LeaseBackend, key: &Digest) -> Vec<(Stream, Vec<u8>)> {
+        match leases.remote_logs(key, self.remote_from) {
+            Some([out, err]) => {
+                self.remote_from[0] += out.len() as u64;
+                self.remote_from[1] += err.len() as u64;
+                [(Stream::Stdout, out), (Stream::Stderr, err)].into_iter().filter(|(_, b)| !b.is_empty()).collect()
+            }
+            None => self.read_new(leases.holder(key)),
+        }
+    }
+
     /// Whatever the leader's logs gained since the last call (a new leader starts afresh).
     fn read_new(&mut self, holder: Option<Holder>) -> Vec<(Stream, Vec<u8>)> {
         use std::io::Read;
@@ -64,7 +79,7 @@ impl Engine {
             let (free, chunks, l) = blocking(move || {
                 let free = leases.is_free(&k);
                 // After the probe, so the last lines are read once the leader is done.
-                let chunks = logs.read_new(leases.holder(&k));
+                let chunks = logs.read(&*leases, &k);
                 Ok((free, chunks, logs))
             })
             .await?;
