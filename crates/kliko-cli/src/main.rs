@@ -66,10 +66,15 @@ pub fn remote() -> anyhow::Result<Option<kliko_remote::Remote>> {
 /// An engine on `store`, with the shared tier if one is configured.
 pub fn engine(store: std::sync::Arc<kliko_store::Store>) -> anyhow::Result<kliko_engine::Engine> {
     let engine = kliko_engine::Engine::new(store);
-    Ok(match remote()? {
-        Some(remote) => engine.with_remote(std::sync::Arc::new(remote)),
-        None => engine,
-    })
+    let Some(remote) = remote()? else { return Ok(engine) };
+    // How long another machine trusts this one's lease without a heartbeat.
+    let ttl = match std::env::var("KLIKO_REMOTE_LEASE_TTL") {
+        Ok(v) if !v.is_empty() => kliko_core::units::parse_duration(&v)
+            .map_err(|e| anyhow::anyhow!("`KLIKO_REMOTE_LEASE_TTL`: {e}"))?
+            .max(std::time::Duration::from_secs(1)),
+        _ => kliko_remote::lease::TTL,
+    };
+    Ok(engine.with_remote_ttl(std::sync::Arc::new(remote), ttl))
 }
 
 fn dispatch(cli: cli::Cli) -> anyhow::Result<ExitCode> {

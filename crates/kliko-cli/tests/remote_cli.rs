@@ -149,3 +149,41 @@ fn s3_check_and_a_bad_configuration_before_anything_runs() {
     checked.expect_code(2);
     assert!(checked.stderr.contains("the bucket does not exist"), "{}", checked.stderr);
 }
+
+/// The leader on machine A is SIGKILLed mid-run; machine B, waiting on it through the shared
+/// folder, takes its lease over once it stops being renewed, runs the step and finishes.
+#[test]
+fn a_killed_leader_on_one_machine_is_taken_over_by_another() {
+    let img = split_image("remote-killed", "", "sleep 3\ncp -r /input/. /output/\necho done\n");
+    let (a, b) = (World::new(), World::new());
+    let tier = a.path("tier");
+    let input = a.folder("in", &[("a.txt", "alpha")]);
+    let start = |w: &World| {
+        let mut c = w.kliko();
+        c.env("KLIKO_REMOTE_LEASE_TTL", "2s").arg("--remote").arg(&tier).arg("run").arg(&img.tag);
+        c.arg("--input").arg(&input).arg("--output").arg(w.path("out")).arg("--json").arg("-q");
+        c
+    };
+    let mut leader = start(&a).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let leases = tier.join("kliko-remote-v1/leases");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !std::fs::read_dir(&leases)
+        .is_ok_and(|d| d.flatten().any(|k| k.path().read_dir().is_ok_and(|mut g| g.next().is_some())))
+    {
+        assert!(std::time::Instant::now() < deadline, "A never took the lease");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    leader.kill().unwrap(); // SIGKILL
+    leader.wait().unwrap();
+
+    let started = std::time::Instant::now();
+    let took_over = Out::of(&mut start(&b));
+    took_over.ok();
+    let j = took_over.json();
+    assert_eq!((j["cache"].as_str(), j["waited"].as_bool()), (Some("miss"), Some(true)), "{}", took_over.stdout);
+    assert!(started.elapsed() >= std::time::Duration::from_secs(2), "B waited for A's lease to expire");
+    assert_eq!(std::fs::read_to_string(b.path("out/a.txt")).unwrap(), "alpha");
+    // A's machine cleans up what its killed process left (its container) at its next gc.
+    Out::of(a.kliko().args(["gc", "--older-than", "3650d"])).ok();
+    assert_no_containers(&img);
+}

@@ -63,8 +63,10 @@ pub struct Engine {
     remote: Option<Arc<kliko_remote::Remote>>,
     /// The tier's leases, when they are the engine's (for their warnings).
     tier_leases: Option<Arc<kliko_remote::lease::TierLeases>>,
-    /// Whether the tier answered the first request made of it (asked on first use).
-    remote_ready: tokio::sync::OnceCell<bool>,
+    /// Whether the tier answered the first request made of it (asked on first use), and the
+    /// warning when it did not.
+    remote_ready: tokio::sync::OnceCell<(bool, Option<String>)>,
+    remote_warned: std::sync::atomic::AtomicBool,
 }
 
 /// What a run reads.
@@ -276,6 +278,7 @@ impl Engine {
             remote: None,
             tier_leases: None,
             remote_ready: Default::default(),
+            remote_warned: Default::default(),
         }
     }
 
@@ -289,6 +292,7 @@ impl Engine {
             remote: None,
             tier_leases: None,
             remote_ready: Default::default(),
+            remote_warned: Default::default(),
         }
     }
 
@@ -380,19 +384,46 @@ impl Engine {
         let info = runtime.inspect_image(reference).await?;
         kliko_core::trace::mark("image inspected");
         let cached = self.store.image_file(&info.id, "/kliko.yml")?;
-        let yml = match cached {
-            Some(b) => b,
-            None => {
-                let bytes = runtime.read_file(&info.id, "/kliko.yml").await?;
-                // Remembered for next time where the store can be written (not a read-only one).
-                if !self.store.is_read_only() {
-                    self.store.put_image_file(&info.id, "/kliko.yml", &bytes)?;
+        let source = format!("{reference}:/kliko.yml");
+        if let Some(yml) = cached {
+            let spec = Spec::parse(&source, &String::from_utf8_lossy(&yml))?;
+            return Ok(ImageMeta { reference: reference.to_string(), info, spec, kliko_yml: yml });
+        }
+        // A machine that has never used the image: the copy another machine left on the
+        // shared tier spares a container (one that does not parse is ignored).
+        // (A misconfigured tier is reported by the run that needs it, not here.)
+        let remote = match self.checked_remote().await {
+            Ok(Some((r, true, _))) => Some(r),
+            _ => None,
+        };
+        let mut from_tier = None;
+        if let Some(r) = remote {
+            if let Ok(Some(yml)) = r.image_kliko_yml(&info.id).await {
+                match Spec::parse(&source, &String::from_utf8_lossy(&yml)) {
+                    Ok(spec) => from_tier = Some((yml, spec)),
+                    Err(_) => kliko_core::trace::mark("the tier's kliko.yml does not parse"),
                 }
-                bytes
+            }
+        }
+        let (yml, spec) = match from_tier {
+            Some(found) => {
+                kliko_core::trace::mark("kliko.yml from the shared tier");
+                found
+            }
+            None => {
+                let yml = runtime.read_file(&info.id, "/kliko.yml").await?;
+                let spec = Spec::parse(&source, &String::from_utf8_lossy(&yml))?;
+                if let Some(r) = remote {
+                    // For the next machine; losing it costs that machine one container.
+                    let _ = r.publish_image_kliko_yml(&info.id, &yml, true).await;
+                }
+                (yml, spec)
             }
         };
-        let text = String::from_utf8_lossy(&yml);
-        let spec = Spec::parse(&format!("{reference}:/kliko.yml"), &text)?;
+        // Remembered for next time where the store can be written (not a read-only one).
+        if !self.store.is_read_only() {
+            self.store.put_image_file(&info.id, "/kliko.yml", &yml)?;
+        }
         Ok(ImageMeta { reference: reference.to_string(), info, spec, kliko_yml: yml })
     }
 }

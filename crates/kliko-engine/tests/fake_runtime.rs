@@ -344,6 +344,7 @@ async fn a_result_made_on_one_machine_is_a_hit_on_another(remote: &str) {
     );
     assert_eq!(reused.key, made.key);
     assert_eq!(b.fake.runs(), 0, "no container on the second machine");
+    assert_eq!(b.fake.files_read(), 0, "not even one to read kliko.yml: the first machine left it on the tier");
     assert_eq!(read(&b.root.join("out/data.txt")), "visibilities");
     // Backfilled: the next hit there is local, and its logs came along.
     let again = b.run(b.request("tool:1", "out2")).await.unwrap();
@@ -523,6 +524,7 @@ async fn a_record_not_signed_by_a_trusted_key_is_never_used() {
     let bob_trust = trusting(&[&alice]);
     let bob = machine_on(remote, &[], |r| r.with_trust(bob_trust));
     let why = bob.engine.explain(&bob.request("tool:1", "out")).await.unwrap();
+    assert_eq!(bob.fake.files_read(), 1, "Mallory's copy of kliko.yml is not trusted either: read from the image");
     let said = why.remote.expect("the tier is explained");
     assert!(said.contains("ignored") && said.contains("not a trusted key"), "{said}");
     let run = bob.run(bob.request("tool:1", "out")).await.unwrap();
@@ -654,4 +656,31 @@ async fn a_waiter_on_another_machine_sees_the_leaders_logs_as_they_grow() {
     assert_eq!(b.fake.runs(), 0);
     let shown = String::from_utf8(seen.0.lock().unwrap().clone()).unwrap();
     assert_eq!(shown, "calibrating 3C286\n", "A's log lines, once, while B waited");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tier_that_ignores_conditional_writes_gets_no_leases_and_one_warning() {
+    let tier = tempfile::tempdir().unwrap();
+    let remote = tier.path().to_str().unwrap();
+    let garage = |r: kliko_remote::Remote| r.map_object_store(kliko_remote::fake::IgnoresConditionalWrites::wrap);
+    let (a, b) = (machine_on(remote, &[], garage), machine_on(remote, &[], garage));
+    let (ra, rb) = tokio::join!(a.run(a.request("tool:1", "out")), b.run(b.request("tool:1", "out")));
+    let (ra, rb) = (ra.unwrap(), rb.unwrap());
+    for r in [&ra, &rb] {
+        assert_eq!(r.status, Status::Succeeded);
+        let said: Vec<_> = r.warnings.iter().filter(|w| w.contains("does not honour create-if-absent")).collect();
+        assert!(said.len() <= 1, "{:?}", r.warnings);
+    }
+    assert!(
+        [&ra, &rb].iter().any(|r| r.warnings.iter().any(|w| w.contains("does not honour create-if-absent"))),
+        "{:?} {:?}",
+        ra.warnings,
+        rb.warnings
+    );
+    // Without leases both may run; either way the results are right and the tier has one record.
+    assert!((1..=2).contains(&(a.fake.runs() + b.fake.runs())));
+    assert_eq!(read(&a.root.join("out/data.txt")), "visibilities");
+    assert_eq!(read(&b.root.join("out/data.txt")), "visibilities");
+    assert_eq!(std::fs::read_dir(tier.path().join("kliko-remote-v1/ac")).unwrap().count(), 1);
+    assert_eq!(ra.key, rb.key);
 }

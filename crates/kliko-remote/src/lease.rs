@@ -461,6 +461,12 @@ impl Lease for TierLease {
         self.local.announce_logs(dir)
     }
 
+    fn heartbeat(&self) -> Duration {
+        // Three heartbeats within a lease's life: one lost request does not lose it.
+        let ttl = Duration::from_secs(self.body.lock().expect("body lock").ttl_s);
+        self.local.heartbeat().min(ttl / 3)
+    }
+
     fn renewer(&self) -> Box<dyn Fn() + Send + Sync> {
         let local = self.local.renewer();
         let (os, path, handle) = (self.os.clone(), self.path.clone(), self.handle.clone());

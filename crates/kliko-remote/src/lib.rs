@@ -28,6 +28,8 @@
 //! ```
 
 pub mod admin;
+#[cfg(feature = "fake")]
+pub mod fake;
 pub mod lease;
 pub mod trust;
 
@@ -139,6 +141,17 @@ pub enum Record {
     Unusable {
         reason: String,
     },
+}
+
+/// An image's kliko.yml as the tier keeps it (`images/<image id>/kliko.yml.json`).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct ImageFile {
+    image_id: String,
+    kliko_yml: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    signed_by: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    signature: Option<String>,
 }
 
 /// A record as it is stored on the tier: the result exactly as it was signed, and its
@@ -256,6 +269,13 @@ impl Remote {
         })
     }
 
+    /// The same tier, reached through `wrap(its object store)` (tests put a misbehaving
+    /// server in between).
+    pub fn map_object_store(mut self, wrap: impl FnOnce(Arc<dyn ObjectStore>) -> Arc<dyn ObjectStore>) -> Remote {
+        self.os = wrap(self.os);
+        self
+    }
+
     /// Sign every record this machine publishes with `key`.
     pub fn with_signer(mut self, key: Option<trust::SigningKey>) -> Remote {
         self.signer = key.map(Arc::new);
@@ -339,6 +359,52 @@ impl Remote {
             return Record::Unusable { reason: format!("its record is for another key ({})", result.key) };
         }
         Record::Usable { result: Box::new(result), signed_by }
+    }
+
+    /// Where the tier keeps an image's kliko.yml.
+    fn image_file(&self, image_id: &str) -> ObjPath {
+        let name: String = image_id.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect();
+        self.base.clone().join("images").join(name).join("kliko.yml.json")
+    }
+
+    /// The kliko.yml of image `image_id` (its content ID) as a machine that read it out of the
+    /// image left it on the tier, if this reader trusts it: a machine that has never used the
+    /// image then needs no container to read it. `None`: absent, or not trusted.
+    pub async fn image_kliko_yml(&self, image_id: &str) -> Result<Option<Vec<u8>>> {
+        let Some(bytes) = self.get(&self.image_file(image_id), "an image's kliko.yml").await? else { return Ok(None) };
+        let Ok(f) = serde_json::from_slice::<ImageFile>(&bytes) else { return Ok(None) };
+        if f.image_id != image_id {
+            return Ok(None);
+        }
+        let verdict = self.trust.judge_image_file(
+            image_id,
+            f.kliko_yml.as_bytes(),
+            f.signed_by.as_deref(),
+            f.signature.as_deref(),
+        );
+        Ok(matches!(verdict, trust::Verdict::Trusted(_)).then(|| f.kliko_yml.into_bytes()))
+    }
+
+    /// Leave image `image_id`'s kliko.yml on the tier (signed, if this machine has a key), for
+    /// machines that have not read it yet. `replace`: over a copy there (one this machine
+    /// found unusable); else only if none is there.
+    pub async fn publish_image_kliko_yml(&self, image_id: &str, yml: &[u8], replace: bool) -> Result<()> {
+        let Ok(text) = std::str::from_utf8(yml) else { return Ok(()) };
+        if self.read_only {
+            return Ok(());
+        }
+        let (signed_by, signature) = match &self.signer {
+            Some(k) => (Some(k.public().to_string()), Some(k.sign_image_file(image_id, yml))),
+            None => (None, None),
+        };
+        let f = ImageFile { image_id: image_id.to_string(), kliko_yml: text.to_string(), signed_by, signature };
+        let body = serde_json::to_vec(&f).expect("an image file serializes");
+        let mode = if replace { PutMode::Overwrite } else { PutMode::Create };
+        let opts = PutOptions { mode, ..Default::default() };
+        match self.os.put_opts(&self.image_file(image_id), PutPayload::from(body), opts).await {
+            Ok(_) | Err(object_store::Error::AlreadyExists { .. }) => Ok(()),
+            Err(e) => Err(self.backend("leave an image's kliko.yml")(e)),
+        }
     }
 
     /// The result recorded for `key` by any machine, with its objects, into `store`.

@@ -26,6 +26,8 @@ use ed25519_dalek::{Signer, Verifier};
 
 /// What a signature covers, before the result's bytes.
 const DOMAIN: &[u8] = b"kliko-remote-v1 record\n";
+/// What a signature of an image's kliko.yml covers, before the image ID and the file.
+const IMAGE_DOMAIN: &[u8] = b"kliko-remote-v1 image file\n";
 /// The first word of a signing-key file.
 const KEY_FILE_TAG: &str = "kliko-signing-key-v1";
 
@@ -164,12 +166,26 @@ impl SigningKey {
 
     /// The signature of a record whose result is stored as `result`.
     pub fn sign(&self, result: &[u8]) -> String {
-        hex::encode(self.key.sign(&message(result)).to_bytes())
+        self.sign_message(&message(result))
+    }
+
+    /// The signature of an image's kliko.yml, as the tier keeps it.
+    pub fn sign_image_file(&self, image_id: &str, bytes: &[u8]) -> String {
+        self.sign_message(&image_message(image_id, bytes))
+    }
+
+    fn sign_message(&self, message: &[u8]) -> String {
+        hex::encode(self.key.sign(message).to_bytes())
     }
 }
 
 fn message(result: &[u8]) -> Vec<u8> {
     [DOMAIN, result].concat()
+}
+
+/// What a signature of an image's file covers: the image's ID names the file too.
+fn image_message(image_id: &str, bytes: &[u8]) -> Vec<u8> {
+    [IMAGE_DOMAIN, image_id.as_bytes(), b"\n", bytes].concat()
 }
 
 /// Which records a reader uses.
@@ -235,6 +251,21 @@ impl Trust {
 
     /// The verdict on a record whose result is stored as `result`, signed as given.
     pub fn judge(&self, result: &[u8], signed_by: Option<&str>, signature: Option<&str>) -> Verdict {
+        self.judge_message(&message(result), signed_by, signature)
+    }
+
+    /// The verdict on an image's kliko.yml kept on the tier, signed as given.
+    pub fn judge_image_file(
+        &self,
+        image_id: &str,
+        bytes: &[u8],
+        signed_by: Option<&str>,
+        signature: Option<&str>,
+    ) -> Verdict {
+        self.judge_message(&image_message(image_id, bytes), signed_by, signature)
+    }
+
+    fn judge_message(&self, message: &[u8], signed_by: Option<&str>, signature: Option<&str>) -> Verdict {
         let (signer, sig) = match (signed_by, signature) {
             (None, None) if self.is_restricted() => {
                 return Verdict::Ignored("it is not signed, and only signed records are trusted".into())
@@ -250,7 +281,7 @@ impl Trust {
         if hex::decode_to_slice(sig, &mut bytes).is_err() {
             return Verdict::Ignored("its signature is malformed".into());
         }
-        if signer.0.verify(&message(result), &ed25519_dalek::Signature::from_bytes(&bytes)).is_err() {
+        if signer.0.verify(message, &ed25519_dalek::Signature::from_bytes(&bytes)).is_err() {
             return Verdict::Ignored(format!("its signature by {signer} does not match its contents"));
         }
         if self.is_restricted() && !self.keys.contains(&signer) {

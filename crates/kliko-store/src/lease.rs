@@ -82,9 +82,14 @@ pub trait Lease: Send + Sync {
     /// Tell waiters where the run's logs are (`stdout.log` and `stderr.log` in `dir`).
     fn announce_logs(&mut self, dir: &Path) -> io::Result<()>;
 
-    /// A handle that says the holder is still alive: called every [`HEARTBEAT`] from another
-    /// task while the run goes on (it may block briefly; a failure is ignored).
+    /// A handle that says the holder is still alive: called every [`Lease::heartbeat`] from
+    /// another task while the run goes on (it may block briefly; a failure is ignored).
     fn renewer(&self) -> Box<dyn Fn() + Send + Sync>;
+
+    /// How often [`Lease::renewer`] is called.
+    fn heartbeat(&self) -> Duration {
+        HEARTBEAT
+    }
 
     /// Let go, saying how the run ended.
     fn release(self: Box<Self>, how: Release);

@@ -117,26 +117,37 @@ impl Engine {
 
     /// The shared tier, once its first request has answered: a configuration the user must
     /// fix (no such bucket, refused credentials, a folder they may not write) is an error
-    /// before anything runs; a tier that does not answer is one warning, and this engine
-    /// goes on without it.
+    /// before anything runs; a tier that does not answer is one warning (said to the first
+    /// observer that asks), and this engine goes on without it.
     pub(crate) async fn usable_remote(&self, obs: &dyn crate::Observer) -> Result<Option<&Arc<kliko_remote::Remote>>> {
+        let Some((remote, ready, warning)) = self.checked_remote().await? else { return Ok(None) };
+        if let Some(w) = warning {
+            if !self.remote_warned.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                obs.event(&Event::Warning(w.clone()));
+            }
+        }
+        Ok(ready.then_some(remote))
+    }
+
+    /// [`Engine::usable_remote`] without saying its warning: the tier, whether it answered,
+    /// and the warning when it did not.
+    pub(crate) async fn checked_remote(&self) -> Result<Option<(&Arc<kliko_remote::Remote>, bool, Option<&String>)>> {
         let Some(remote) = &self.remote else { return Ok(None) };
-        let ready = self
+        let (ready, warning) = self
             .remote_ready
             .get_or_try_init(|| async {
                 match remote.preflight().await? {
-                    None => Ok::<_, crate::EngineError>(true),
+                    None => Ok::<_, EngineError>((true, None)),
                     Some(warning) => {
                         if let Some(t) = &self.tier_leases {
                             t.disable();
                         }
-                        obs.event(&Event::Warning(warning));
-                        Ok(false)
+                        Ok((false, Some(warning)))
                     }
                 }
             })
             .await?;
-        Ok(ready.then_some(remote))
+        Ok(Some((remote, *ready, warning.as_ref())))
     }
 
     /// Put stored tree `tree` at `target`, which shows either its old contents or the

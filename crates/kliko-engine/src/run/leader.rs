@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use kliko_core::trace::mark;
 use kliko_runtime::{LogChunk, Outcome};
 use kliko_spec::IoMode;
-use kliko_store::lease::{Failure, Holder, Lease, Release, HEARTBEAT};
+use kliko_store::lease::{Failure, Holder, Lease, Release};
 use kliko_store::records::{now_ms, ActionResult};
 use kliko_store::{IngestMode, MaterializeMode};
 use tokio::sync::mpsc;
@@ -279,7 +279,7 @@ impl Engine {
         // a machine waiting on it finds the result; still under gc.lock, so gc cannot take
         // an object from under the upload.
         let mut published = None;
-        let usable = self.remote_ready.get().copied().unwrap_or(true);
+        let usable = self.remote_ready.get().is_none_or(|(ready, _)| *ready);
         if let Some(remote) = self.remote.as_ref().filter(|r| recorded && usable && !r.is_read_only()) {
             match remote.publish(&store, &result).await {
                 Ok(p) => {
@@ -321,8 +321,9 @@ struct Heartbeat(tokio::task::JoinHandle<()>);
 impl Heartbeat {
     fn start(lease: &dyn Lease) -> Heartbeat {
         let renew: Arc<dyn Fn() + Send + Sync> = Arc::from(lease.renewer());
+        let every = lease.heartbeat();
         Heartbeat(tokio::spawn(async move {
-            let mut tick = tokio::time::interval(HEARTBEAT);
+            let mut tick = tokio::time::interval(every);
             loop {
                 tick.tick().await;
                 let r = renew.clone();
