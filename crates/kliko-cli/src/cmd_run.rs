@@ -277,11 +277,12 @@ pub fn run(store_root: &Path, args: Vec<OsString>) -> anyhow::Result<ExitCode> {
             cancel.clone(),
             "kliko: stopping: the container is being stopped and removed; nothing is cached",
         );
-        let obs = Arc::new(Term { json: a.json, quiet: a.quiet });
+        let obs = Arc::new(Term { json: a.json, quiet: a.quiet, said: Default::default() });
         // A failed hold is taken again (and its error reported) by the run itself.
-        let report = engine.run_with(req, Some(meta), hold.ok(), obs, cancel).await?;
+        let report = engine.run_with(req, Some(meta), hold.ok(), obs.clone(), cancel).await?;
         kliko_core::trace::mark("run finished");
-        finish(&a, &report)
+        let said = std::mem::take(&mut *obs.said.lock().unwrap_or_else(|p| p.into_inner()));
+        finish(&a, &report, &said)
     })
 }
 
@@ -463,6 +464,8 @@ pub fn parse_duration(s: &str) -> anyhow::Result<Duration> {
 struct Term {
     json: bool,
     quiet: bool,
+    /// The warnings said as they happened (a failed run's report repeats only the others).
+    said: std::sync::Mutex<Vec<String>>,
 }
 
 impl Observer for Term {
@@ -490,13 +493,17 @@ impl Observer for Term {
                 "kliko: an identical run is in progress (pid {} on `{}`, since {}); waiting for its result",
                 holder.pid, holder.host, holder.started_at
             ),
-            Event::Warning(w) => eprintln!("warning: {w}"),
+            Event::Warning(w) => {
+                eprintln!("warning: {w}");
+                self.said.lock().unwrap_or_else(|p| p.into_inner()).push(w.clone());
+            }
             _ => {}
         }
     }
 }
 
-fn finish(a: &RunArgs, r: &RunReport) -> anyhow::Result<ExitCode> {
+/// Report run `r`; `said`: its warnings that were already said as they happened.
+fn finish(a: &RunArgs, r: &RunReport, said: &[String]) -> anyhow::Result<ExitCode> {
     if a.json {
         let v = serde_json::json!({
             "key": r.key,
@@ -555,8 +562,10 @@ fn finish(a: &RunArgs, r: &RunReport) -> anyhow::Result<ExitCode> {
                 Status::LeaderFailed => format!("the identical run `{}` that this one waited on failed", r.image_ref),
                 _ => format!("`{}` exited with code {}", r.image_ref, r.exit_code),
             };
-            // Its warnings were said as they happened.
             eprintln!("error: {what}; nothing was cached");
+            for w in r.warnings.iter().filter(|w| !said.contains(w)) {
+                eprintln!("  {w}");
+            }
             if !r.log_tail.is_empty() {
                 eprintln!("last log lines:");
                 for l in &r.log_tail {

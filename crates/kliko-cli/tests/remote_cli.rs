@@ -187,3 +187,37 @@ fn a_killed_leader_on_one_machine_is_taken_over_by_another() {
     Out::of(a.kliko().args(["gc", "--older-than", "3650d"])).ok();
     assert_no_containers(&img);
 }
+
+/// Credentials and endpoint from `~/.aws/credentials` and `~/.aws/config` (as `aws configure`
+/// writes them), when the environment has none: against the real S3 server.
+#[test]
+fn s3_credentials_from_the_aws_files() {
+    let Ok(bucket) = std::env::var("KLIKO_TEST_S3") else {
+        eprintln!("KLIKO_TEST_S3 is not set: no S3 server to test against");
+        return;
+    };
+    let w = World::new();
+    let home = w.path("home");
+    let var = |k: &str| std::env::var(k).unwrap();
+    w.file(
+        "home/.aws/credentials",
+        &format!(
+            "[default]\naws_access_key_id = wrong\n[lofar]\naws_access_key_id = {}\naws_secret_access_key = {}\n",
+            var("AWS_ACCESS_KEY_ID"),
+            var("AWS_SECRET_ACCESS_KEY")
+        ),
+    );
+    w.file(
+        "home/.aws/config",
+        &format!("[profile lofar]\nregion = {}\nendpoint_url = {}\n", var("AWS_REGION"), var("AWS_ENDPOINT_URL")),
+    );
+    let mut c = w.kliko();
+    c.env("HOME", &home).env("AWS_PROFILE", "lofar");
+    for k in ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_ENDPOINT_URL"] {
+        c.env_remove(k);
+    }
+    c.arg("--remote").arg(format!("{bucket}/aws-files")).args(["remote", "check", "--probe-size", "0", "--json"]);
+    let o = Out::of(&mut c);
+    o.ok();
+    assert_eq!(o.json()["writable"].as_bool(), Some(true), "{}", o.stdout);
+}

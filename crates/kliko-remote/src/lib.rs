@@ -28,6 +28,7 @@
 //! ```
 
 pub mod admin;
+mod aws_files;
 #[cfg(feature = "fake")]
 pub mod fake;
 pub mod lease;
@@ -208,7 +209,8 @@ impl std::fmt::Debug for Remote {
 impl Remote {
     /// The tier at `url`: `s3://bucket/prefix` (credentials, region and endpoint from the
     /// standard `AWS_*` variables: `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`,
-    /// `AWS_ENDPOINT_URL`, `AWS_ALLOW_HTTP`, ...), or a shared folder as `file:///path` or a
+    /// `AWS_ENDPOINT_URL`, `AWS_ALLOW_HTTP`, ..., else from `~/.aws/credentials` and
+    /// `~/.aws/config`, profile `$AWS_PROFILE`), or a shared folder as `file:///path` or a
     /// plain absolute path (created if absent). `read_only`: fetch, never publish.
     pub fn open(url: &str, read_only: bool) -> Result<Remote> {
         Remote::open_with(url, read_only, &[])
@@ -229,6 +231,11 @@ impl Remote {
             // `AWS_ENDPOINT`. Either works.
             if let Ok(e) = std::env::var("AWS_ENDPOINT_URL") {
                 b = b.with_endpoint(e);
+            }
+            // What `aws configure` wrote, for what the environment does not say.
+            for (k, v) in aws_files::settings() {
+                let key = k.parse::<object_store::aws::AmazonS3ConfigKey>().map_err(|e| bad(&e.to_string()))?;
+                b = b.with_config(key, v);
             }
             for (k, v) in options {
                 let key = k.parse::<object_store::aws::AmazonS3ConfigKey>().map_err(|e| bad(&e.to_string()))?;
