@@ -19,6 +19,11 @@ pub struct Cli {
     /// Read results from the shared tier, never write to it.
     #[arg(long, global = true)]
     pub remote_read_only: bool,
+    /// Report a run done as soon as its output is in place, and publish it to the shared tier
+    /// in the background (the command ends when the upload has; a pipeline's next steps start
+    /// meanwhile).
+    #[arg(long, global = true)]
+    pub remote_async: bool,
     #[command(subcommand)]
     pub command: Command,
 }

@@ -44,10 +44,12 @@ fn run_pipeline(store_root: &Path, file: &Path, opts: Options, json: bool, verbo
         );
         let names: Vec<String> = pipeline.steps.iter().map(|s| s.name.clone()).collect();
         let term = Arc::new(Term::new(names, verbose));
-        let executor = Arc::new(kliko_pipeline::InProcess::new(engine));
+        let executor = Arc::new(kliko_pipeline::InProcess::new(engine.clone()));
         let report = kliko_pipeline::run(executor, &pipeline, &checked, opts, term.clone(), cancel).await?;
         term.finish();
         summary(&report);
+        // Uploads left in the background (`--remote-async`) end before the command does.
+        crate::finish_background(&engine).await;
         if json {
             println!("{}", serde_json::to_string(&report)?);
         }

@@ -282,7 +282,10 @@ pub fn run(store_root: &Path, args: Vec<OsString>) -> anyhow::Result<ExitCode> {
         let report = engine.run_with(req, Some(meta), hold.ok(), obs.clone(), cancel).await?;
         kliko_core::trace::mark("run finished");
         let said = std::mem::take(&mut *obs.said.lock().unwrap_or_else(|p| p.into_inner()));
-        finish(&a, &report, &said)
+        let code = finish(&a, &report, &said);
+        // The output is in place and reported; the upload (`--remote-async`) ends first.
+        crate::finish_background(&engine).await;
+        code
     })
 }
 
@@ -521,6 +524,7 @@ fn finish(a: &RunArgs, r: &RunReport, said: &[String]) -> anyhow::Result<ExitCod
             "recorded": r.recorded,
             "hit_from": r.hit_from,
             "published": r.published,
+            "publishing_in_background": r.publishing,
             "warnings": r.warnings,
         });
         println!("{v}");
@@ -543,6 +547,9 @@ fn finish(a: &RunArgs, r: &RunReport, said: &[String]) -> anyhow::Result<ExitCod
                             p.uploaded,
                             kliko_core::units::human_bytes(p.bytes)
                         ),
+                        None if r.publishing => {
+                            format!("ran in {}; publishing to the shared tier in the background", human_ms(r.wall_ms))
+                        }
                         None => format!("ran in {}", human_ms(r.wall_ms)),
                     },
                 };

@@ -54,6 +54,8 @@ fn main() -> ExitCode {
 
 /// The shared tier the command line names (`--remote`, `$KLIKO_REMOTE`), set once at start.
 static REMOTE: std::sync::OnceLock<Option<(String, bool)>> = std::sync::OnceLock::new();
+/// `--remote-async`.
+static REMOTE_ASYNC: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// The shared tier the command line names, with this user's keys, if one is configured.
 pub fn remote() -> anyhow::Result<Option<kliko_remote::Remote>> {
@@ -74,11 +76,13 @@ pub fn engine(store: std::sync::Arc<kliko_store::Store>) -> anyhow::Result<kliko
             .max(std::time::Duration::from_secs(1)),
         _ => kliko_remote::lease::TTL,
     };
-    Ok(engine.with_remote_ttl(std::sync::Arc::new(remote), ttl))
+    let background = REMOTE_ASYNC.load(std::sync::atomic::Ordering::Relaxed);
+    Ok(engine.with_remote_ttl(std::sync::Arc::new(remote), ttl).with_remote_async(background))
 }
 
 fn dispatch(cli: cli::Cli) -> anyhow::Result<ExitCode> {
     let _ = REMOTE.set(cli.remote.clone().filter(|u| !u.is_empty()).map(|u| (u, cli.remote_read_only)));
+    REMOTE_ASYNC.store(cli.remote_async, std::sync::atomic::Ordering::Relaxed);
     let store = cli.store.clone();
     let store_root = || {
         store.clone().or_else(kliko_store::Store::default_root).ok_or_else(|| {
@@ -129,6 +133,33 @@ fn validate(files: &[std::path::PathBuf]) -> ExitCode {
     } else {
         ExitCode::from(1)
     }
+}
+
+/// Wait for the publishes `engine` left in the background (`--remote-async`) and say how each
+/// ended, on stderr. Whether all succeeded.
+pub async fn finish_background(engine: &kliko_engine::Engine) -> bool {
+    let mut ok = true;
+    for b in engine.finish_background().await {
+        match b.outcome {
+            Ok(p) => eprintln!(
+                "kliko: published `{}` (key {}) to the shared tier in the background: {} new files, {}",
+                b.image,
+                b.key.short(16),
+                p.uploaded,
+                kliko_core::units::human_bytes(p.bytes)
+            ),
+            Err(e) => {
+                ok = false;
+                eprintln!(
+                    "warning: `{}` (key {}) is stored here, but publishing it to the shared tier failed ({e}); \
+                     `kliko remote push` publishes it later",
+                    b.image,
+                    b.key.short(16)
+                );
+            }
+        }
+    }
+    ok
 }
 
 /// Cancel `cancel` on the first SIGINT (Ctrl-C) or SIGTERM, saying `message` on stderr.

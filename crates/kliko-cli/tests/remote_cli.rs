@@ -221,3 +221,25 @@ fn s3_credentials_from_the_aws_files() {
     o.ok();
     assert_eq!(o.json()["writable"].as_bool(), Some(true), "{}", o.stdout);
 }
+
+#[test]
+fn remote_async_publishes_after_the_run_is_reported_and_before_the_command_ends() {
+    let img = image("remote-async");
+    let (a, b) = (World::new(), World::new());
+    let tier = a.path("tier");
+    let input = a.folder("in", &[("a.txt", "alpha")]);
+    let mut c = a.kliko();
+    c.arg("--remote").arg(&tier).arg("--remote-async").arg("run").arg(&img.tag);
+    c.arg("--input").arg(&input).arg("--output").arg(a.path("out")).arg("--json");
+    let made = Out::of(&mut c);
+    made.ok();
+    assert_eq!(made.json()["publishing_in_background"].as_bool(), Some(true), "{}", made.stdout);
+    assert!(made.stderr.contains("to the shared tier in the background"), "{}", made.stderr);
+    let mut c = b.kliko();
+    c.arg("--remote").arg(&tier).arg("run").arg(&img.tag);
+    c.arg("--input").arg(&input).arg("--output").arg(b.path("out")).arg("--json");
+    let hit = Out::of(&mut c);
+    hit.ok();
+    assert_eq!(hit.json()["hit_from"].as_str(), Some("remote"), "{}", hit.stderr);
+    assert_no_containers(&img);
+}

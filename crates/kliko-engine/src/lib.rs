@@ -67,6 +67,17 @@ pub struct Engine {
     /// warning when it did not.
     remote_ready: tokio::sync::OnceCell<(bool, Option<String>)>,
     remote_warned: std::sync::atomic::AtomicBool,
+    /// Publish after the run is reported done, in the background.
+    remote_async: bool,
+    background: std::sync::Mutex<Vec<tokio::task::JoinHandle<Background>>>,
+}
+
+/// How a publish in the background ended.
+#[derive(Debug)]
+pub struct Background {
+    pub key: Digest,
+    pub image: String,
+    pub outcome: std::result::Result<kliko_remote::Published, String>,
 }
 
 /// What a run reads.
@@ -230,6 +241,9 @@ pub struct RunReport {
     pub hit_from: Option<Tier>,
     /// For a miss with a shared tier: what was published there.
     pub published: Option<kliko_remote::Published>,
+    /// Publishing goes on in the background ([`Engine::with_remote_async`]):
+    /// [`Engine::finish_background`] says how it ended.
+    pub publishing: bool,
     pub warnings: Vec<String>,
     #[serde(skip)]
     pub result: Option<ActionResult>,
@@ -279,6 +293,8 @@ impl Engine {
             tier_leases: None,
             remote_ready: Default::default(),
             remote_warned: Default::default(),
+            remote_async: false,
+            background: Default::default(),
         }
     }
 
@@ -293,6 +309,8 @@ impl Engine {
             tier_leases: None,
             remote_ready: Default::default(),
             remote_warned: Default::default(),
+            remote_async: false,
+            background: Default::default(),
         }
     }
 
@@ -323,6 +341,26 @@ impl Engine {
         }
         self.remote = Some(remote);
         self
+    }
+
+    /// Publish each new result to the shared tier in the background, after its run is
+    /// reported done (the lease on it is held until the upload ends, so machines waiting on it
+    /// still find the result); [`Engine::finish_background`] waits for them.
+    pub fn with_remote_async(mut self, on: bool) -> Engine {
+        self.remote_async = on;
+        self
+    }
+
+    /// Wait for every publish still going on in the background; how each ended.
+    pub async fn finish_background(&self) -> Vec<Background> {
+        let handles = std::mem::take(&mut *self.background.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut out = Vec::new();
+        for h in handles {
+            if let Ok(b) = h.await {
+                out.push(b);
+            }
+        }
+        out
     }
 
     pub fn remote(&self) -> Option<&Arc<kliko_remote::Remote>> {

@@ -684,3 +684,29 @@ async fn a_tier_that_ignores_conditional_writes_gets_no_leases_and_one_warning()
     assert_eq!(std::fs::read_dir(tier.path().join("kliko-remote-v1/ac")).unwrap().count(), 1);
     assert_eq!(ra.key, rb.key);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_published_in_the_background_is_a_hit_elsewhere_once_the_upload_ends() {
+    let tier = tempfile::tempdir().unwrap();
+    let remote = tier.path().to_str().unwrap();
+    let mut a = machine_on(remote, &[], |r| r);
+    let engine = Arc::try_unwrap(std::mem::replace(&mut a.engine, Arc::new(Engine::new(a.store.clone()))))
+        .ok()
+        .expect("one owner");
+    a.engine = Arc::new(engine.with_remote_async(true));
+    let made = a.run(a.request("tool:1", "out")).await.unwrap();
+    assert_eq!((made.cache, made.status), (Cache::Miss, Status::Succeeded));
+    assert!(made.publishing && made.published.is_none(), "{made:?}");
+    assert_eq!(read(&a.root.join("out/data.txt")), "visibilities", "the output is in place at once");
+    let done = a.engine.finish_background().await;
+    assert_eq!(done.len(), 1);
+    let p = done[0].outcome.as_ref().expect("published");
+    assert!(p.uploaded >= 4, "{p:?}");
+    assert!(a.engine.finish_background().await.is_empty(), "each is reported once");
+    // The lease was let go after the upload.
+    let lease = tier.path().join("kliko-remote-v1/leases").join(made.key.to_hex());
+    assert_eq!(std::fs::read_dir(&lease).map(|d| d.count()).unwrap_or(0), 0);
+    let b = machine_on(remote, &[], |r| r);
+    let hit = b.run(b.request("tool:1", "out")).await.unwrap();
+    assert_eq!((hit.cache, hit.hit_from), (Cache::Hit, Some(kliko_engine::Tier::Remote)));
+}

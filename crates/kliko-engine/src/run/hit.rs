@@ -70,6 +70,7 @@ impl Engine {
             recorded: true,
             hit_from: Some(from),
             published: None,
+            publishing: false,
             warnings: Vec::new(),
             result: Some(result),
         }))

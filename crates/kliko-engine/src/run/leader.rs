@@ -56,20 +56,41 @@ impl Engine {
             // check before this run; by now it has landed. (Ours is gone already.)
             self.remove_orphans(&ctx.prep.key).await;
         }
-        drop(heartbeat);
         // Dropping it removes the folder (a container may have left read-only folders in it).
         let _ = tokio::task::spawn_blocking(move || drop(scratch)).await;
         match result {
+            Ok((report, None)) if report.publishing => {
+                // Published in the background, still holding the lease (and renewing it), so
+                // that a machine waiting on it finds the result when it is let go.
+                let (remote, store, result) = (self.remote.clone(), self.store.clone(), report.result.clone());
+                let (key, image) = (ctx.prep.key, report.image_ref.clone());
+                let task = tokio::spawn(async move {
+                    let outcome = match (remote, result) {
+                        (Some(r), Some(res)) => r.publish(&store, &res).await.map_err(|e| crate::error::chain(&e)),
+                        _ => Err("nothing to publish".to_string()),
+                    };
+                    drop(heartbeat);
+                    release(lease, Release::Succeeded).await;
+                    crate::Background { key, image, outcome }
+                });
+                let mut bg = self.background.lock().unwrap_or_else(|p| p.into_inner());
+                bg.retain(|h| !h.is_finished());
+                bg.push(task);
+                Ok(report)
+            }
             Ok((report, None)) => {
+                drop(heartbeat);
                 let how = if report.status == Status::Cancelled { Release::Abandoned } else { Release::Succeeded };
                 release(lease, how).await;
                 Ok(report)
             }
             Ok((report, Some(failure))) => {
+                drop(heartbeat);
                 release(lease, Release::Failed(failure)).await;
                 Ok(report)
             }
             Err(e) => {
+                drop(heartbeat);
                 // Its waiters would meet the same trouble (a full disk, an output the store
                 // refuses): tell them, as for a failed container, instead of letting each run
                 // it again in turn.
@@ -280,7 +301,9 @@ impl Engine {
         // an object from under the upload.
         let mut published = None;
         let usable = self.remote_ready.get().is_none_or(|(ready, _)| *ready);
-        if let Some(remote) = self.remote.as_ref().filter(|r| recorded && usable && !r.is_read_only()) {
+        let publish = self.remote.as_ref().filter(|r| recorded && usable && !r.is_read_only());
+        let in_background = publish.is_some() && self.remote_async;
+        if let Some(remote) = publish.filter(|_| !in_background) {
             match remote.publish(&store, &result).await {
                 Ok(p) => {
                     mark("published");
@@ -308,6 +331,7 @@ impl Engine {
         report.output_path = target.clone();
         report.recorded = recorded;
         report.published = published;
+        report.publishing = in_background;
         report.warnings = warnings;
         report.result = Some(result);
         Ok((report, None))

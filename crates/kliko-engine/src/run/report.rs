@@ -71,6 +71,7 @@ impl RunCtx<'_> {
             recorded: false,
             hit_from: None,
             published: None,
+            publishing: false,
             warnings: Vec::new(),
             result: None,
         }
