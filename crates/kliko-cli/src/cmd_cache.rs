@@ -14,11 +14,18 @@ use crate::cmd_run::human_ms;
 use crate::cmd_store::human_bytes;
 
 pub fn run(store_root: &Path, cmd: CacheCommand) -> anyhow::Result<ExitCode> {
-    let store =
-        Store::open(store_root).with_context(|| format!("cannot open the store at `{}`", store_root.display()))?;
+    let store = std::sync::Arc::new(
+        Store::open(store_root).with_context(|| format!("cannot open the store at `{}`", store_root.display()))?,
+    );
     match cmd {
         CacheCommand::Provenance { arg, depth, json } => {
-            let p = provenance::provenance(&store, &arg, depth)?;
+            // Runs made on other machines too, when a shared tier is configured.
+            let p = match crate::remote()? {
+                Some(remote) => {
+                    crate::runtime()?.block_on(provenance::provenance_with_tier(&store, Some(&remote), &arg, depth))?
+                }
+                None => provenance::provenance(&store, &arg, depth)?,
+            };
             if json {
                 println!("{}", serde_json::to_string_pretty(&p)?);
             } else {
@@ -27,7 +34,29 @@ pub fn run(store_root: &Path, cmd: CacheCommand) -> anyhow::Result<ExitCode> {
             Ok(if p.runs.is_empty() { ExitCode::from(1) } else { ExitCode::SUCCESS })
         }
         CacheCommand::Show { key, json, no_logs } => {
-            let key = resolve_key(&store, &key)?;
+            let key = match resolve_key(&store, &key) {
+                Ok(k) => k,
+                // A run made on another machine: its record on the shared tier.
+                Err(e) => match (crate::remote()?, key.parse::<Digest>()) {
+                    (Some(remote), Ok(k)) => {
+                        let found = crate::runtime()?.block_on(remote.record_of(&k))?;
+                        let kliko_remote::Record::Usable { result, signed_by } = found else { return Err(e) };
+                        if json {
+                            let mut v = serde_json::to_value(&result)?;
+                            v["on_shared_tier"] = true.into();
+                            v["signed_by"] = signed_by.map(|s| s.to_string()).into();
+                            println!("{}", serde_json::to_string_pretty(&v)?);
+                        } else {
+                            println!("run `{}`", result.key);
+                            print_run(&store, &result, "");
+                            let by = signed_by.map(|k| format!(", signed by {k}")).unwrap_or_default();
+                            println!("  where:       on the shared tier `{}`{by}; not in this store (a run here fetches it, logs too)", remote.url());
+                        }
+                        return Ok(ExitCode::SUCCESS);
+                    }
+                    _ => return Err(e),
+                },
+            };
             let db = store.db()?;
             let Some(r) = store.get_result(&db, &key)? else { bail!("no stored result has key `{key}`") };
             let complete = store.is_complete(&r);
@@ -203,7 +232,9 @@ fn print_provenance(store: &Store, p: &Provenance) {
         println!();
         println!("{indent}{head} `{}`", run.result.key);
         print_run(store, &run.result, &indent);
-        if !run.complete {
+        if run.from_tier {
+            println!("{indent}  where:       on the shared tier (made on another machine; a run here fetches it)");
+        } else if !run.complete {
             println!("{indent}  note:        some of its objects have been collected; a rerun would be a miss");
         }
     }

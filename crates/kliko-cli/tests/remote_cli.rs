@@ -243,3 +243,47 @@ fn remote_async_publishes_after_the_run_is_reported_and_before_the_command_ends(
     assert_eq!(hit.json()["hit_from"].as_str(), Some("remote"), "{}", hit.stderr);
     assert_no_containers(&img);
 }
+
+#[test]
+fn provenance_and_show_find_runs_made_on_another_machine() {
+    let one = split_image("remote-prov-one", "", "cp -r /input/. /output/\necho one > /output/one\n");
+    let two = split_image("remote-prov-two", "", "cp -r /input/. /output/\necho two > /output/two\n");
+    let (a, b) = (World::new(), World::new());
+    let tier = a.path("tier");
+    let input = a.folder("in", &[("a.txt", "alpha")]);
+    let run = |img: &TestImage, input: &Path, out: &str| {
+        let mut c = a.kliko();
+        c.arg("--remote").arg(&tier).arg("run").arg(&img.tag).arg("--input").arg(input);
+        c.arg("--output").arg(a.path(out)).arg("--json");
+        let o = Out::of(&mut c);
+        o.ok();
+        o
+    };
+    let first = run(&one, &input, "out1");
+    let second = run(&two, &a.path("out1"), "out2");
+    let output = second.json()["output"].as_str().unwrap().to_string();
+
+    // Machine B has never seen either run: the tier has them, and the lineage.
+    let mut c = b.kliko();
+    c.arg("--remote").arg(&tier).args(["provenance", &output, "--json"]);
+    let p = Out::of(&mut c);
+    p.ok();
+    let v: serde_json::Value = serde_json::from_str(&p.stdout).unwrap();
+    let runs = v["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 2, "{}", p.stdout);
+    assert_eq!(runs[0]["result"]["key"].as_str(), Some(second.key().as_str()));
+    assert_eq!(runs[1]["result"]["key"].as_str(), Some(first.key().as_str()));
+    assert_eq!((runs[1]["depth"].as_u64(), runs[1]["from_tier"].as_bool()), (Some(1), Some(true)));
+    // Without the tier, B knows nothing of it.
+    let none = Out::of(b.kliko().args(["provenance", &output]));
+    none.expect_code(2);
+
+    let mut c = b.kliko();
+    c.arg("--remote").arg(&tier).args(["show", &second.key()]);
+    let shown = Out::of(&mut c);
+    shown.ok();
+    assert!(shown.stdout.contains("on the shared tier") && !shown.stdout.contains(&one.tag), "{}", shown.stdout);
+    assert!(shown.stdout.contains(&two.tag), "{}", shown.stdout);
+    assert_no_containers(&one);
+    assert_no_containers(&two);
+}

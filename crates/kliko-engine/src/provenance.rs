@@ -27,6 +27,9 @@ pub struct ProvRun {
     /// Whether the result's objects are all still stored.
     pub complete: bool,
     pub pinned: bool,
+    /// Found on the shared tier, not in this store (made on another machine, never used here).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub from_tier: bool,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -98,7 +101,7 @@ pub fn provenance(store: &Store, arg: &str, depth: usize) -> Result<Provenance> 
         }
         let complete = store.is_complete(&result);
         let pinned = store.is_pinned(&db, &key)?;
-        runs.push(ProvRun { depth: d, feeds, result, complete, pinned });
+        runs.push(ProvRun { depth: d, feeds, result, complete, pinned, from_tier: false });
     }
     Ok(Provenance { query: arg.to_string(), digest, kind, runs, used_by })
 }
@@ -121,4 +124,59 @@ fn producers_of(store: &Store, db: &kliko_store::Db, input: &Digest) -> Result<V
     out.sort();
     out.dedup();
     Ok(out)
+}
+
+/// [`provenance`], and where this store knows no run that made it, the shared tier's: runs
+/// made on other machines (found by run key, or by output tree through the tier's provenance
+/// entries), followed back through the runs that made their inputs. On the tier a digest must
+/// be given whole (64 hex characters) or as a path.
+pub async fn provenance_with_tier(
+    store: &std::sync::Arc<Store>,
+    remote: Option<&kliko_remote::Remote>,
+    arg: &str,
+    depth: usize,
+) -> Result<Provenance> {
+    let local = {
+        let (s, a) = (store.clone(), arg.to_string());
+        crate::error::blocking(move || provenance(&s, &a, depth)).await
+    };
+    let Some(remote) = remote else { return local };
+    let (digest, kind) = match &local {
+        Ok(p) if !p.runs.is_empty() => return local,
+        Ok(p) => (p.digest, p.kind.clone()),
+        Err(EngineError::UnknownRef { hex: true, .. }) => match arg.parse::<Digest>() {
+            Ok(d) => (d, "key".to_string()),
+            Err(_) => return local,
+        },
+        Err(_) => return local,
+    };
+    let mut runs = Vec::new();
+    let mut seen = BTreeSet::new();
+    let first = if kind == "key" {
+        match remote.record_of(&digest).await? {
+            kliko_remote::Record::Usable { result, .. } => Some(*result),
+            _ => remote.producer_of(&digest).await?,
+        }
+    } else {
+        remote.producer_of(&digest).await?
+    };
+    let kind = match (&first, kind.as_str()) {
+        (Some(r), "key") if r.key != digest => "tree".to_string(),
+        _ => kind,
+    };
+    let mut queue: VecDeque<(ActionResult, usize, Option<Digest>)> = first.into_iter().map(|r| (r, 0, None)).collect();
+    while let Some((result, d, feeds)) = queue.pop_front() {
+        if !seen.insert(result.key) {
+            continue;
+        }
+        if d < depth {
+            if let Some(input) = result.preimage.input {
+                if let Some(producer) = remote.producer_of(&input).await? {
+                    queue.push_back((producer, d + 1, Some(result.key)));
+                }
+            }
+        }
+        runs.push(ProvRun { depth: d, feeds, result, complete: false, pinned: false, from_tier: true });
+    }
+    Ok(Provenance { query: arg.to_string(), digest, kind, runs, used_by: Vec::new() })
 }

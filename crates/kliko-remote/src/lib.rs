@@ -414,6 +414,26 @@ impl Remote {
         }
     }
 
+    /// Where the tier says which run made an output tree: `prov/<tree hex>.json`.
+    fn producer_path(&self, output: &Digest) -> ObjPath {
+        self.base.clone().join("prov").join(format!("{}.json", output.to_hex()))
+    }
+
+    /// The (usable, trusted) result of the run that made output tree `output`, by any machine.
+    pub async fn producer_of(&self, output: &Digest) -> Result<Option<ActionResult>> {
+        let Some(bytes) = self.get(&self.producer_path(output), "a provenance entry").await? else { return Ok(None) };
+        let Some(key) = serde_json::from_slice::<serde_json::Value>(&bytes)
+            .ok()
+            .and_then(|v| v["key"].as_str().and_then(|k| k.parse::<Digest>().ok()))
+        else {
+            return Ok(None);
+        };
+        Ok(match self.record_of(&key).await? {
+            Record::Usable { result, .. } if result.output == *output => Some(*result),
+            _ => None,
+        })
+    }
+
     /// The result recorded for `key` by any machine, with its objects, into `store`.
     pub async fn fetch(&self, store: &Arc<Store>, key: &Digest) -> Result<Fetched> {
         let result = match self.record_of(key).await? {
@@ -600,6 +620,13 @@ impl Remote {
             }
             Err(e) => return Err(self.backend("record a result")(e)),
         }
+        // Which run made this output, for `kliko provenance` on other machines (the entry is
+        // only a pointer: the record it names is judged when it is read).
+        let entry = serde_json::json!({ "key": result.key }).to_string();
+        self.os
+            .put(&self.producer_path(&result.output), PutPayload::from(entry.into_bytes()))
+            .await
+            .map_err(self.backend("record a provenance entry"))?;
         Ok(p)
     }
 
