@@ -3,6 +3,7 @@
 # one run, against a real S3 server (SeaweedFS on loopback, started by scripts/with-s3.sh):
 #
 #   a. raw GET: the output's files as plain objects, fetched with `curl --aws-sigv4`, 8 at once
+#   a'. the same, then `sync -f` (the files on disk, as kliko's are before it names them)
 #   b. kliko run on a machine that never ran it (a fresh, empty store): a hit from the tier
 #      (reads kliko.yml out of the image, creates the store, fetches and checks every file,
 #      places the output)
@@ -52,6 +53,8 @@ echo "== $(numfmt --to=iec "$total") in $((FILES + SMALL)) files: shared-tier hi
 hyperfine --style basic --export-json "$OUT/remote.json" --warmup 1 --runs "$RUNS" \
     --prepare "rm -rf $work/o-raw && mkdir $work/o-raw" \
     -n raw_s3_get "xargs -P 8 -I{} curl -sSf ${sig[*]:0:2} ${sig[*]:2:2} -o $work/o-raw/{} $endpoint/$bucket/raw-$$/{} < $work/names" \
+    --prepare "rm -rf $work/o-raws && mkdir $work/o-raws" \
+    -n raw_s3_get_synced "xargs -P 8 -I{} curl -sSf ${sig[*]:0:2} ${sig[*]:2:2} -o $work/o-raws/{} $endpoint/$bucket/raw-$$/{} < $work/names && sync -f $work/o-raws" \
     --prepare "rm -rf $work/o-remote $work/store-b" \
     -n kliko_remote_hit "$KLIKO --store $work/store-b --remote $REMOTE run $IMAGE --input $IN --output $work/o-remote -q --json >> $LOG_REMOTE" \
     --prepare "rm -rf $work/o-local" \
@@ -74,6 +77,7 @@ row() {
     echo "| command ($(numfmt --to=iec "$total"), $((FILES + SMALL)) files) | mean | throughput | ÷ raw GET |"
     echo "| --- | --- | --- | --- |"
     row "raw S3 GET, curl, 8 at once (baseline)" raw_s3_get
+    row "raw S3 GET, curl, 8 at once, then sync -f" raw_s3_get_synced
     row "kliko run, hit from the shared tier (fresh store)" kliko_remote_hit
     row "kliko run, local hit" kliko_local_hit
 } | tee "$OUT/remote-summary.md"

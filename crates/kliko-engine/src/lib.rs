@@ -284,26 +284,19 @@ pub enum Listed {
 impl Engine {
     /// An engine on `store` that runs containers through Docker (connected on first use).
     pub fn new(store: Arc<Store>) -> Engine {
-        let leases = Arc::new(store.leases());
-        Engine {
-            store,
-            runtime: OnceCell::new(),
-            leases,
-            remote: None,
-            tier_leases: None,
-            remote_ready: Default::default(),
-            remote_warned: Default::default(),
-            remote_async: false,
-            background: Default::default(),
-        }
+        Engine::on(store, OnceCell::new())
     }
 
     /// An engine on `store` that runs containers through `runtime`.
     pub fn with_runtime(store: Arc<Store>, runtime: Arc<dyn ContainerRuntime>) -> Engine {
+        Engine::on(store, OnceCell::new_with(Some(runtime)))
+    }
+
+    fn on(store: Arc<Store>, runtime: OnceCell<Arc<dyn ContainerRuntime>>) -> Engine {
         let leases = Arc::new(store.leases());
         Engine {
             store,
-            runtime: OnceCell::new_with(Some(runtime)),
+            runtime,
             leases,
             remote: None,
             tier_leases: None,
