@@ -170,6 +170,9 @@ impl Engine {
                     ),
                 }));
             }
+            // The tier's first request before its leases are used (a `--no-cache` run has not
+            // looked it up): a misconfigured tier is an error before anything runs.
+            self.usable_remote(&*obs).await?;
             let attempt = {
                 let (leases, key, me) = (self.leases().clone(), prep.key, me.clone());
                 blocking(move || leases.try_acquire(&key, &me).map_err(|source| EngineError::Lease { key, source }))
