@@ -26,5 +26,21 @@ pub mod units;
 
 pub use digest::{BadDigest, Digest};
 
+/// An error and its causes, joined by `: ` (for a warning line). A cause whose text the line
+/// already holds is left out (libraries often repeat their cause in their own message).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = c.source();
+    }
+    s
+}
+
 /// The version of the kliko store and key formats this build reads and writes.
 pub const STORE_FORMAT_VERSION: u32 = 1;

@@ -95,13 +95,4 @@ pub(crate) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + 
     tokio::task::spawn_blocking(f).await.map_err(|e| EngineError::Join(e.to_string()))?
 }
 
-/// An error and its causes, `: `-joined (for a warning line).
-pub(crate) fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(&format!(": {c}"));
-        cur = c.source();
-    }
-    s
-}
+pub(crate) use kliko_core::error_chain as chain;

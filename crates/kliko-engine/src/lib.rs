@@ -416,8 +416,9 @@ impl Engine {
         kliko_core::trace::mark("image inspected");
         let cached = self.store.image_file(&info.id, "/kliko.yml")?;
         let source = format!("{reference}:/kliko.yml");
+        let parse = |yml: &[u8]| Spec::parse(&source, &String::from_utf8_lossy(yml));
         if let Some(yml) = cached {
-            let spec = Spec::parse(&source, &String::from_utf8_lossy(&yml))?;
+            let spec = parse(&yml)?;
             return Ok(ImageMeta { reference: reference.to_string(), info, spec, kliko_yml: yml });
         }
         // A machine that has never used the image: the copy another machine left on the
@@ -430,7 +431,7 @@ impl Engine {
         let mut from_tier = None;
         if let Some(r) = remote {
             if let Ok(Some(yml)) = r.image_kliko_yml(&info.id).await {
-                match Spec::parse(&source, &String::from_utf8_lossy(&yml)) {
+                match parse(&yml) {
                     Ok(spec) => from_tier = Some((yml, spec)),
                     Err(_) => kliko_core::trace::mark("the tier's kliko.yml does not parse"),
                 }
@@ -443,10 +444,10 @@ impl Engine {
             }
             None => {
                 let yml = runtime.read_file(&info.id, "/kliko.yml").await?;
-                let spec = Spec::parse(&source, &String::from_utf8_lossy(&yml))?;
+                let spec = parse(&yml)?;
                 if let Some(r) = remote {
                     // For the next machine; losing it costs that machine one container.
-                    let _ = r.publish_image_kliko_yml(&info.id, &yml, true).await;
+                    let _ = r.publish_image_kliko_yml(&info.id, &yml).await;
                 }
                 (yml, spec)
             }

@@ -198,7 +198,12 @@ impl TierLeases {
         }
         entry.asked = now;
         entry.free = entry.since.elapsed() >= entry.ttl;
-        self.logs_seen.lock().expect("logs lock").entry(*key).or_insert((generation, now - REMOTE_POLL)).0 = generation;
+        self.logs_seen
+            .lock()
+            .expect("logs lock")
+            .entry(*key)
+            .or_insert((generation, now.checked_sub(REMOTE_POLL).unwrap_or(now)))
+            .0 = generation;
         Ok((entry.free, generation, holder_of(&body)))
     }
 
@@ -253,6 +258,23 @@ fn holder_of(body: &[u8]) -> Option<Holder> {
 /// `leases/<key>/<generation>.json` → the generation.
 fn generation_of(location: &ObjPath) -> Option<u64> {
     location.filename()?.strip_suffix(".json")?.parse().ok()
+}
+
+/// Delete every object under `prefix` that `doomed` picks; best effort (a failure leaves it
+/// for the next holder, or `kliko remote gc`).
+async fn delete_under(os: &Arc<dyn ObjectStore>, prefix: &ObjPath, doomed: impl Fn(&ObjPath) -> bool) {
+    let listed: Vec<ObjPath> = os
+        .list(Some(prefix))
+        .try_collect::<Vec<_>>()
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .map(|m| m.location)
+        .filter(|l| doomed(l))
+        .collect();
+    for l in listed {
+        let _ = os.delete(&l).await;
+    }
 }
 
 /// `a/b/c` → `a/b`.
@@ -503,33 +525,10 @@ impl Lease for TierLease {
             let _ = os.delete(&path).await;
             // And the generations this one took over from (holders that died): left, they
             // would make the next machine to run this key wait out their expiry again.
-            let older: Vec<ObjPath> = os
-                .list(Some(&dir))
-                .try_collect::<Vec<_>>()
-                .await
-                .unwrap_or_default()
-                .into_iter()
-                .map(|m| m.location)
-                .filter(|l| generation_of(l).is_some_and(|g| g < generation))
-                .collect();
-            for l in older {
-                let _ = os.delete(&l).await;
-            }
+            delete_under(&os, &dir, |l| generation_of(l).is_some_and(|g| g < generation)).await;
             // The log chunks of generations before this one (this one's stay for waiters that
             // are reading them now; the next holder, or `kliko remote gc`, removes them).
-            let key_logs = parent_of(&logs_dir);
-            let old_logs: Vec<ObjPath> = os
-                .list(Some(&key_logs))
-                .try_collect::<Vec<_>>()
-                .await
-                .unwrap_or_default()
-                .into_iter()
-                .map(|m| m.location)
-                .filter(|l| !l.prefix_matches(&logs_dir))
-                .collect();
-            for l in old_logs {
-                let _ = os.delete(&l).await;
-            }
+            delete_under(&os, &parent_of(&logs_dir), |l| !l.prefix_matches(&logs_dir)).await;
         });
         local.release(how);
     }

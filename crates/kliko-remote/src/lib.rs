@@ -88,20 +88,7 @@ pub enum RemoteError {
     Trust(#[from] trust::TrustError),
 }
 
-/// `e` and its causes, joined by `: `.
-pub(crate) fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let t = c.to_string();
-        if !s.contains(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        cur = c.source();
-    }
-    s
-}
+pub(crate) use kliko_core::error_chain as chain;
 
 pub type Result<T, E = RemoteError> = std::result::Result<T, E>;
 
@@ -393,9 +380,9 @@ impl Remote {
     }
 
     /// Leave image `image_id`'s kliko.yml on the tier (signed, if this machine has a key), for
-    /// machines that have not read it yet. `replace`: over a copy there (one this machine
-    /// found unusable); else only if none is there.
-    pub async fn publish_image_kliko_yml(&self, image_id: &str, yml: &[u8], replace: bool) -> Result<()> {
+    /// machines that have not read it yet, over any copy there (this machine read the file out
+    /// of the image because it found no copy it could use).
+    pub async fn publish_image_kliko_yml(&self, image_id: &str, yml: &[u8]) -> Result<()> {
         let Ok(text) = std::str::from_utf8(yml) else { return Ok(()) };
         if self.read_only {
             return Ok(());
@@ -406,12 +393,11 @@ impl Remote {
         };
         let f = ImageFile { image_id: image_id.to_string(), kliko_yml: text.to_string(), signed_by, signature };
         let body = serde_json::to_vec(&f).expect("an image file serializes");
-        let mode = if replace { PutMode::Overwrite } else { PutMode::Create };
-        let opts = PutOptions { mode, ..Default::default() };
-        match self.os.put_opts(&self.image_file(image_id), PutPayload::from(body), opts).await {
-            Ok(_) | Err(object_store::Error::AlreadyExists { .. }) => Ok(()),
-            Err(e) => Err(self.backend("leave an image's kliko.yml")(e)),
-        }
+        self.os
+            .put(&self.image_file(image_id), PutPayload::from(body))
+            .await
+            .map(|_| ())
+            .map_err(self.backend("leave an image's kliko.yml"))
     }
 
     /// Where the tier says which run made an output tree: `prov/<tree hex>.json`.

@@ -47,16 +47,7 @@ impl IntoResponse for PageError {
     }
 }
 
-/// The chain of an error, `: `-joined.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(&format!(": {c}"));
-        cur = c.source();
-    }
-    s
-}
+use kliko_core::error_chain as chain;
 
 /// An engine error as a browser user reads it: what went wrong, then, where there is
 /// something to do about it, what (in this interface's terms, never a command-line flag).

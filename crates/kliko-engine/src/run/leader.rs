@@ -295,7 +295,7 @@ impl Engine {
         let recorded = recorded?;
         placed?;
         mark("recorded and placed");
-        let mut warnings = Vec::new();
+        // Warnings are said to the observer; `run_with` puts every one in the report.
         // Published before the run is reported done (and before its lease is let go), so
         // a machine waiting on it finds the result; still under gc.lock, so gc cannot take
         // an object from under the upload.
@@ -314,16 +314,14 @@ impl Engine {
                         "the result is stored here, but publishing it to the shared tier failed ({})",
                         crate::error::chain(&e)
                     );
-                    obs.event(&Event::Warning(w.clone()));
-                    warnings.push(w);
+                    obs.event(&Event::Warning(w));
                 }
             }
         }
         drop(gc_guard);
         if !recorded {
             let w = "the input folder changed while the container ran: the output is kept but not cached".to_string();
-            obs.event(&Event::Warning(w.clone()));
-            warnings.push(w);
+            obs.event(&Event::Warning(w));
         }
         obs.event(&Event::Finished { status: Status::Succeeded, exit_code: 0 });
         let mut report = ctx.base_report(Status::Succeeded, 0);
@@ -332,7 +330,6 @@ impl Engine {
         report.recorded = recorded;
         report.published = published;
         report.publishing = in_background;
-        report.warnings = warnings;
         report.result = Some(result);
         Ok((report, None))
     }
