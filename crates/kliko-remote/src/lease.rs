@@ -120,7 +120,7 @@ impl TierLeases {
     }
 
     fn failed_path(&self, key: &Digest) -> ObjPath {
-        self.remote.base.clone().join("failed").join(format!("{}.json", key.to_hex()))
+        self.remote.failure_path(key)
     }
 
     fn os(&self) -> &Arc<dyn ObjectStore> {

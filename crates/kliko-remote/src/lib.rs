@@ -86,6 +86,8 @@ pub enum RemoteError {
     ReadOnly(String),
     #[error(transparent)]
     Trust(#[from] trust::TrustError),
+    #[error("the shared tier `{url}` lacks part of {what}: {reason}")]
+    Incomplete { url: String, what: String, reason: String },
 }
 
 pub(crate) use kliko_core::error_chain as chain;
@@ -428,11 +430,33 @@ impl Remote {
             Record::Unusable { reason } => return Ok(Fetched::Unusable { reason }),
             Record::Usable { result, .. } => *result,
         };
+        let extra = [(result.stdout, result.stdout_bytes), (result.stderr, result.stderr_bytes)];
+        let (objects, total) = match self.fetch_objects(store, result.output, &extra).await? {
+            Ok(got) => got,
+            Err(reason) => return Ok(Fetched::Unusable { reason }),
+        };
+        let (s, r) = (store.clone(), result.clone());
+        tokio::task::spawn_blocking(move || s.journal_result(&r, None))
+            .await
+            .map_err(|e| RemoteError::Join(e.to_string()))??;
+        Ok(Fetched::Hit { result: Box::new(result), objects, bytes: total })
+    }
+
+    /// Every object of tree `root` (and the blobs `extra`) that `store` lacks, from the tier,
+    /// into `store`: `Ok(Ok((objects, bytes)))` fetched; `Ok(Err(reason))` one is missing
+    /// from the tier or does not match its digest (nothing partial is placed: trees and
+    /// files enter the store only once verified).
+    async fn fetch_objects(
+        &self,
+        store: &Arc<Store>,
+        root: Digest,
+        extra: &[(Digest, u64)],
+    ) -> Result<Result<(usize, u64), String>> {
         let (mut objects, mut total) = (0usize, 0u64);
         // Trees first, level by level: a tree names the objects under it.
         let mut files = BTreeSet::new();
         let mut seen = BTreeSet::new();
-        let mut stack = vec![result.output];
+        let mut stack = vec![root];
         while let Some(t) = stack.pop() {
             if !seen.insert(t) {
                 continue;
@@ -441,10 +465,10 @@ impl Remote {
                 Ok(b) => b,
                 Err(StoreError::Missing { .. } | StoreError::Corrupt { .. }) => {
                     let Some(b) = self.get(&self.object(ObjectKind::Tree, &t), "a tree").await? else {
-                        return Ok(Fetched::Unusable { reason: format!("its tree {t} is missing from the tier") });
+                        return Ok(Err(format!("its tree {t} is missing from the tier")));
                     };
                     if ObjectKind::Tree.digest_of(&b) != t {
-                        return Ok(Fetched::Unusable { reason: format!("its tree {t} does not match its digest") });
+                        return Ok(Err(format!("its tree {t} does not match its digest")));
                     }
                     store.put_bytes(ObjectKind::Tree, &b)?;
                     objects += 1;
@@ -455,7 +479,7 @@ impl Remote {
             };
             let tree = match Tree::decode(&encoded) {
                 Ok(tree) => tree,
-                Err(e) => return Ok(Fetched::Unusable { reason: format!("its tree {t} is unreadable ({e})") }),
+                Err(e) => return Ok(Err(format!("its tree {t} is unreadable ({e})"))),
             };
             for e in tree.entries.values() {
                 match e {
@@ -467,8 +491,7 @@ impl Remote {
                 }
             }
         }
-        files.insert((result.stdout, result.stdout_bytes));
-        files.insert((result.stderr, result.stderr_bytes));
+        files.extend(extra.iter().copied());
         let missing: Vec<(Digest, u64)> = files.into_iter().filter(|(d, size)| !store.has_blob(d, *size)).collect();
         let outcomes: Vec<Result<(tempfile::TempPath, Digest), String>> =
             futures_util::stream::iter(missing.iter().copied())
@@ -481,7 +504,7 @@ impl Remote {
         for outcome in outcomes {
             match outcome {
                 Ok(file) => fetched.push(file),
-                Err(reason) => return Ok(Fetched::Unusable { reason }),
+                Err(reason) => return Ok(Err(reason)),
             }
         }
         let s = store.clone();
@@ -490,11 +513,41 @@ impl Remote {
             .map_err(|e| RemoteError::Join(e.to_string()))??;
         objects += missing.len();
         total += missing.iter().map(|(_, s)| s).sum::<u64>();
-        let (s, r) = (store.clone(), result.clone());
-        tokio::task::spawn_blocking(move || s.journal_result(&r, None))
-            .await
-            .map_err(|e| RemoteError::Join(e.to_string()))??;
-        Ok(Fetched::Hit { result: Box::new(result), objects, bytes: total })
+        Ok(Ok((objects, total)))
+    }
+
+    /// Tree `tree` and everything under it, from the tier into `store` (a cluster job's
+    /// input, put there by the dispatcher with [`Remote::push_tree`]). `Err` with
+    /// [`RemoteError::Incomplete`] when the tier lacks part of it.
+    pub async fn fetch_tree(&self, store: &Arc<Store>, tree: &Digest) -> Result<(usize, u64)> {
+        match self.fetch_objects(store, *tree, &[]).await? {
+            Ok(got) => Ok(got),
+            Err(reason) => Err(RemoteError::Incomplete { url: self.url.clone(), what: format!("tree {tree}"), reason }),
+        }
+    }
+
+    /// Put tree `tree` of `store`, and everything under it, on the tier (only what it lacks):
+    /// how a dispatcher hands a run's input to a machine that does not share its store.
+    /// Returns how many objects were uploaded and their bytes.
+    pub async fn push_tree(&self, store: &Arc<Store>, tree: &Digest) -> Result<(usize, u64)> {
+        if self.read_only {
+            return Err(RemoteError::ReadOnly(self.url.clone()));
+        }
+        self.upload_tree(store, tree, Default::default()).await.map(|p| (p.uploaded, p.bytes))
+    }
+
+    /// Forget the failure record of `key` (a new attempt is about to start elsewhere, and must
+    /// not be judged by the last one's failure).
+    pub async fn forget_failure(&self, key: &Digest) -> Result<()> {
+        match self.os.delete(&self.failure_path(key)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.backend("remove a failure record")(e)),
+        }
+    }
+
+    /// Where a failed leader of `key` says how it failed: `failed/<key>.json`.
+    pub(crate) fn failure_path(&self, key: &Digest) -> ObjPath {
+        self.base.clone().join("failed").join(format!("{}.json", key.to_hex()))
     }
 
     /// Download blob `d` into a file in `store`'s tmp/, hashing while it streams. `Err(reason)`:
@@ -547,32 +600,8 @@ impl Remote {
         if self.read_only {
             return Ok(Published::default());
         }
-        let (s, out) = (store.clone(), result.output);
-        let (trees, mut files) = tokio::task::spawn_blocking(move || s.walk_tree(&out))
-            .await
-            .map_err(|e| RemoteError::Join(e.to_string()))??;
-        files.insert((result.stdout, result.stdout_bytes));
-        files.insert((result.stderr, result.stderr_bytes));
-        let objects: Vec<(ObjectKind, Digest, u64)> = trees
-            .into_iter()
-            .map(|t| (ObjectKind::Tree, t, 0))
-            .chain(files.into_iter().map(|(d, size)| (ObjectKind::Blob, d, size)))
-            .collect();
-        let sent: Vec<Option<u64>> = futures_util::stream::iter(objects)
-            .map(|(kind, d, size)| self.upload(store, kind, d, size))
-            .buffer_unordered(PARALLEL)
-            .try_collect()
-            .await?;
-        let mut p = Published::default();
-        for s in sent {
-            match s {
-                Some(bytes) => {
-                    p.uploaded += 1;
-                    p.bytes += bytes;
-                }
-                None => p.present += 1,
-            }
-        }
+        let extra = [(result.stdout, result.stdout_bytes), (result.stderr, result.stderr_bytes)];
+        let mut p = self.upload_tree(store, &result.output, extra.into_iter().collect()).await?;
         let record = self.envelope(result);
         p.signed_by = self.signer().map(|k| k.to_string());
         let path = self.record(&result.key);
@@ -613,6 +642,42 @@ impl Remote {
             .put(&self.producer_path(&result.output), PutPayload::from(entry.into_bytes()))
             .await
             .map_err(self.backend("record a provenance entry"))?;
+        Ok(p)
+    }
+
+    /// Upload tree `tree` of `store`, everything under it, and the blobs `files`, skipping
+    /// what the tier has.
+    async fn upload_tree(
+        &self,
+        store: &Arc<Store>,
+        tree: &Digest,
+        mut files: BTreeSet<(Digest, u64)>,
+    ) -> Result<Published> {
+        let (s, out) = (store.clone(), *tree);
+        let (trees, walked) = tokio::task::spawn_blocking(move || s.walk_tree(&out))
+            .await
+            .map_err(|e| RemoteError::Join(e.to_string()))??;
+        files.extend(walked);
+        let objects: Vec<(ObjectKind, Digest, u64)> = trees
+            .into_iter()
+            .map(|t| (ObjectKind::Tree, t, 0))
+            .chain(files.into_iter().map(|(d, size)| (ObjectKind::Blob, d, size)))
+            .collect();
+        let sent: Vec<Option<u64>> = futures_util::stream::iter(objects)
+            .map(|(kind, d, size)| self.upload(store, kind, d, size))
+            .buffer_unordered(PARALLEL)
+            .try_collect()
+            .await?;
+        let mut p = Published::default();
+        for s in sent {
+            match s {
+                Some(bytes) => {
+                    p.uploaded += 1;
+                    p.bytes += bytes;
+                }
+                None => p.present += 1,
+            }
+        }
         Ok(p)
     }
 
