@@ -59,6 +59,10 @@ pub enum EngineError {
     UnknownRef { arg: String, hex: bool },
     #[error("a background task failed: {0}")]
     Join(String),
+    /// A cluster's scheduler refused or failed a job (the message names the command and says
+    /// what it printed).
+    #[error("{0}")]
+    Scheduler(String),
     /// A broken promise inside kliko (a bug): what went wrong.
     #[error("internal error: {0}")]
     Internal(String),

@@ -40,9 +40,10 @@ use tokio::sync::OnceCell;
 
 pub use error::{EngineError, Result};
 pub use explain::Explanation;
+pub use fsutil::hostname;
 pub use kliko_runtime::{ImageInfo, LogChunk, Stream};
 pub use kliko_store::lease::Holder;
-pub use run::IndexHold;
+pub use run::{Followed, IndexHold};
 
 /// The command every kliko image is run with (its ENTRYPOINT, if any, stays in place).
 pub const KLIKO_CMD: &str = "/kliko";
@@ -245,21 +246,70 @@ pub struct RunReport {
     /// [`Engine::finish_background`] says how it ended.
     pub publishing: bool,
     pub warnings: Vec<String>,
+    /// Why the run failed, in words, where its status and exit code do not say it all (a
+    /// cluster job stopped at its time limit, say).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
     #[serde(skip)]
     pub result: Option<ActionResult>,
+}
+
+impl RunReport {
+    /// The report of run `prep` of `req` that did not (or not yet) produce a result: no
+    /// output, nothing recorded, no time taken.
+    pub fn unfinished(req: &RunRequest, prep: &Prepared, status: Status, exit_code: i64) -> RunReport {
+        RunReport {
+            key: prep.key,
+            cache: Cache::Miss,
+            status,
+            exit_code,
+            output: None,
+            output_path: None,
+            image_ref: req.image.clone(),
+            image_id: prep.image.info.id.clone(),
+            wall_ms: 0,
+            saved_ms: 0,
+            waited_on: None,
+            log_tail: Vec::new(),
+            recorded: false,
+            hit_from: None,
+            published: None,
+            publishing: false,
+            warnings: Vec::new(),
+            reason: None,
+            result: None,
+        }
+    }
 }
 
 /// What happens during a run, for a terminal or a web page.
 #[derive(Clone, Debug)]
 pub enum Event {
-    Prepared { key: Digest },
-    Hit { key: Digest },
-    Waiting { holder: Holder },
+    Prepared {
+        key: Digest,
+    },
+    Hit {
+        key: Digest,
+    },
+    Waiting {
+        holder: Holder,
+    },
     Starting,
-    Running { container_id: Option<String> },
+    Running {
+        container_id: Option<String>,
+    },
     Ingesting,
-    Finished { status: Status, exit_code: i64 },
+    Finished {
+        status: Status,
+        exit_code: i64,
+    },
     Warning(String),
+    /// The run was handed to a cluster's scheduler: its job and the job's state there
+    /// (`pending`, `running`, ...), said on every change.
+    Job {
+        id: String,
+        state: String,
+    },
 }
 
 /// Receives live logs and events.

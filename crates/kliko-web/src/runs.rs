@@ -177,6 +177,7 @@ impl Observer for RunObserver {
             Event::Starting => self.0.set_phase("starting"),
             Event::Running { .. } => self.0.set_phase("running"),
             Event::Ingesting => self.0.set_phase("storing the output"),
+            Event::Job { id, state } => self.0.set_phase(&format!("cluster job {id}: {state}")),
             Event::Finished { .. } => {}
             Event::Warning(w) => {
                 let text = format!("warning: {w}\n");

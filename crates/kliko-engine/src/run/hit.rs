@@ -72,6 +72,7 @@ impl Engine {
             published: None,
             publishing: false,
             warnings: Vec::new(),
+            reason: None,
             result: Some(result),
         }))
     }

@@ -7,11 +7,13 @@
 //! | the leader: container, ingest, record | `leader.rs` |
 //! | the container's sandbox and spec | `sandbox.rs` |
 //! | waiting on another leader's lease | `wait.rs` |
+//! | following a run another machine leads (a cluster job) | `follow.rs` |
 //! | logs: files, tail, live | `logs.rs` |
 //! | reports and history entries | `report.rs` |
 //!
 //! This file holds the state machine that ties them: hit → lease → (lead | wait → hit again).
 
+mod follow;
 mod hit;
 mod leader;
 mod logs;
@@ -19,6 +21,8 @@ mod prepare;
 mod report;
 mod sandbox;
 mod wait;
+
+pub use follow::Followed;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -6,7 +6,7 @@ use kliko_store::records::HistoryEntry;
 use super::RunCtx;
 use crate::error::blocking;
 use crate::fsutil;
-use crate::{Cache, Engine, Prepared, RunReport, Status};
+use crate::{Engine, Prepared, RunReport, Status};
 
 /// What kind of invocation a history entry records.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,26 +55,9 @@ impl RunCtx<'_> {
 
     /// A report for a run that did not (or not yet) produce a result.
     pub(super) fn base_report(&self, status: Status, exit_code: i64) -> RunReport {
-        RunReport {
-            key: self.prep.key,
-            cache: Cache::Miss,
-            status,
-            exit_code,
-            output: None,
-            output_path: None,
-            image_ref: self.req.image.clone(),
-            image_id: self.prep.image.info.id.clone(),
-            wall_ms: self.t0.elapsed().as_millis() as u64,
-            saved_ms: 0,
-            waited_on: None,
-            log_tail: Vec::new(),
-            recorded: false,
-            hit_from: None,
-            published: None,
-            publishing: false,
-            warnings: Vec::new(),
-            result: None,
-        }
+        let mut r = RunReport::unfinished(self.req, self.prep, status, exit_code);
+        r.wall_ms = self.t0.elapsed().as_millis() as u64;
+        r
     }
 
     pub(super) fn cancelled_report(&self, waited_on: Option<Holder>) -> RunReport {

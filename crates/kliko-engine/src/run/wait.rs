@@ -14,7 +14,7 @@ use crate::{Engine, Observer};
 
 /// A waiter's view of the leader's log files: what it has read of each so far.
 #[derive(Default)]
-struct LeaderLogs {
+pub(super) struct LeaderLogs {
     dir: Option<PathBuf>,
     /// Open log files; an open file keeps being readable after ingest moves it into the store.
     files: Vec<(Stream, fs::File)>,
@@ -25,7 +25,11 @@ struct LeaderLogs {
 impl LeaderLogs {
     /// Whatever the leader's logs gained since the last call, from the lease backend when the
     /// leader is on another machine, else from its local log files.
-    fn read(&mut self, leases: &dyn kliko_store::lease::LeaseBackend, key: &Digest) -> Vec<(Stream, Vec<u8>)> {
+    pub(super) fn read(
+        &mut self,
+        leases: &dyn kliko_store::lease::LeaseBackend,
+        key: &Digest,
+    ) -> Vec<(Stream, Vec<u8>)> {
         match leases.remote_logs(key, self.remote_from) {
             Some([out, err]) => {
                 self.remote_from[0] += out.len() as u64;
