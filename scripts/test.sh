@@ -7,3 +7,5 @@ bash scripts/setup.sh
 cargo test --release --workspace "$@"
 # The shared tier against a real S3 server (SeaweedFS on loopback, in its own network namespace).
 bash scripts/with-s3.sh cargo test --release --offline -p kliko-engine -p kliko-cli --test fake_runtime --test remote_cli -- tier bucket s3
+# Pipelines through a real Slurm (a private single-node cluster on loopback, a shared-folder tier).
+bash scripts/with-slurm.sh cargo test --release --offline -p kliko-cli --test slurm_cli

@@ -57,6 +57,17 @@ pub enum Command {
     Remote(RemoteCommand),
     #[command(flatten)]
     Cache(CacheCommand),
+    /// One run of a pipeline on a cluster node, as `--executor slurm` submits it (its store:
+    /// `$KLIKO_NODE_STORE`, else `kliko-node-<uid>` in `$TMPDIR` or `/tmp`).
+    #[command(hide = true)]
+    RunPlan {
+        /// The plan, as JSON.
+        #[arg(long, value_name = "JSON", conflicts_with = "plan")]
+        plan_json: Option<String>,
+        /// The plan, in a file.
+        #[arg(long, value_name = "FILE")]
+        plan: Option<PathBuf>,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -258,6 +269,14 @@ pub struct ServeArgs {
     pub max_connections: usize,
 }
 
+/// Where a pipeline's steps run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ExecutorChoice {
+    Local,
+    Slurm,
+    Srun,
+}
+
 #[derive(Subcommand, Debug)]
 pub enum PipelineCommand {
     /// Run every step; unchanged steps are cache hits and start no container.
@@ -276,6 +295,11 @@ pub enum PipelineCommand {
         /// Show the containers' logs, each line prefixed with its step.
         #[arg(long, short = 'v')]
         verbose: bool,
+        /// Where the steps run: `local` (this machine), `slurm` (each miss a Slurm job,
+        /// submitted with `sbatch`; needs a shared tier), `srun` (each miss an `srun` inside
+        /// the allocation this command runs in). Default: `$KLIKO_EXECUTOR`, else `local`.
+        #[arg(long, value_enum, env = "KLIKO_EXECUTOR", default_value = "local")]
+        executor: ExecutorChoice,
     },
     /// Print the graph and, where the inputs are known, each step's key and whether it would hit.
     Show {

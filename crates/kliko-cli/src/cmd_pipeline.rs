@@ -1,6 +1,7 @@
 //! `kliko pipeline run|show FILE`: live status per step on stderr, a summary table at the end,
 //! `--json` for scripts.
 
+use std::collections::{BTreeMap, HashMap};
 use std::io::{IsTerminal, Write};
 use std::path::Path;
 use std::process::ExitCode;
@@ -11,15 +12,19 @@ use kliko_engine::Engine;
 use kliko_pipeline::{Options, Pipeline, PipelineReport, Progress, Reporter, StepCache, StepState, Stream};
 use tokio_util::sync::CancellationToken;
 
-use crate::cli::PipelineCommand;
+use crate::cli::{ExecutorChoice, PipelineCommand};
 use crate::cmd_run::human_ms;
 
 pub fn run(store_root: &Path, cmd: PipelineCommand) -> anyhow::Result<ExitCode> {
     match cmd {
-        PipelineCommand::Run { file, jobs, keep_going, json, verbose } => {
-            let jobs =
-                jobs.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)).max(1);
-            run_pipeline(store_root, &file, Options { jobs, keep_going }, json, verbose)
+        PipelineCommand::Run { file, jobs, keep_going, json, verbose, executor } => {
+            // A cluster runs many at once; the limit is the number of jobs in flight.
+            let default = match executor {
+                ExecutorChoice::Local => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
+                ExecutorChoice::Slurm | ExecutorChoice::Srun => 256,
+            };
+            let jobs = jobs.unwrap_or(default).max(1);
+            run_pipeline(store_root, &file, Options { jobs, keep_going }, json, verbose, executor)
         }
         PipelineCommand::Show { file, json } => show(store_root, &file, json),
     }
@@ -31,20 +36,36 @@ fn open(store_root: &Path) -> anyhow::Result<Arc<Engine>> {
     Ok(Arc::new(crate::engine(Arc::new(store))?))
 }
 
-fn run_pipeline(store_root: &Path, file: &Path, opts: Options, json: bool, verbose: bool) -> anyhow::Result<ExitCode> {
+fn run_pipeline(
+    store_root: &Path,
+    file: &Path,
+    opts: Options,
+    json: bool,
+    verbose: bool,
+    executor: ExecutorChoice,
+) -> anyhow::Result<ExitCode> {
     let pipeline = Pipeline::load(file)?;
     let rt = crate::runtime()?;
     rt.block_on(async move {
         let engine = open(store_root)?;
         let checked = kliko_pipeline::check(&engine, &pipeline).await?;
+        let executor: Arc<dyn kliko_pipeline::StepExecutor> = match executor {
+            ExecutorChoice::Local => Arc::new(kliko_pipeline::InProcess::new(engine.clone())),
+            ExecutorChoice::Slurm | ExecutorChoice::Srun => {
+                use kliko_pipeline::slurm;
+                let mode = if executor == ExecutorChoice::Slurm { slurm::Mode::Batch } else { slurm::Mode::Srun };
+                // Everything checked before anything is submitted.
+                slurm::preflight(&engine, &pipeline).await?;
+                Arc::new(slurm::Slurm::new(engine.clone(), slurm::SlurmOptions::from_env(mode, &pipeline.dir)?)?)
+            }
+        };
         let cancel = CancellationToken::new();
         crate::cancel_on_signal(
             cancel.clone(),
-            "kliko: stopping: running containers are being stopped and removed; finished steps stay cached",
+            "kliko: stopping: running containers are being stopped and removed (cluster jobs cancelled); finished steps stay cached",
         );
         let names: Vec<String> = pipeline.steps.iter().map(|s| s.name.clone()).collect();
         let term = Arc::new(Term::new(names, verbose));
-        let executor = Arc::new(kliko_pipeline::InProcess::new(engine.clone()));
         let report = kliko_pipeline::run(executor, &pipeline, &checked, opts, term.clone(), cancel).await?;
         term.finish();
         summary(&report);
@@ -72,8 +93,52 @@ struct Term {
 
 struct Rows {
     steps: Vec<(String, StepState, Progress)>,
+    /// Per step: its cluster jobs and each one's last state.
+    jobs: HashMap<String, BTreeMap<String, String>>,
     drawn: usize,
     width: usize,
+}
+
+impl Rows {
+    /// Redraw the table in place.
+    fn draw(&mut self) {
+        let width = self.width;
+        let mut out = String::new();
+        if self.drawn > 0 {
+            out.push_str(&format!("\x1b[{}A", self.drawn));
+        }
+        for (n, s, p) in &self.steps {
+            let jobs = match self.jobs.get(n) {
+                Some(j) if *s == StepState::Running => jobs_text(j),
+                _ => String::new(),
+            };
+            out.push_str(&format!("\x1b[2K  {n:<width$}  {}{jobs}\n", status_text(*s, p)));
+        }
+        self.drawn = self.steps.len();
+        let _ = std::io::stderr().lock().write_all(out.as_bytes());
+    }
+}
+
+/// A running step's cluster jobs, for its row: `  jobs 41_0 41_1 +3: 2 pending, 3 running`.
+fn jobs_text(jobs: &BTreeMap<String, String>) -> String {
+    let live: Vec<(&String, &String)> = jobs
+        .iter()
+        .filter(|(_, s)| matches!(s.as_str(), "pending" | "running" | "configuring" | "completing"))
+        .collect();
+    if live.is_empty() {
+        return String::new();
+    }
+    let mut ids: Vec<&str> = live.iter().take(2).map(|(id, _)| id.as_str()).collect();
+    let more = live.len().saturating_sub(2);
+    let more = if more > 0 { format!(" +{more}") } else { String::new() };
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    for (_, s) in &live {
+        *counts.entry(s.as_str()).or_default() += 1;
+    }
+    let counts: Vec<String> = counts.iter().map(|(s, n)| format!("{n} {s}")).collect();
+    let what = if live.len() == 1 { "job" } else { "jobs" };
+    ids.dedup();
+    format!("  {what} {}{more}: {}", ids.join(" "), counts.join(", "))
 }
 
 impl Term {
@@ -82,7 +147,7 @@ impl Term {
         let steps = names.into_iter().map(|n| (n, StepState::Waiting, Progress::default())).collect();
         // Logs interleave with a redrawn table badly: with `--verbose`, lines only.
         let tty = std::io::stderr().is_terminal() && !verbose;
-        Term { rows: Mutex::new(Rows { steps, drawn: 0, width }), tty, verbose }
+        Term { rows: Mutex::new(Rows { steps, jobs: HashMap::new(), drawn: 0, width }), tty, verbose }
     }
 
     fn finish(&self) {
@@ -112,25 +177,27 @@ fn status_text(state: StepState, p: &Progress) -> String {
 impl Reporter for Term {
     fn update(&self, step: &str, state: StepState, progress: Progress) {
         let mut rows = self.rows.lock().expect("rows lock");
-        let width = rows.width;
         let Some(i) = rows.steps.iter().position(|(n, _, _)| n == step) else { return };
         let changed = status_text(rows.steps[i].1, &rows.steps[i].2) != status_text(state, &progress);
         rows.steps[i].1 = state;
         rows.steps[i].2 = progress;
-        let mut err = std::io::stderr().lock();
         if self.tty {
-            let mut out = String::new();
-            if rows.drawn > 0 {
-                out.push_str(&format!("\x1b[{}A", rows.drawn));
-            }
-            for (n, s, p) in &rows.steps {
-                out.push_str(&format!("\x1b[2K  {n:<width$}  {}\n", status_text(*s, p)));
-            }
-            rows.drawn = rows.steps.len();
-            let _ = err.write_all(out.as_bytes());
+            rows.draw();
         } else if changed && state != StepState::Waiting {
-            let _ = writeln!(err, "kliko: {step}: {}", status_text(state, &progress));
+            let _ = writeln!(std::io::stderr().lock(), "kliko: {step}: {}", status_text(state, &progress));
         }
+    }
+
+    fn job(&self, step: &str, entry: Option<&str>, id: &str, state: &str) {
+        if self.tty {
+            // The step's row says its live jobs; a line per change would scroll the table away.
+            let mut rows = self.rows.lock().expect("rows lock");
+            rows.jobs.entry(step.to_string()).or_default().insert(id.to_string(), state.to_string());
+            rows.draw();
+            return;
+        }
+        let what = entry.map(|e| format!(" entry `{e}`")).unwrap_or_default();
+        let _ = writeln!(std::io::stderr().lock(), "kliko: {step}{what}: job {id} {state}");
     }
 
     fn log(&self, step: &str, entry: Option<&str>, _stream: Stream, bytes: &[u8]) {
@@ -246,4 +313,28 @@ fn show(store_root: &Path, file: &Path, json: bool) -> anyhow::Result<ExitCode> 
         }
         Ok(ExitCode::SUCCESS)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_running_steps_row_names_its_live_jobs() {
+        let jobs = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
+        };
+        assert_eq!(jobs_text(&jobs(&[("41", "pending")])), "  job 41: 1 pending");
+        assert_eq!(
+            jobs_text(&jobs(&[
+                ("41_0", "running"),
+                ("41_1", "completed"),
+                ("41_2", "pending"),
+                ("41_3", "running"),
+                ("41_4", "running")
+            ])),
+            "  jobs 41_0 41_2 +2: 1 pending, 3 running"
+        );
+        assert_eq!(jobs_text(&jobs(&[("41", "completed"), ("42", "timeout")])), "");
+    }
 }

@@ -18,6 +18,7 @@ mod cli;
 mod cmd_cache;
 mod cmd_hash;
 mod cmd_pipeline;
+mod cmd_plan;
 mod cmd_remote;
 mod cmd_run;
 mod cmd_serve;
@@ -67,8 +68,16 @@ pub fn remote() -> anyhow::Result<Option<kliko_remote::Remote>> {
 
 /// An engine on `store`, with the shared tier if one is configured.
 pub fn engine(store: std::sync::Arc<kliko_store::Store>) -> anyhow::Result<kliko_engine::Engine> {
+    engine_with(store, remote()?)
+}
+
+/// An engine on `store`, with shared tier `remote` if any.
+pub fn engine_with(
+    store: std::sync::Arc<kliko_store::Store>,
+    remote: Option<kliko_remote::Remote>,
+) -> anyhow::Result<kliko_engine::Engine> {
     let engine = kliko_engine::Engine::new(store);
-    let Some(remote) = remote()? else { return Ok(engine) };
+    let Some(remote) = remote else { return Ok(engine) };
     // How long another machine trusts this one's lease without a heartbeat.
     let ttl = match std::env::var("KLIKO_REMOTE_LEASE_TTL") {
         Ok(v) if !v.is_empty() => kliko_core::units::parse_duration(&v)
@@ -98,6 +107,7 @@ fn dispatch(cli: cli::Cli) -> anyhow::Result<ExitCode> {
         cli::Command::Serve(a) => cmd_serve::run(&store_root()?, a),
         cli::Command::Remote(a) => cmd_remote::run(store_root, a),
         cli::Command::Cache(a) => cmd_cache::run(&store_root()?, a),
+        cli::Command::RunPlan { plan_json, plan } => cmd_plan::run(plan_json, plan),
     }
 }
 

@@ -82,6 +82,8 @@ pub struct Progress {
 /// Receives every change of a step's state, and the containers' logs.
 pub trait Reporter: Send + Sync {
     fn update(&self, _step: &str, _state: StepState, _progress: Progress) {}
+    /// A run went to a cluster's scheduler: its job, and each change of the job's state.
+    fn job(&self, _step: &str, _entry: Option<&str>, _id: &str, _state: &str) {}
     fn log(&self, _step: &str, _entry: Option<&str>, _stream: Stream, _bytes: &[u8]) {}
 }
 
@@ -109,8 +111,10 @@ pub struct RunOutcome {
     pub cache: Option<Cache>,
     pub status: RunStatus,
     pub exit_code: Option<i64>,
-    /// Whether this run started a container.
+    /// Whether this run started a container (here, or as a cluster job).
     pub container: bool,
+    /// The cluster job that ran it (`--executor slurm`).
+    pub job: Option<String>,
     pub wall_ms: u64,
     pub saved_ms: u64,
     /// Of the container that made the result (for a hit: the earlier run), RFC 3339.
@@ -160,6 +164,7 @@ impl RunOutcome {
             status,
             exit_code: None,
             container: false,
+            job: None,
             wall_ms: 0,
             saved_ms: 0,
             started_at: None,
@@ -540,6 +545,8 @@ struct RunObs {
     started: AtomicBool,
     /// Whether this run made the [`DbKeeper`] let go.
     blocked: AtomicBool,
+    /// The cluster job that runs it.
+    job: Mutex<Option<String>>,
 }
 
 impl Observer for RunObs {
@@ -556,6 +563,15 @@ impl Observer for RunObs {
                 self.started.store(true, Ordering::SeqCst);
                 self.ctx.progress.lock().expect("progress lock").running += 1;
                 self.ctx.report(StepState::Running);
+            }
+            // A cluster job: the container runs on a node (this process keeps the index).
+            Event::Job { id, state } => {
+                let first = self.job.lock().expect("job lock").replace(id.clone()).is_none();
+                if first && !self.started.swap(true, Ordering::SeqCst) {
+                    self.ctx.progress.lock().expect("progress lock").running += 1;
+                    self.ctx.report(StepState::Running);
+                }
+                self.ctx.reporter.job(&self.ctx.step.name, self.entry.as_deref(), id, state);
             }
             Event::Finished { .. } if self.started.load(Ordering::SeqCst) => {
                 let mut p = self.ctx.progress.lock().expect("progress lock");
@@ -633,10 +649,12 @@ async fn run_one_inner(
         entry: name.clone(),
         started: AtomicBool::new(false),
         blocked: AtomicBool::new(false),
+        job: Mutex::new(None),
     });
     let run = StepRun {
         step: step.clone(),
         entry: name.clone(),
+        params_dir: ctx.pipeline_dir.clone(),
         request: req,
         image: ctx.image.clone(),
         observer: obs.clone(),
@@ -648,6 +666,7 @@ async fn run_one_inner(
         ctx.keeper.clone().hold().await;
     }
     let report = report?;
+    let job = obs.job.lock().expect("job lock").clone();
     Ok(RunOutcome {
         entry: name,
         key: Some(report.key),
@@ -655,18 +674,19 @@ async fn run_one_inner(
         status: report.status.into(),
         exit_code: Some(report.exit_code),
         container: obs.started.load(Ordering::SeqCst),
+        job,
         wall_ms: t0.elapsed().as_millis() as u64,
         saved_ms: report.saved_ms,
         started_at: report.result.as_ref().map(|r| r.started_at.clone()),
         finished_at: report.result.as_ref().map(|r| r.finished_at.clone()),
         output: report.output,
         log_tail: report.log_tail,
-        error: None,
+        error: report.reason,
     })
 }
 
 fn param_layer_for(dir: &Path, step: &Step) -> kliko_spec::ParamLayer {
-    let p = Pipeline { file: PathBuf::new(), dir: dir.to_path_buf(), steps: Vec::new() };
+    let p = Pipeline { file: PathBuf::new(), dir: dir.to_path_buf(), steps: Vec::new(), resources: Default::default() };
     param_layer(&p, step)
 }
 

@@ -20,6 +20,8 @@ pub struct StepRun {
     pub step: Arc<Step>,
     /// The `foreach` entry, if any.
     pub entry: Option<String>,
+    /// The folder the step's relative file parameters start in (the pipeline file's).
+    pub params_dir: std::path::PathBuf,
     /// What to run: image, input tree, parameters, timeout, labels (always `store_only`:
     /// the pipeline places outputs itself).
     pub request: RunRequest,

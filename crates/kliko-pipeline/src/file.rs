@@ -21,6 +21,8 @@ pub struct Pipeline {
     pub dir: PathBuf,
     /// In file order.
     pub steps: Vec<Step>,
+    /// Pipeline-wide `resources:` (each step's own override them field by field).
+    pub resources: Resources,
 }
 
 /// One step: one image, run once, or once per entry with `foreach`.
@@ -43,6 +45,48 @@ pub struct Step {
     pub output: Option<PathBuf>,
     pub output_line: usize,
     pub timeout: Option<Duration>,
+    /// What a cluster's scheduler is asked for, for each run of the step: the step's own
+    /// `resources:` over the pipeline's. Not part of any key: the same computation.
+    pub resources: Resources,
+}
+
+/// What a run asks of a cluster's scheduler (`--executor slurm|srun`); the local executor
+/// ignores it. None of it is part of a key.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Resources {
+    /// CPUs per run (`--cpus-per-task`).
+    pub cpus: Option<u32>,
+    /// Memory per run, in bytes (`--mem`, in MiB rounded up).
+    pub memory: Option<u64>,
+    /// Time limit per run (`--time`).
+    pub time: Option<Duration>,
+    /// GPUs per run (`--gres=gpu:N`).
+    pub gpus: Option<u32>,
+    pub partition: Option<String>,
+    /// Line of `partition`, for the check that Slurm knows it.
+    pub partition_line: usize,
+    pub account: Option<String>,
+    pub qos: Option<String>,
+    /// Further `sbatch`/`srun` arguments, as given (the pipeline's, then the step's).
+    pub extra: Vec<String>,
+}
+
+impl Resources {
+    /// `self` (a step's) over `base` (the pipeline's).
+    pub fn over(&self, base: &Resources) -> Resources {
+        let pick = |a: &Option<String>, b: &Option<String>| a.clone().or_else(|| b.clone());
+        Resources {
+            cpus: self.cpus.or(base.cpus),
+            memory: self.memory.or(base.memory),
+            time: self.time.or(base.time),
+            gpus: self.gpus.or(base.gpus),
+            partition: pick(&self.partition, &base.partition),
+            partition_line: if self.partition.is_some() { self.partition_line } else { base.partition_line },
+            account: pick(&self.account, &base.account),
+            qos: pick(&self.qos, &base.qos),
+            extra: base.extra.iter().chain(&self.extra).cloned().collect(),
+        }
+    }
 }
 
 /// What `foreach` iterates over.
@@ -188,11 +232,14 @@ impl Pipeline {
     /// Parse pipeline text; `dir` is where relative paths start.
     pub fn parse(file: &Path, dir: &Path, text: &str) -> Result<Pipeline, Vec<Problem>> {
         let mut p = Parser { problems: Vec::new(), dir: dir.to_path_buf() };
-        let steps = p.document(text);
+        let (mut steps, resources) = p.document(text);
         if !p.problems.is_empty() {
             return Err(p.problems);
         }
-        Ok(Pipeline { file: file.to_path_buf(), dir: dir.to_path_buf(), steps })
+        for s in &mut steps {
+            s.resources = s.resources.over(&resources);
+        }
+        Ok(Pipeline { file: file.to_path_buf(), dir: dir.to_path_buf(), steps, resources })
     }
 
     pub fn step(&self, name: &str) -> Option<&Step> {
@@ -205,8 +252,9 @@ struct Parser {
     dir: PathBuf,
 }
 
-const TOP_KEYS: &[&str] = &["version", "steps"];
-const STEP_KEYS: &[&str] = &["image", "description", "input", "foreach", "params", "output", "timeout"];
+const TOP_KEYS: &[&str] = &["version", "resources", "steps"];
+const STEP_KEYS: &[&str] = &["image", "description", "input", "foreach", "params", "output", "timeout", "resources"];
+const RESOURCE_KEYS: &[&str] = &["cpus", "memory", "time", "gpus", "partition", "account", "qos", "sbatch"];
 
 /// Whether a string names a host path rather than a step: it contains `/` or starts with `.` or `~`.
 pub fn is_path_like(s: &str) -> bool {
@@ -223,7 +271,13 @@ impl Parser {
         self.problems.push(Problem { line: Some(line), step: step.map(str::to_string), message: message.into() });
     }
 
-    fn document(&mut self, text: &str) -> Vec<Step> {
+    fn document(&mut self, text: &str) -> (Vec<Step>, Resources) {
+        let mut resources = Resources::default();
+        let steps = self.document_into(text, &mut resources);
+        (steps, resources)
+    }
+
+    fn document_into(&mut self, text: &str, resources: &mut Resources) -> Vec<Step> {
         let root = match yaml::parse(text) {
             Ok(Some(n)) => n,
             Ok(None) => {
@@ -254,6 +308,7 @@ impl Parser {
             match k.as_scalar() {
                 Some("version") => version = Some(v),
                 Some("steps") => steps_node = Some(v),
+                Some("resources") => *resources = self.resources(v, None),
                 Some(other) => {
                     let other = other.to_string();
                     self.problem(
@@ -341,6 +396,7 @@ impl Parser {
             output: None,
             output_line: line,
             timeout: None,
+            resources: Resources::default(),
         };
         let mut has_image = false;
         let mut input_node = None;
@@ -372,6 +428,7 @@ impl Parser {
                     step.foreach = self.source(v, name);
                 }
                 "params" => self.params(v, name, &mut step),
+                "resources" => step.resources = self.resources(v, Some(name)),
                 "output" => {
                     step.output_line = v.pos().line;
                     step.output = self.string(v, name, "output").map(|s| self.path(&s));
@@ -404,6 +461,94 @@ impl Parser {
             step.input = Some(InputSpec::One(Item::Each));
         }
         Some(step)
+    }
+
+    /// A `resources:` mapping (the pipeline's, or step `step`'s): every problem with its line.
+    fn resources(&mut self, v: &Node, step: Option<&str>) -> Resources {
+        let mut r = Resources::default();
+        let Node::Map { entries, .. } = v else {
+            self.problem(v.pos().line, step, format!("`resources` must be a mapping of {}", list(RESOURCE_KEYS)));
+            return r;
+        };
+        for (k, v) in entries {
+            let Some(key) = k.as_scalar() else {
+                self.problem(k.pos().line, step, "expected a key");
+                continue;
+            };
+            let line = v.pos().line;
+            if key == "sbatch" {
+                match v {
+                    Node::Seq { items, .. } => {
+                        for i in items {
+                            match i.as_scalar() {
+                                Some(a) if a.starts_with('-') => r.extra.push(a.to_string()),
+                                _ => self.problem(
+                                    i.pos().line,
+                                    step,
+                                    "each `sbatch` argument must be an option such as `--constraint=avx2`",
+                                ),
+                            }
+                        }
+                    }
+                    _ => {
+                        self.problem(line, step, "`sbatch` must be a list of arguments, such as `[--constraint=avx2]`")
+                    }
+                }
+                continue;
+            }
+            let Some(text) = v.as_scalar().map(str::trim).filter(|t| !t.is_empty()) else {
+                self.problem(line, step, format!("`{key}` must be a value, found {}", v.kind()));
+                continue;
+            };
+            let count = |what: &str| -> Result<u32, String> {
+                match text.parse::<u32>() {
+                    Ok(n) if n >= 1 => Ok(n),
+                    _ => Err(format!("`{key}: {text}` is not a number of {what} (a whole number, at least 1)")),
+                }
+            };
+            let checked: Result<(), String> = match key {
+                "cpus" => count("CPUs").map(|n| r.cpus = Some(n)),
+                "gpus" => count("GPUs").map(|n| r.gpus = Some(n)),
+                "memory" => match kliko_core::units::parse_size(text) {
+                    Ok(b) if b > 0 => {
+                        r.memory = Some(b);
+                        Ok(())
+                    }
+                    Ok(_) => Err(format!("`memory: {text}` is no memory at all")),
+                    Err(e) => Err(format!("`memory`: {e}")),
+                },
+                "time" => match parse_time_limit(text) {
+                    Some(d) => {
+                        r.time = Some(d);
+                        Ok(())
+                    }
+                    None => Err(format!(
+                        "`time: {text}` is not a time limit (minutes as a number, `90s`, `10m`, `2h`, `1d`, or Slurm's `HH:MM:SS` and `D-HH:MM:SS`)"
+                    )),
+                },
+                "partition" | "account" | "qos" => {
+                    if text.chars().any(|c| c.is_whitespace() || c == ',') {
+                        Err(format!("`{key}: {text}` names one {key}, without spaces or commas"))
+                    } else {
+                        match key {
+                            "partition" => {
+                                r.partition = Some(text.to_string());
+                                r.partition_line = line;
+                            }
+                            "account" => r.account = Some(text.to_string()),
+                            _ => r.qos = Some(text.to_string()),
+                        }
+                        Ok(())
+                    }
+                }
+                other => Err(format!("unknown resource `{other}`; `resources` takes {}", list(RESOURCE_KEYS))),
+            };
+            if let Err(m) = checked {
+                let line = if RESOURCE_KEYS.contains(&key) { line } else { k.pos().line };
+                self.problem(line, step, m);
+            }
+        }
+        r
     }
 
     fn string(&mut self, v: &Node, step: &str, key: &str) -> Option<String> {
@@ -628,6 +773,36 @@ fn list(keys: &[&str]) -> String {
 /// `kliko_core::units::parse_duration`, shared with the command line).
 pub fn parse_duration(s: &str) -> Option<Duration> {
     kliko_core::units::parse_duration(s).ok().filter(|d| !d.is_zero())
+}
+
+/// A time limit as Slurm users write it: a bare number is minutes (as in `sbatch --time`),
+/// `MM:SS`, `HH:MM:SS`, `D-HH`, `D-HH:MM`, `D-HH:MM:SS`; or a kliko duration with a unit
+/// (`90s`, `10m`, `2h`, `1d`). `None` for anything else, and for zero.
+pub fn parse_time_limit(s: &str) -> Option<Duration> {
+    let t = s.trim();
+    if !t.is_empty() && t.chars().all(|c| c.is_ascii_digit()) {
+        return t.parse::<u64>().ok().filter(|&m| m > 0).map(|m| Duration::from_secs(m * 60));
+    }
+    if t.contains(':') || t.contains('-') {
+        let (days, rest) = match t.split_once('-') {
+            Some((d, rest)) => (Some(d.parse::<u64>().ok()?), rest),
+            None => (None, t),
+        };
+        let parts: Vec<u64> = rest.split(':').map(|p| p.parse::<u64>().ok()).collect::<Option<_>>()?;
+        let secs = match (days, parts.as_slice()) {
+            (None, [m, s]) => m * 60 + s,
+            (None, [h, m, s]) => h * 3600 + m * 60 + s,
+            (Some(d), [h]) => d * 86400 + h * 3600,
+            (Some(d), [h, m]) => d * 86400 + h * 3600 + m * 60,
+            (Some(d), [h, m, s]) => d * 86400 + h * 3600 + m * 60 + s,
+            _ => return None,
+        };
+        return (secs > 0).then(|| Duration::from_secs(secs));
+    }
+    if t.ends_with(|c: char| c.is_ascii_alphabetic()) {
+        return parse_duration(t);
+    }
+    None
 }
 
 #[cfg(test)]

@@ -34,6 +34,7 @@ mod executor;
 mod file;
 mod inputs;
 mod show;
+pub mod slurm;
 pub(crate) use kliko_spec::yaml;
 
 use std::path::PathBuf;
@@ -67,6 +68,9 @@ pub enum PipelineError {
     EntryName { name: String, of: String },
     #[error("a background task failed: {0}")]
     Join(String),
+    /// The Slurm executor cannot be used here (said before anything is submitted).
+    #[error("{0}")]
+    Slurm(String),
 }
 
 pub type Result<T, E = PipelineError> = std::result::Result<T, E>;
