@@ -26,15 +26,15 @@ bench_workspace() {
     trap 'docker image rm --force "$IMAGE" >/dev/null 2>&1 || true; chmod -R u+w "$work" 2>/dev/null || true; rm -rf "$work"' EXIT
 }
 
-# build_copy_image: $IMAGE, FROM scratch with a static busybox ($BUSYBOX), whose /kliko copies
-# its input to its output (no parameters).
+# build_copy_image [SCRIPT]: $IMAGE, FROM scratch with a static busybox ($BUSYBOX), whose /kliko
+# copies its input to its output (no parameters), or runs SCRIPT (sh, with busybox's sh and cp).
 build_copy_image() {
     local ctx=$work/image
     mkdir -p "$ctx/rootfs/bin"
     cp "$BUSYBOX" "$ctx/rootfs/bin/busybox"
     for applet in sh cp; do ln -s busybox "$ctx/rootfs/bin/$applet"; done
     printf 'schema_version: 4\nio: split\nsections: []\n' > "$ctx/rootfs/kliko.yml"
-    printf '#!/bin/sh\ncp -r /input/. /output/\n' > "$ctx/rootfs/kliko"
+    printf '#!/bin/sh\n%s\n' "${1:-cp -r /input/. /output/}" > "$ctx/rootfs/kliko"
     chmod 755 "$ctx/rootfs/kliko"
     printf 'FROM scratch\nCOPY rootfs/ /\n' > "$ctx/Dockerfile"
     docker build --quiet --tag "$IMAGE" "$ctx" >/dev/null 2>&1 || { echo "error: docker build failed" >&2; exit 1; }

@@ -30,7 +30,8 @@ need hyperfine jq python3 docker sbatch srun scontrol busybox
 BUSYBOX=$(command -v busybox)
 kliko_binary
 bench_workspace slurm
-build_copy_image
+# Each run copies its input and adds a line, so every step of a chain has its own key.
+build_copy_image 'cp -r /input/. /output/ && echo step >> /output/trail'
 tag=kliko-bench-$$
 export KLIKO_STORE=$work/store KLIKO_NODE_STORE=$work/node KLIKO_REMOTE=$work/tier
 export KLIKO_SLURM_LOGS=$work/logs KLIKO_SLURM_ARGS="--comment=$tag"
@@ -50,7 +51,7 @@ mean() { jq ".results[$1].mean" "$OUT/slurm-step.json"; }
 k=$(mean 0) sb=$(mean 1) sr=$(mean 2)
 step_jobs=$(jobs_submitted)
 
-# 2. 100 steps, 10 chains of 10, every step copies what it reads.
+# 2. 100 steps, 10 chains of 10, every step copies what it reads and adds a line.
 python3 - "$work/hundred.yml" "$IMAGE" <<'PY'
 import sys
 path, image = sys.argv[1], sys.argv[2]
@@ -69,6 +70,7 @@ t0=$(date +%s.%N)
     tail -n 30 "$work/fill.err" >&2; exit 1; }
 fill_s=$(python3 -c "print(f'{$(date +%s.%N) - $t0:.1f}')")
 fill_jobs=$(( $(jobs_submitted) - before ))
+[[ $fill_jobs == 100 ]] || { echo "error: filling the 100 steps submitted $fill_jobs jobs" >&2; exit 1; }
 echo "== cached re-run: --executor slurm vs --executor local" >&2
 before=$(jobs_submitted)
 hyperfine --style basic --warmup 1 --runs $((RUNS * 2)) --export-json "$OUT/slurm-cached.json" \
