@@ -41,7 +41,7 @@ use tokio::sync::OnceCell;
 pub use error::{EngineError, Result};
 pub use explain::Explanation;
 pub use fsutil::hostname;
-pub use kliko_runtime::{ImageInfo, LogChunk, Stream};
+pub use kliko_runtime::{Gpus, ImageInfo, LogChunk, RuntimeKind, Stream};
 pub use kliko_store::lease::Holder;
 pub use run::{Followed, IndexHold};
 
@@ -60,6 +60,8 @@ pub const STORE_LABEL: &str = "io.kliko.store";
 pub struct Engine {
     store: Arc<Store>,
     runtime: OnceCell<Arc<dyn ContainerRuntime>>,
+    /// Which runtime [`Engine::runtime`] connects to, on first use.
+    runtime_kind: kliko_runtime::RuntimeKind,
     leases: Arc<dyn LeaseBackend>,
     remote: Option<Arc<kliko_remote::Remote>>,
     /// The tier's leases, when they are the engine's (for their warnings).
@@ -137,6 +139,8 @@ pub struct RunRequest {
     pub labels: BTreeMap<String, String>,
     /// Keep the output only in the store (no host folder), even in join mode.
     pub store_only: bool,
+    /// GPUs for the container (not part of the key; recorded in provenance).
+    pub gpus: Option<Gpus>,
 }
 
 impl RunRequest {
@@ -160,6 +164,7 @@ impl RunRequest {
             retry_failed: false,
             labels: BTreeMap::new(),
             store_only: false,
+            gpus: None,
         }
     }
 }
@@ -337,6 +342,17 @@ impl Engine {
         Engine::on(store, OnceCell::new())
     }
 
+    /// The same engine, connecting to `kind` (Docker, Podman) when it first needs a runtime.
+    pub fn with_runtime_kind(mut self, kind: kliko_runtime::RuntimeKind) -> Engine {
+        self.runtime_kind = kind;
+        self
+    }
+
+    /// Which runtime this engine connects to.
+    pub fn runtime_kind(&self) -> kliko_runtime::RuntimeKind {
+        self.runtime_kind
+    }
+
     /// An engine on `store` that runs containers through `runtime`.
     pub fn with_runtime(store: Arc<Store>, runtime: Arc<dyn ContainerRuntime>) -> Engine {
         Engine::on(store, OnceCell::new_with(Some(runtime)))
@@ -347,6 +363,7 @@ impl Engine {
         Engine {
             store,
             runtime,
+            runtime_kind: Default::default(),
             leases,
             remote: None,
             tier_leases: None,
@@ -422,10 +439,7 @@ impl Engine {
     pub async fn runtime(&self) -> Result<&Arc<dyn ContainerRuntime>> {
         let rt = self
             .runtime
-            .get_or_try_init(|| async {
-                let docker = kliko_runtime::Docker::connect().await?;
-                Ok::<_, EngineError>(Arc::new(docker) as Arc<dyn ContainerRuntime>)
-            })
+            .get_or_try_init(|| async { Ok::<_, EngineError>(self.runtime_kind.connect(self.store.root()).await?) })
             .await?;
         Ok(rt)
     }

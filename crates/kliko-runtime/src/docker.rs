@@ -29,12 +29,28 @@ const DEFAULT_ENDPOINT: &str = "unix:///var/run/docker.sock";
 /// How long a timed-out or cancelled container gets between `SIGTERM` and `SIGKILL`.
 pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(2);
 
-/// A connection to one Docker Engine. Cheap to clone (the HTTP client is shared).
+/// A connection to one Docker Engine API: the Docker daemon, or Podman's compatible service.
+/// Cheap to clone (the HTTP client is shared).
 #[derive(Debug, Clone)]
 pub struct Docker {
     pub(crate) inner: bollard::Docker,
     pub(crate) endpoint: String,
     pub(crate) stop_grace: Duration,
+    pub(crate) flavor: Flavor,
+    /// What the server says it is (`Docker/20.10.24 (linux)`, `Libpod/4.3.1 (linux)`).
+    pub(crate) server: Option<String>,
+    /// Podman running as an unprivileged user: the container's user namespace keeps the
+    /// invoking user's id (`keep-id`), so outputs belong to that user.
+    pub(crate) rootless: bool,
+    /// A `podman system service` this process started, stopped when the last clone drops.
+    pub(crate) service: Option<std::sync::Arc<crate::podman::Service>>,
+}
+
+/// Which engine answers on a Docker-API endpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flavor {
+    Docker,
+    Podman,
 }
 
 /// What kliko needs to know about a local image: its content-addressed id,
@@ -60,31 +76,126 @@ impl Docker {
     pub async fn connect() -> Result<Docker, RuntimeError> {
         let endpoint =
             std::env::var("DOCKER_HOST").ok().filter(|h| !h.is_empty()).unwrap_or_else(|| DEFAULT_ENDPOINT.to_string());
-        let unreachable = |source| RuntimeError::docker_unreachable(&endpoint, source);
+        Docker::connect_to(&endpoint).await
+    }
+
+    /// Connect to `endpoint` (`unix:///path`, `tcp://host:port`), telling Docker from Podman
+    /// by what the server says it is.
+    pub async fn connect_to(endpoint: &str) -> Result<Docker, RuntimeError> {
+        let runtime = if endpoint.contains("podman") { "podman" } else { "docker" };
+        let unreachable = |source| RuntimeError::unreachable(runtime, endpoint, source);
         // On a local socket, ask `/_ping` (what the docker CLI asks) for the daemon's API
         // version: `/version`, which bollard's negotiation uses, makes the daemon query
         // containerd and run `runc --version`, several milliseconds on every command. Any
         // trouble on this quick path falls back to bollard's negotiation and its errors.
-        let quick = match socket_path(&endpoint) {
-            Some(path) => ping_api_version(&path).await.and_then(|(major, minor)| {
+        let socket = socket_path(endpoint);
+        let ping = match &socket {
+            Some(path) => ping(path).await,
+            None => None,
+        };
+        let quick = match (&socket, &ping) {
+            (Some(path), Some(p)) => {
+                let (major, minor) = p.api;
                 let ours = bollard::API_DEFAULT_VERSION;
                 let version = if (major, minor) < (ours.major_version, ours.minor_version) {
                     bollard::ClientVersion { major_version: major, minor_version: minor }
                 } else {
                     *ours
                 };
-                bollard::Docker::connect_with_unix(&path, 120, &version).ok()
-            }),
-            None => None,
+                bollard::Docker::connect_with_unix(path, 120, &version).ok()
+            }
+            _ => None,
         };
-        let inner = match quick {
-            Some(inner) => inner,
+        let (inner, flavor, server) = match quick {
+            Some(inner) => {
+                let p = ping.expect("a quick connection has a ping");
+                (inner, p.flavor(), p.server)
+            }
             None => {
-                let inner = bollard::Docker::connect_with_defaults().map_err(unreachable)?;
-                inner.negotiate_version().await.map_err(unreachable)?
+                let inner = match &socket {
+                    Some(path) => bollard::Docker::connect_with_unix(path, 120, bollard::API_DEFAULT_VERSION),
+                    None if std::env::var("DOCKER_HOST").ok().as_deref() == Some(endpoint) => {
+                        bollard::Docker::connect_with_defaults()
+                    }
+                    None => bollard::Docker::connect_with_http(endpoint, 120, bollard::API_DEFAULT_VERSION),
+                }
+                .map_err(unreachable)?;
+                let inner = inner.negotiate_version().await.map_err(unreachable)?;
+                // The slow path's one extra question: who is this?
+                let version = inner.version().await.ok();
+                let podman = version
+                    .as_ref()
+                    .and_then(|v| v.components.as_ref())
+                    .is_some_and(|c| c.iter().any(|c| c.name.to_ascii_lowercase().contains("podman")));
+                let server = version.and_then(|v| v.version).map(|v| {
+                    if podman {
+                        format!("Libpod/{v}")
+                    } else {
+                        format!("Docker/{v}")
+                    }
+                });
+                (inner, if podman { Flavor::Podman } else { Flavor::Docker }, server)
             }
         };
-        Ok(Docker { inner, endpoint, stop_grace: DEFAULT_STOP_GRACE })
+        // Rootless Podman's socket belongs to its user; the system service's to root.
+        let rootless = flavor == Flavor::Podman
+            && socket.as_deref().and_then(|p| std::fs::metadata(p).ok()).is_some_and(|m| {
+                use std::os::unix::fs::MetadataExt;
+                m.uid() != 0
+            });
+        Ok(Docker {
+            inner,
+            endpoint: endpoint.to_string(),
+            stop_grace: DEFAULT_STOP_GRACE,
+            flavor,
+            server,
+            rootless,
+            service: None,
+        })
+    }
+
+    /// A failed call, in this runtime's name.
+    pub(crate) fn fail(&self, action: impl Into<String>, source: BollardError) -> RuntimeError {
+        RuntimeError::Backend { runtime: self.name().into(), action: action.into(), source: Box::new(source) }
+    }
+
+    /// Docker or Podman.
+    pub fn flavor(&self) -> Flavor {
+        self.flavor
+    }
+
+    /// `docker` or `podman`, for messages.
+    pub fn name(&self) -> &'static str {
+        match self.flavor {
+            Flavor::Docker => "docker",
+            Flavor::Podman => "podman",
+        }
+    }
+
+    /// What the runtime is, for provenance: `docker 20.10.24`, `podman 4.3.1 (rootless)`.
+    pub fn describe(&self) -> String {
+        let version = self
+            .server
+            .as_deref()
+            .and_then(|s| s.split_once('/'))
+            .map(|(_, v)| v.split_whitespace().next().unwrap_or(v).to_string());
+        let mut d = match version {
+            Some(v) => format!("{} {v}", self.name()),
+            None => self.name().to_string(),
+        };
+        if self.rootless {
+            d.push_str(" (rootless)");
+        }
+        d
+    }
+
+    pub(crate) fn dialect(&self) -> crate::run::Dialect {
+        crate::run::Dialect { podman: self.flavor == Flavor::Podman, keep_id: self.rootless }
+    }
+
+    /// Whether containers run in a user namespace that maps the invoking user to itself.
+    pub fn rootless(&self) -> bool {
+        self.rootless
     }
 
     /// The time a timed-out or cancelled container gets to exit on `SIGTERM`
@@ -106,7 +217,7 @@ impl Docker {
         match self.inner.inspect_image(reference).await {
             Ok(inspect) => Ok(image_info(inspect)),
             Err(e) if is_status(&e, 404) => Err(RuntimeError::ImageNotFound { reference: reference.to_string() }),
-            Err(e) => Err(RuntimeError::docker(format!("inspect image `{reference}`"), e)),
+            Err(e) => Err(self.fail(format!("inspect image `{reference}`"), e)),
         }
     }
 
@@ -117,7 +228,7 @@ impl Docker {
             .inner
             .list_images(Some(ListImagesOptionsBuilder::new().all(false).build()))
             .await
-            .map_err(|e| RuntimeError::docker("list images", e))?;
+            .map_err(|e| self.fail("list images", e))?;
         let mut images = Vec::with_capacity(summaries.len());
         for summary in summaries {
             // The summary lacks entrypoint, cmd and user: inspect each one.
@@ -188,7 +299,7 @@ impl Docker {
                 Err(BollardError::DockerResponseServerError { message, .. }) if message.contains("too many links") => {
                     return Err(RuntimeError::SymlinkLoop { image: image.to_string(), path: path.to_string() })
                 }
-                Err(e) => return Err(RuntimeError::docker(format!("copy `{current}` out of image `{image}`"), e)),
+                Err(e) => return Err(self.fail(format!("copy `{current}` out of image `{image}`"), e)),
             };
             let entry = archive::first_entry(&tar).map_err(|source| RuntimeError::Archive {
                 image: image.to_string(),
@@ -213,12 +324,39 @@ impl Docker {
         Err(RuntimeError::SymlinkLoop { image: image.to_string(), path: path.to_string() })
     }
 
+    /// `docker save` of one image into the file `dest` (written whole, then renamed there).
+    pub async fn export_image(&self, image_id: &str, dest: &std::path::Path) -> Result<(), RuntimeError> {
+        use tokio::io::AsyncWriteExt;
+        let io = |e: std::io::Error| RuntimeError::Backend {
+            runtime: self.name().into(),
+            action: format!("save image `{image_id}` to `{}`", dest.display()),
+            source: Box::new(e),
+        };
+        let tmp = dest.with_extension("part");
+        let mut file = tokio::fs::File::create(&tmp).await.map_err(io)?;
+        let mut stream = self.inner.export_image(image_id);
+        use futures_util::StreamExt;
+        while let Some(chunk) = stream.next().await {
+            match chunk {
+                Ok(bytes) => file.write_all(&bytes).await.map_err(io)?,
+                Err(e) => {
+                    drop(file);
+                    let _ = tokio::fs::remove_file(&tmp).await;
+                    return Err(self.fail(format!("save image `{image_id}`"), e));
+                }
+            }
+        }
+        file.flush().await.map_err(io)?;
+        drop(file);
+        tokio::fs::rename(&tmp, dest).await.map_err(io)
+    }
+
     /// Ids of all containers, running or not, that carry the label `key=value`.
     pub async fn containers_with_label(&self, key: &str, value: &str) -> Result<Vec<String>, RuntimeError> {
         let filters = HashMap::from([("label", vec![format!("{key}={value}")])]);
         let options = ListContainersOptionsBuilder::new().all(true).filters(&filters).build();
         let containers =
-            self.inner.list_containers(Some(options)).await.map_err(|e| RuntimeError::docker("list containers", e))?;
+            self.inner.list_containers(Some(options)).await.map_err(|e| self.fail("list containers", e))?;
         Ok(containers.into_iter().filter_map(|c| c.id).collect())
     }
 
@@ -227,7 +365,7 @@ impl Docker {
         let filters = HashMap::from([("label", vec![format!("{key}={value}")])]);
         let options = ListContainersOptionsBuilder::new().all(true).filters(&filters).build();
         let containers =
-            self.inner.list_containers(Some(options)).await.map_err(|e| RuntimeError::docker("list containers", e))?;
+            self.inner.list_containers(Some(options)).await.map_err(|e| self.fail("list containers", e))?;
         Ok(containers
             .into_iter()
             .filter_map(|c| Some(Labelled { id: c.id?, labels: c.labels.unwrap_or_default().into_iter().collect() }))
@@ -245,13 +383,13 @@ impl Docker {
         match self.inner.create_container(options, body).await {
             Ok(created) => Ok(created.id),
             Err(e) if is_status(&e, 404) => Err(RuntimeError::ImageNotFound { reference: image.to_string() }),
-            Err(e) => Err(RuntimeError::docker(format!("create a container from image `{image}`"), e)),
+            Err(e) => Err(self.fail(format!("create a container from image `{image}`"), e)),
         }
     }
 
     /// Force-remove a container and its anonymous volumes; gone already is fine.
     pub async fn remove(&self, id: &str) -> Result<(), RuntimeError> {
-        remove_container(&self.inner, id).await.map_err(|e| RuntimeError::docker(format!("remove container `{id}`"), e))
+        remove_container(&self.inner, id).await.map_err(|e| self.fail(format!("remove container `{id}`"), e))
     }
 }
 
@@ -268,9 +406,30 @@ fn socket_path(endpoint: &str) -> Option<String> {
     endpoint.strip_prefix("unix://").filter(|p| !p.is_empty()).map(str::to_string)
 }
 
-/// `GET /_ping` over a Unix socket: the `Api-Version` header's `(major, minor)`, or `None`
-/// on any failure (the caller then negotiates the slow way and reports errors from there).
-async fn ping_api_version(path: &str) -> Option<(usize, usize)> {
+/// What `GET /_ping` says.
+#[derive(Debug, PartialEq, Eq)]
+struct Ping {
+    /// `Api-Version`.
+    api: (usize, usize),
+    /// `Server`: `Docker/20.10.24 (linux)`, `Libpod/4.3.1 (linux)`.
+    server: Option<String>,
+    /// `Libpod-Api-Version`: only Podman sends it.
+    libpod: bool,
+}
+
+impl Ping {
+    fn flavor(&self) -> Flavor {
+        if self.libpod || self.server.as_deref().is_some_and(|s| s.starts_with("Libpod")) {
+            Flavor::Podman
+        } else {
+            Flavor::Docker
+        }
+    }
+}
+
+/// `GET /_ping` over a Unix socket, or `None` on any failure (the caller then negotiates the
+/// slow way and reports errors from there).
+async fn ping(path: &str) -> Option<Ping> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let exchange = async {
         let mut stream = tokio::net::UnixStream::connect(path).await.ok()?;
@@ -283,19 +442,22 @@ async fn ping_api_version(path: &str) -> Option<(usize, usize)> {
     parse_ping(&response)
 }
 
-fn parse_ping(response: &[u8]) -> Option<(usize, usize)> {
+fn parse_ping(response: &[u8]) -> Option<Ping> {
     let text = std::str::from_utf8(response).ok()?;
     let head = text.split("\r\n\r\n").next()?;
     let mut lines = head.split("\r\n");
     if !lines.next()?.starts_with("HTTP/1.1 200") {
         return None;
     }
-    let version = lines.find_map(|l| {
-        let (name, value) = l.split_once(':')?;
-        name.trim().eq_ignore_ascii_case("api-version").then(|| value.trim())
-    })?;
-    let (major, minor) = version.split_once('.')?;
-    Some((major.parse().ok()?, minor.parse().ok()?))
+    let headers: Vec<(&str, &str)> =
+        lines.filter_map(|l| l.split_once(':')).map(|(n, v)| (n.trim(), v.trim())).collect();
+    let header = |name: &str| headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| *v);
+    let (major, minor) = header("api-version")?.split_once('.')?;
+    Some(Ping {
+        api: (major.parse().ok()?, minor.parse().ok()?),
+        server: header("server").map(str::to_string),
+        libpod: header("libpod-api-version").is_some(),
+    })
 }
 
 pub(crate) fn is_status(e: &BollardError, status: u16) -> bool {
@@ -359,17 +521,27 @@ mod tests {
     #[test]
     fn the_api_version_is_read_from_a_ping_answer() {
         let answer = b"HTTP/1.1 200 OK\r\nApi-Version: 1.41\r\nOstype: linux\r\nContent-Length: 2\r\n\r\nOK";
-        assert_eq!(parse_ping(answer), Some((1, 41)));
+        let ping = parse_ping(answer).unwrap();
+        assert_eq!((ping.api, ping.flavor()), ((1, 41), Flavor::Docker));
         let lower = b"HTTP/1.1 200 OK\r\napi-version:1.47\r\n\r\nOK";
-        assert_eq!(parse_ping(lower), Some((1, 47)));
+        assert_eq!(parse_ping(lower).unwrap().api, (1, 47));
+    }
+
+    #[test]
+    fn podman_is_told_from_docker_by_its_ping() {
+        let podman = b"HTTP/1.1 200 OK\r\nApi-Version: 1.41\r\nLibpod-Api-Version: 4.3.1\r\nServer: Libpod/4.3.1 (linux)\r\n\r\nOK";
+        let p = parse_ping(podman).unwrap();
+        assert_eq!((p.flavor(), p.server.as_deref()), (Flavor::Podman, Some("Libpod/4.3.1 (linux)")));
+        let docker = b"HTTP/1.1 200 OK\r\nApi-Version: 1.41\r\nServer: Docker/20.10.24+dfsg1 (linux)\r\n\r\nOK";
+        assert_eq!(parse_ping(docker).unwrap().flavor(), Flavor::Docker);
     }
 
     #[test]
     fn a_ping_answer_without_a_usable_version_is_refused() {
-        assert_eq!(parse_ping(b"HTTP/1.1 500 Internal Server Error\r\nApi-Version: 1.41\r\n\r\n"), None);
-        assert_eq!(parse_ping(b"HTTP/1.1 200 OK\r\nOstype: linux\r\n\r\nOK"), None);
-        assert_eq!(parse_ping(b"HTTP/1.1 200 OK\r\nApi-Version: one\r\n\r\nOK"), None);
-        assert_eq!(parse_ping(b""), None);
+        assert!(parse_ping(b"HTTP/1.1 500 Internal Server Error\r\nApi-Version: 1.41\r\n\r\n").is_none());
+        assert!(parse_ping(b"HTTP/1.1 200 OK\r\nOstype: linux\r\n\r\nOK").is_none());
+        assert!(parse_ping(b"HTTP/1.1 200 OK\r\nApi-Version: one\r\n\r\nOK").is_none());
+        assert!(parse_ping(b"").is_none());
     }
 
     #[test]

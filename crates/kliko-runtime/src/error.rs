@@ -28,6 +28,14 @@ pub enum RuntimeError {
         source: BoxError,
     },
 
+    /// The runtime cannot be used here: not installed, or its service would not start.
+    #[error("cannot use {runtime}: {message}")]
+    RuntimeUnavailable { runtime: String, message: String },
+
+    /// A run asked for GPUs this machine does not have (checked before any container starts).
+    #[error("the run asks for {asked}, and {found}")]
+    NoGpu { asked: String, found: String },
+
     /// No local image answers to this reference (nothing is ever pulled).
     #[error("image `{reference}` not found locally")]
     ImageNotFound { reference: String },
@@ -139,17 +147,13 @@ impl RuntimeError {
         }
     }
 
-    pub(crate) fn docker(action: impl Into<String>, source: bollard::errors::Error) -> Self {
-        RuntimeError::Backend { runtime: "docker".into(), action: action.into(), source: Box::new(source) }
-    }
-
-    pub(crate) fn docker_unreachable(endpoint: &str, source: bollard::errors::Error) -> Self {
+    pub(crate) fn unreachable(runtime: &str, endpoint: &str, source: bollard::errors::Error) -> Self {
         let reason = match &source {
             bollard::errors::Error::SocketNotFoundError(_) => Unreachable::NotRunning,
             other => Unreachable::of(other),
         };
         RuntimeError::Unreachable {
-            runtime: "docker".into(),
+            runtime: runtime.into(),
             endpoint: endpoint.to_string(),
             reason,
             source: Box::new(source),

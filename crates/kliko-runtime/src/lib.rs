@@ -41,18 +41,71 @@
 //! # let _ = kliko_yml; Ok(()) }
 //! ```
 
+pub mod apptainer;
 mod archive;
 mod docker;
 mod error;
 #[cfg(feature = "fake")]
 pub mod fake;
+pub mod gpu;
+pub mod podman;
 mod run;
 mod runtime;
 
-pub use docker::{Docker, ImageInfo, Labelled, DEFAULT_STOP_GRACE};
+pub use docker::{Docker, Flavor, ImageInfo, Labelled, DEFAULT_STOP_GRACE};
 pub use error::{BoxError, RuntimeError, Unreachable};
+pub use gpu::Gpus;
 pub use run::{ContainerSpec, LogChunk, Mount, Outcome, Removal, RunOutcome, Stream};
 pub use runtime::ContainerRuntime;
+
+/// Which container runtime runs the containers (`--runtime`, `KLIKO_RUNTIME`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RuntimeKind {
+    /// The Docker Engine (`DOCKER_HOST`, else `/var/run/docker.sock`).
+    #[default]
+    Docker,
+    /// Podman's Docker-compatible service: the user's own socket, or one started for the
+    /// run ([`podman`]).
+    Podman,
+    /// Apptainer (or Singularity) from PATH, running SIFs built once per image ID
+    /// ([`apptainer`]).
+    Apptainer,
+}
+
+impl RuntimeKind {
+    /// `docker` or `podman`.
+    pub fn parse(s: &str) -> Result<RuntimeKind, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "docker" => Ok(RuntimeKind::Docker),
+            "podman" => Ok(RuntimeKind::Podman),
+            "apptainer" | "singularity" => Ok(RuntimeKind::Apptainer),
+            other => {
+                Err(format!("`{other}` is not a container runtime kliko knows: say `docker`, `podman` or `apptainer`"))
+            }
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            RuntimeKind::Docker => "docker",
+            RuntimeKind::Podman => "podman",
+            RuntimeKind::Apptainer => "apptainer",
+        }
+    }
+
+    /// Connect to this runtime; `store_root` is where a runtime keeps what it converts
+    /// (Apptainer's SIFs).
+    pub async fn connect(
+        self,
+        store_root: &std::path::Path,
+    ) -> Result<std::sync::Arc<dyn ContainerRuntime>, RuntimeError> {
+        Ok(match self {
+            RuntimeKind::Docker => std::sync::Arc::new(Docker::connect().await?),
+            RuntimeKind::Podman => std::sync::Arc::new(podman::connect().await?),
+            RuntimeKind::Apptainer => apptainer::connect(store_root).await?,
+        })
+    }
+}
 
 /// The label on every container this crate creates (value `true`).
 pub const MANAGED_LABEL: &str = "io.kliko.managed";

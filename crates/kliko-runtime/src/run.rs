@@ -57,6 +57,28 @@ pub struct ContainerSpec {
     pub labels: BTreeMap<String, String>,
     pub name: Option<String>,
     pub workdir: Option<String>,
+    /// GPUs for the container; checked against this machine before it is created.
+    pub gpus: Option<crate::Gpus>,
+}
+
+impl ContainerSpec {
+    /// Whether this machine has the GPUs the spec asks for (every runtime asks, before it
+    /// starts anything).
+    pub fn check_gpus(&self) -> Result<(), RuntimeError> {
+        match &self.gpus {
+            Some(g) => g.check(&crate::gpu::present()),
+            None => Ok(()),
+        }
+    }
+}
+
+/// How a container is described to the engine behind the API.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Dialect {
+    /// Podman: GPUs as CDI devices.
+    pub podman: bool,
+    /// Rootless Podman: the user namespace keeps the invoking user's id.
+    pub keep_id: bool,
 }
 
 /// Which of the container's output streams a chunk came from.
@@ -136,7 +158,8 @@ impl Docker {
         logs: mpsc::Sender<LogChunk>,
         cancel: CancellationToken,
     ) -> Result<(RunOutcome, Removal), RuntimeError> {
-        let body = container_body(spec)?;
+        spec.check_gpus()?;
+        let body = container_body(spec, self.dialect())?;
         let id = self.create(&spec.image_id, spec.name.as_deref(), body).await?;
         kliko_core::trace::mark("container created");
         let guard = RemoveOnDrop::new(self.inner.clone(), id.clone());
@@ -175,7 +198,7 @@ impl Docker {
             .inner
             .attach_container(id, Some(options))
             .await
-            .map_err(|e| RuntimeError::docker(format!("attach to container `{id}`"), e))?;
+            .map_err(|e| self.fail(format!("attach to container `{id}`"), e))?;
         let exited = CancellationToken::new();
         let pump = AbortOnDrop(tokio::spawn(pump_logs(attached.output, logs, exited.clone())));
 
@@ -188,10 +211,7 @@ impl Docker {
                 finished_at: SystemTime::now(),
             });
         }
-        self.inner
-            .start_container(id, None)
-            .await
-            .map_err(|e| RuntimeError::docker(format!("start container `{id}`"), e))?;
+        self.inner.start_container(id, None).await.map_err(|e| self.fail(format!("start container `{id}`"), e))?;
         kliko_core::trace::mark("container started");
 
         let deadline = async {
@@ -221,7 +241,7 @@ impl Docker {
         // Logs that broke off matter only for a run that ended by itself: a
         // stopped container's stream may end any which way.
         if let (Outcome::Exited(_), Err(e)) = (outcome, pumped) {
-            return Err(RuntimeError::docker(format!("stream the logs of container `{id}`"), e));
+            return Err(self.fail(format!("stream the logs of container `{id}`"), e));
         }
         Ok(RunOutcome { outcome, container_id: id.to_string(), started_at, finished_at })
     }
@@ -231,7 +251,7 @@ impl Docker {
         let mut wait = self.inner.wait_container(id, None::<bollard::query_parameters::WaitContainerOptions>);
         match wait.next().await {
             Some(Ok(response)) => match response.error.and_then(|e| e.message) {
-                Some(message) if response.status_code == 0 && !message.is_empty() => Err(RuntimeError::docker(
+                Some(message) if response.status_code == 0 && !message.is_empty() => Err(self.fail(
                     format!("wait for container `{id}`"),
                     BollardError::DockerContainerWaitError { error: message, code: 0 },
                 )),
@@ -239,7 +259,7 @@ impl Docker {
             },
             // bollard turns a non-zero exit into this error: it is an outcome.
             Some(Err(BollardError::DockerContainerWaitError { code, .. })) => Ok(code),
-            Some(Err(e)) => Err(RuntimeError::docker(format!("wait for container `{id}`"), e)),
+            Some(Err(e)) => Err(self.fail(format!("wait for container `{id}`"), e)),
             None => Err(RuntimeError::NoExitStatus { container: id.to_string() }),
         }
     }
@@ -251,7 +271,7 @@ impl Docker {
         match self.inner.stop_container(id, Some(options)).await {
             // 304: already stopped; 404: already gone. Both are what we wanted.
             Err(e) if is_status(&e, 404) || is_status(&e, 304) => Ok(()),
-            Err(e) => Err(RuntimeError::docker(format!("stop container `{id}`"), e)),
+            Err(e) => Err(self.fail(format!("stop container `{id}`"), e)),
             Ok(()) => Ok(()),
         }
     }
@@ -310,7 +330,7 @@ impl<T> Drop for AbortOnDrop<T> {
     }
 }
 
-fn container_body(spec: &ContainerSpec) -> Result<ContainerCreateBody, RuntimeError> {
+pub(crate) fn container_body(spec: &ContainerSpec, dialect: Dialect) -> Result<ContainerCreateBody, RuntimeError> {
     let mut mounts = Vec::with_capacity(spec.mounts.len());
     for m in &spec.mounts {
         if !m.host.is_absolute() {
@@ -358,6 +378,14 @@ fn container_body(spec: &ContainerSpec) -> Result<ContainerCreateBody, RuntimeEr
             mounts: Some(mounts),
             memory: spec.memory_bytes,
             nano_cpus: spec.cpus.map(|c| (c * 1e9) as i64),
+            device_requests: spec
+                .gpus
+                .as_ref()
+                .map(|g| vec![if dialect.podman { g.cdi_request() } else { g.docker_request() }]),
+            // Rootless Podman maps the container's root to the invoking user, and every other
+            // id to a subordinate one: a run as the invoking user's id keeps it instead, so
+            // the outputs are that user's.
+            userns_mode: (dialect.keep_id && spec.user.is_some()).then(|| "keep-id".to_string()),
             ..Default::default()
         }),
         ..Default::default()
@@ -377,7 +405,7 @@ mod tests {
         let mut s = spec();
         s.mounts.push(Mount { host: "out".into(), container: "/output".into(), read_only: false });
         assert!(matches!(
-            container_body(&s),
+            container_body(&s, Dialect::default()),
             Err(RuntimeError::RelativeMount { path }) if path.as_os_str() == "out"
         ));
     }
@@ -388,7 +416,9 @@ mod tests {
         let mut s = spec();
         let host = std::path::PathBuf::from(std::ffi::OsStr::from_bytes(b"/data/obs\xe9"));
         s.mounts.push(Mount { host: host.clone(), container: "/input".into(), read_only: true });
-        assert!(matches!(container_body(&s), Err(RuntimeError::PathNotUtf8 { path }) if path == host));
+        assert!(
+            matches!(container_body(&s, Dialect::default()), Err(RuntimeError::PathNotUtf8 { path }) if path == host)
+        );
     }
 
     #[test]
@@ -396,7 +426,7 @@ mod tests {
         let mut s = spec();
         s.labels.insert("io.kliko.run".into(), "1".into());
         s.env.push(("INPUT".into(), "/input".into()));
-        let body = container_body(&s).unwrap();
+        let body = container_body(&s, Dialect::default()).unwrap();
         let host = body.host_config.unwrap();
         assert_eq!(host.network_mode.as_deref(), Some("none"));
         let labels = body.labels.unwrap();
@@ -422,9 +452,30 @@ mod tests {
     }
 
     #[test]
+    fn rootless_podman_keeps_the_users_id_and_gets_gpus_by_cdi() {
+        let mut s = spec();
+        s.user = Some("1001:1001".into());
+        s.gpus = Some(crate::Gpus::Count(1));
+        let docker = container_body(&s, Dialect::default()).unwrap().host_config.unwrap();
+        assert_eq!(docker.userns_mode, None);
+        assert_eq!(docker.device_requests.unwrap()[0].count, Some(1));
+        let podman = container_body(&s, Dialect { podman: true, keep_id: true }).unwrap().host_config.unwrap();
+        assert_eq!(podman.userns_mode.as_deref(), Some("keep-id"));
+        let req = &podman.device_requests.unwrap()[0];
+        assert_eq!(
+            (req.driver.as_deref(), req.device_ids.clone()),
+            (Some("cdi"), Some(vec!["nvidia.com/gpu=0".to_string()]))
+        );
+        // The image's own user: nothing to keep.
+        s.user = None;
+        let own = container_body(&s, Dialect { podman: true, keep_id: true }).unwrap().host_config.unwrap();
+        assert_eq!(own.userns_mode, None);
+    }
+
+    #[test]
     fn bad_env_name_is_rejected() {
         let mut s = spec();
         s.env.push(("A=B".into(), "c".into()));
-        assert!(matches!(container_body(&s), Err(RuntimeError::InvalidEnvName { .. })));
+        assert!(matches!(container_body(&s, Dialect::default()), Err(RuntimeError::InvalidEnvName { .. })));
     }
 }

@@ -21,6 +21,11 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     /// Where it is reached (`unix:///var/run/docker.sock`), for messages.
     fn endpoint(&self) -> &str;
 
+    /// What it is, for provenance: `docker 20.10.24`, `podman 4.3.1 (rootless)`.
+    fn describe(&self) -> String {
+        self.name().to_string()
+    }
+
     /// Resolve a reference (tag, short or full id, `name@sha256:…`) to the image's
     /// content-addressed id and metadata. Never pulls: an unknown reference is
     /// [`RuntimeError::ImageNotFound`].
@@ -74,11 +79,15 @@ pub trait ContainerRuntime: Send + Sync + 'static {
 #[async_trait]
 impl ContainerRuntime for crate::Docker {
     fn name(&self) -> &str {
-        "docker"
+        crate::Docker::name(self)
     }
 
     fn endpoint(&self) -> &str {
         crate::Docker::endpoint(self)
+    }
+
+    fn describe(&self) -> String {
+        crate::Docker::describe(self)
     }
 
     async fn inspect_image(&self, reference: &str) -> Result<ImageInfo, RuntimeError> {

@@ -211,6 +211,8 @@ mod tests {
             host: String::new(),
             user: String::new(),
             kliko_version: String::new(),
+            runtime: None,
+            gpus: None,
         };
         let db = store.db().unwrap();
         store.journal_result(&r, None).unwrap();

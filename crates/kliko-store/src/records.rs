@@ -45,6 +45,13 @@ pub struct ActionResult {
     pub host: String,
     pub user: String,
     pub kliko_version: String,
+    /// The container runtime that ran it (`docker 20.10.24`, `podman 4.3.1 (rootless)`):
+    /// provenance only, never part of the key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime: Option<String>,
+    /// The GPUs it was given (`all`, `2`, `device=0`): provenance only, never part of the key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpus: Option<String>,
 }
 
 /// A run as the history lists it: a hit or a miss, what it cost, what it saved.

@@ -1032,6 +1032,10 @@ fn result_card(r: &ActionResult, role: &str) -> String {
         ),
     );
     kv(&mut b, "user", esc(&format!("{}@{}", r.user, r.host)));
+    if let Some(rt) = &r.runtime {
+        let gpus = r.gpus.as_ref().map(|g| format!(", GPUs {g}")).unwrap_or_default();
+        kv(&mut b, "runtime", esc(&format!("{rt}{gpus}")));
+    }
     kv(&mut b, "started", esc(&r.started_at));
     kv(&mut b, "finished", esc(&r.finished_at));
     kv(&mut b, "wall time", esc(&html::duration_ms(r.wall_ms)));

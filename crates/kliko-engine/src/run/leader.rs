@@ -245,6 +245,8 @@ impl Engine {
             host: fsutil::hostname(),
             user: fsutil::invoking_user(),
             kliko_version: env!("CARGO_PKG_VERSION").to_string(),
+            runtime: self.runtime().await.ok().map(|r| r.describe()),
+            gpus: req.gpus.as_ref().map(|g| g.to_string()),
         };
         // Recording and placing the output are independent: do both at once. The result is
         // recorded in the store's journal (see `kliko_store::JOURNAL_DIR`): this run does not

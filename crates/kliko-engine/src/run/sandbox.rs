@@ -125,6 +125,7 @@ pub(super) fn build(store: &Arc<Store>, req: &RunRequest, prep: &Prepared, scrat
         labels,
         name: None,
         workdir: None,
+        gpus: req.gpus.clone(),
     };
     Ok(Sandbox { spec, output_dir })
 }

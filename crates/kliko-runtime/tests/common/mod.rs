@@ -54,7 +54,11 @@ impl Collected {
 }
 
 /// Run and gather the logs, reading them concurrently as a real caller would.
-pub async fn run_collect(docker: &Docker, spec: &ContainerSpec, cancel: CancellationToken) -> Collected {
+pub async fn run_collect<R: ContainerRuntime + ?Sized>(
+    docker: &R,
+    spec: &ContainerSpec,
+    cancel: CancellationToken,
+) -> Collected {
     let (tx, mut rx) = mpsc::channel(16);
     let reader = tokio::spawn(async move {
         let mut chunks = Vec::new();

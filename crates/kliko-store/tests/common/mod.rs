@@ -150,5 +150,7 @@ pub fn result_for(store: &Store, output: Digest, salt: &str) -> ActionResult {
         host: "test".into(),
         user: "test".into(),
         kliko_version: "test".into(),
+        runtime: None,
+        gpus: None,
     }
 }
