@@ -24,6 +24,12 @@ pub struct Cli {
     /// meanwhile).
     #[arg(long, global = true)]
     pub remote_async: bool,
+    /// The container runtime: `docker`, or `podman` (rootless: your own Podman socket, or a
+    /// `podman system service` started for the command and stopped after it; `DOCKER_HOST`
+    /// still wins when set). The same image has the same ID, and so the same results, under
+    /// both. Default: `$KLIKO_RUNTIME`, else `docker`. Give it before the command.
+    #[arg(long, global = true, env = "KLIKO_RUNTIME", value_name = "RUNTIME", value_parser = kliko_runtime::RuntimeKind::parse)]
+    pub runtime: Option<kliko_runtime::RuntimeKind>,
     #[command(subcommand)]
     pub command: Command,
 }

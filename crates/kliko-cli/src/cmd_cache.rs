@@ -267,6 +267,10 @@ fn print_run(store: &Store, r: &ActionResult, indent: &str) {
     println!("{indent}  started:     {}", r.started_at);
     println!("{indent}  finished:    {} (ran {})", r.finished_at, human_ms(r.wall_ms));
     println!("{indent}  by:          {} on `{}` (kliko {})", r.user, r.host, r.kliko_version);
+    if let Some(rt) = &r.runtime {
+        let gpus = r.gpus.as_ref().map(|g| format!(", GPUs `{g}`")).unwrap_or_default();
+        println!("{indent}  runtime:     {rt}{gpus}");
+    }
     println!(
         "{indent}  logs:        stdout {} ({}), stderr {} ({}); `kliko show {}`",
         r.stdout.short(16),

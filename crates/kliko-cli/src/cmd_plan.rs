@@ -87,11 +87,15 @@ pub fn run(plan_json: Option<String>, plan_file: Option<PathBuf>) -> anyhow::Res
         if objects > 0 {
             eprintln!("kliko: fetched the input: {objects} objects, {}", kliko_core::units::human_bytes(bytes));
         }
-        let engine = crate::engine_with(store, Some(remote))?;
+        let mut engine = crate::engine_with(store, Some(remote))?;
+        if let Some(rt) = &plan.runtime {
+            let kind = kliko_runtime::RuntimeKind::parse(rt).map_err(|e| anyhow::anyhow!("the plan's runtime: {e}"))?;
+            engine = engine.with_runtime_kind(kind);
+        }
         let cancel = CancellationToken::new();
         crate::cancel_on_signal(cancel.clone(), "kliko: stopping: the container is being stopped; nothing is recorded");
         let obs: Arc<dyn Observer> = Arc::new(Print);
-        let req = plan.request();
+        let req = plan.request().map_err(|e| anyhow::anyhow!("the plan's `gpus`: {e}"))?;
         let (prep, hit) = engine.lookup(&req, None, &obs).await?;
         if prep.key != plan.key {
             anyhow::bail!(

@@ -58,6 +58,10 @@ pub struct RunArgs {
     /// CPU limit, e.g. `1.5`.
     #[arg(long, value_name = "N", help_heading = "Container")]
     pub cpus: Option<f64>,
+    /// GPUs for the container: `all`, a number, or `device=0,1` (not part of the key; kept in
+    /// provenance). Refused before anything starts on a machine without them.
+    #[arg(long, value_name = "GPUS", help_heading = "Container")]
+    pub gpus: Option<String>,
     /// Stop the container after this long (`90s`, `10m`, `2h`); the run fails (exit 124).
     #[arg(long, value_name = "DURATION", help_heading = "Container")]
     pub timeout: Option<String>,
@@ -362,6 +366,11 @@ fn build_request(a: &RunArgs, spec: &Spec, m: &ArgMatches) -> anyhow::Result<Run
         None => None,
     };
     req.timeout = a.timeout.as_deref().map(parse_duration).transpose()?;
+    req.gpus = a
+        .gpus
+        .as_deref()
+        .map(|g| kliko_engine::Gpus::parse(g).map_err(|e| anyhow::anyhow!("`--gpus`: {e}")))
+        .transpose()?;
     req.salt = a.salt.clone();
     req.no_cache = a.no_cache;
     req.overwrite = a.overwrite;

@@ -58,6 +58,14 @@ static REMOTE: std::sync::OnceLock<Option<(String, bool)>> = std::sync::OnceLock
 /// `--remote-async`.
 static REMOTE_ASYNC: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
+/// The container runtime the command line names (`--runtime`, `$KLIKO_RUNTIME`).
+static RUNTIME: std::sync::OnceLock<kliko_runtime::RuntimeKind> = std::sync::OnceLock::new();
+
+/// The container runtime chosen for this command.
+pub fn runtime_kind() -> kliko_runtime::RuntimeKind {
+    RUNTIME.get().copied().unwrap_or_default()
+}
+
 /// The shared tier the command line names, with this user's keys, if one is configured.
 pub fn remote() -> anyhow::Result<Option<kliko_remote::Remote>> {
     match REMOTE.get().cloned().flatten() {
@@ -76,7 +84,7 @@ pub fn engine_with(
     store: std::sync::Arc<kliko_store::Store>,
     remote: Option<kliko_remote::Remote>,
 ) -> anyhow::Result<kliko_engine::Engine> {
-    let engine = kliko_engine::Engine::new(store);
+    let engine = kliko_engine::Engine::new(store).with_runtime_kind(runtime_kind());
     let Some(remote) = remote else { return Ok(engine) };
     // How long another machine trusts this one's lease without a heartbeat.
     let ttl = match std::env::var("KLIKO_REMOTE_LEASE_TTL") {
@@ -92,6 +100,7 @@ pub fn engine_with(
 fn dispatch(cli: cli::Cli) -> anyhow::Result<ExitCode> {
     let _ = REMOTE.set(cli.remote.clone().filter(|u| !u.is_empty()).map(|u| (u, cli.remote_read_only)));
     REMOTE_ASYNC.store(cli.remote_async, std::sync::atomic::Ordering::Relaxed);
+    let _ = RUNTIME.set(cli.runtime.unwrap_or_default());
     let store = cli.store.clone();
     let store_root = || {
         store.clone().or_else(kliko_store::Store::default_root).ok_or_else(|| {

@@ -10,7 +10,8 @@ use kliko_store::{Recovered, Store};
 /// wrong moment). Docker being unreachable is no reason for gc to fail: it says so.
 pub fn remove_dead_containers(store: &Store) -> Vec<String> {
     let result = (|| -> anyhow::Result<Vec<String>> {
-        let engine = kliko_engine::Engine::new(Arc::new(Store::open(store.root())?));
+        let engine =
+            kliko_engine::Engine::new(Arc::new(Store::open(store.root())?)).with_runtime_kind(crate::runtime_kind());
         Ok(crate::runtime()?.block_on(engine.remove_dead_containers())?)
     })();
     match result {

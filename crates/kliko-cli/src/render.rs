@@ -58,19 +58,40 @@ fn runtime_error(e: Dyn<'_>) -> Option<&RuntimeError> {
 }
 
 fn runtime_hint(e: &RuntimeError) -> Option<String> {
+    let podman = crate::runtime_kind() == kliko_runtime::RuntimeKind::Podman;
     let group = "add your user to the `docker` group (`sudo usermod -aG docker $USER`, then log in again)";
     let start = "is the daemon running? start it with `systemctl start docker`";
     Some(match e {
+        RuntimeError::Unreachable { runtime, endpoint, .. } if podman || runtime == "podman" => format!(
+            "is Podman's service running at `{}`? unset `DOCKER_HOST` to let kliko find your own socket or start one",
+            endpoint.strip_prefix("unix://").unwrap_or(endpoint)
+        ),
         RuntimeError::Unreachable { endpoint, reason, .. } => {
             let socket = endpoint.strip_prefix("unix://").unwrap_or("/var/run/docker.sock");
             match reason {
-                Unreachable::PermissionDenied => format!("permission denied on `{socket}`: {group}"),
+                Unreachable::PermissionDenied => {
+                    format!("permission denied on `{socket}`: {group}; or run without root: `--runtime podman`")
+                }
                 Unreachable::NotRunning => format!("{start}, or point `DOCKER_HOST` at a running daemon"),
                 _ => format!("{start}; if `{socket}` refuses you, {group}; check `DOCKER_HOST` if you set it"),
             }
         }
+        RuntimeError::ImageNotFound { reference } if podman => format!(
+            "Podman keeps its own images: build it with `podman build -t {reference} .`, or copy it from Docker with \
+             `docker save {reference} | podman load` (it keeps its image ID, so results made under Docker are reused)"
+        ),
         RuntimeError::ImageNotFound { reference } => {
             format!("build it with `docker build -t {reference} .` or fetch it with `docker pull {reference}`")
+        }
+        RuntimeError::RuntimeUnavailable { runtime, .. } if runtime == "podman" => {
+            "install Podman (Debian: `apt-get install podman uidmap slirp4netns`), or choose `--runtime docker`".into()
+        }
+        RuntimeError::NoGpu { .. } => {
+            "run it on a machine with GPUs (a Slurm step asks for them with `resources: {gpus: N}`), or drop `--gpus`"
+                .into()
+        }
+        RuntimeError::RemovalInterrupted { container, .. } if podman => {
+            format!("remove it with `podman rm -f {container}`")
         }
         RuntimeError::RemovalInterrupted { container, .. } => format!("remove it with `docker rm -f {container}`"),
         _ => return None,

@@ -642,6 +642,7 @@ async fn run_one_inner(
     req.store_only = true;
     req.params = vec![param_layer_for(&ctx.pipeline_dir, &step)];
     req.timeout = step.timeout;
+    req.gpus = step.resources.gpus.map(kliko_engine::Gpus::Count);
     req.labels.insert(PIPELINE_LABEL.into(), ctx.pipeline_file.display().to_string());
     req.labels.insert(STEP_LABEL.into(), step.name.clone());
     let obs = Arc::new(RunObs {

@@ -54,13 +54,19 @@ pub struct Plan {
     pub timeout_ms: Option<u64>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// The container runtime the node uses (`docker`, `podman`): the dispatcher's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime: Option<String>,
+    /// The GPUs the container gets (`--gpus` form), besides the job's `--gres`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpus: Option<String>,
     /// The shared tier (credentials come from the job's environment).
     pub remote: String,
 }
 
 impl Plan {
     /// The request a node makes of its engine.
-    pub fn request(&self) -> RunRequest {
+    pub fn request(&self) -> Result<RunRequest, String> {
         let mut req = RunRequest::new(self.image_id.clone(), Input::Tree(self.input), None);
         req.store_only = true;
         req.params = vec![kliko_spec::ParamLayer::json(&self.params)
@@ -68,7 +74,8 @@ impl Plan {
             .with_base_dir(&self.params_dir)];
         req.timeout = self.timeout_ms.map(Duration::from_millis);
         req.labels = self.labels.clone();
-        req
+        req.gpus = self.gpus.as_deref().map(kliko_engine::Gpus::parse).transpose()?;
+        Ok(req)
     }
 }
 
@@ -536,6 +543,8 @@ impl StepExecutor for Slurm {
             params_dir: run.params_dir.clone(),
             timeout_ms: run.request.timeout.map(|t| t.as_millis() as u64),
             labels: run.request.labels.clone(),
+            gpus: run.request.gpus.as_ref().map(|g| g.to_string()),
+            runtime: Some(self.engine.runtime_kind().name().to_string()),
             remote: remote.url().to_string(),
         };
         let plan = serde_json::to_string(&plan).map_err(|e| EngineError::Internal(e.to_string()))?;

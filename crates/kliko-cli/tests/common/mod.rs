@@ -10,6 +10,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 pub use kliko_testkit::{ImageBuilder, TestImage};
 use serde_json::Value;
 
+/// The kliko under test: `KLIKO_TEST_BIN` (a copy another user may run), else cargo's.
+pub fn kliko_bin() -> PathBuf {
+    std::env::var_os("KLIKO_TEST_BIN").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_kliko")))
+}
+
 /// A test's private world: a temporary folder holding its store and its data folders.
 pub struct World {
     pub dir: tempfile::TempDir,
@@ -54,7 +59,7 @@ impl World {
 
     /// `kliko --store STORE` (and no `KLIKO_STORE` from the environment).
     pub fn kliko(&self) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_kliko"));
+        let mut c = Command::new(kliko_bin());
         c.env_remove("KLIKO_STORE").env_remove("KLIKO_REMOTE").arg("--store").arg(&self.store);
         // This world's own signing key (made by `kliko remote key new`), none of the user's.
         c.env("KLIKO_SIGNING_KEY", self.path("signing-key")).env_remove("KLIKO_TRUSTED_KEYS");
