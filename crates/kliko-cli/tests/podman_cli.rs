@@ -323,3 +323,46 @@ fn a_gpu_request_on_a_machine_without_gpus_fails_before_anything_starts() {
     assert!(!w.path("out").exists());
     assert!(podman_containers(&img).is_empty());
 }
+
+#[test]
+fn a_pipeline_runs_each_step_under_its_own_runtime() {
+    if !podman_here() {
+        return;
+    }
+    let img = split(
+        "podman-pipe",
+        "      - {name: tag, type: str, initial: x}\n",
+        "ls /input > /output/seen-by-$(id -u); cp /input/*.txt /output/",
+    );
+    let w = World::new();
+    w.folder("in", &[("a.txt", "a")]);
+    let file = w.file(
+        "p.yml",
+        &format!(
+            "version: 1\nruntime: podman\nsteps:\n  first:\n    image: {t}\n    input: in/\n    params: {{tag: one}}\n    runtime: docker\n  second:\n    image: {t}\n    input: first\n    params: {{tag: two}}\n    output: out/\n",
+            t = img.img.tag
+        ),
+    );
+    // The command line says nothing: the file's runtimes decide.
+    let mut c = w.kliko();
+    c.env_remove("DOCKER_HOST").args(["pipeline", "run"]).arg(&file).arg("--json");
+    let o = Out::of(&mut c);
+    o.ok();
+    let report = o.json();
+    assert_eq!(report["containers"], 2, "{}", o.stdout);
+    let key_of = |step: &str| -> String {
+        report["steps"].as_array().unwrap().iter().find(|s| s["name"] == step).unwrap()["runs"][0]["key"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let runtime_of = |step: &str| {
+        let show = Out::of(w.kliko().args(["show", &key_of(step)]));
+        show.ok();
+        show.stdout.lines().find(|l| l.contains("runtime:")).unwrap_or_default().to_string()
+    };
+    assert!(runtime_of("first").contains("docker"), "{}", runtime_of("first"));
+    assert!(runtime_of("second").contains("podman") && runtime_of("second").contains("rootless"));
+    assert!(w.path("out/a.txt").exists());
+    assert!(podman_containers(&img).is_empty());
+}

@@ -62,6 +62,8 @@ pub struct Engine {
     runtime: OnceCell<Arc<dyn ContainerRuntime>>,
     /// Which runtime [`Engine::runtime`] connects to, on first use.
     runtime_kind: kliko_runtime::RuntimeKind,
+    /// Other runtimes that runs asked for ([`RunRequest::runtime`]), connected on first use.
+    other_runtimes: std::sync::Mutex<BTreeMap<&'static str, Arc<RuntimeCell>>>,
     leases: Arc<dyn LeaseBackend>,
     remote: Option<Arc<kliko_remote::Remote>>,
     /// The tier's leases, when they are the engine's (for their warnings).
@@ -141,6 +143,9 @@ pub struct RunRequest {
     pub store_only: bool,
     /// GPUs for the container (not part of the key; recorded in provenance).
     pub gpus: Option<Gpus>,
+    /// The container runtime for this run, when not the engine's own (not part of the key:
+    /// the image ID is the same under every runtime).
+    pub runtime: Option<RuntimeKind>,
 }
 
 impl RunRequest {
@@ -165,6 +170,7 @@ impl RunRequest {
             labels: BTreeMap::new(),
             store_only: false,
             gpus: None,
+            runtime: None,
         }
     }
 }
@@ -287,6 +293,9 @@ impl RunReport {
     }
 }
 
+/// A runtime, connected on first use.
+type RuntimeCell = OnceCell<Arc<dyn ContainerRuntime>>;
+
 /// What happens during a run, for a terminal or a web page.
 #[derive(Clone, Debug)]
 pub enum Event {
@@ -364,6 +373,7 @@ impl Engine {
             store,
             runtime,
             runtime_kind: Default::default(),
+            other_runtimes: Default::default(),
             leases,
             remote: None,
             tier_leases: None,
@@ -444,6 +454,18 @@ impl Engine {
         Ok(rt)
     }
 
+    /// The runtime `kind` (`None`: this engine's own), connected on first use.
+    pub async fn runtime_for(&self, kind: Option<RuntimeKind>) -> Result<Arc<dyn ContainerRuntime>> {
+        let kind = match kind {
+            Some(k) if k != self.runtime_kind => k,
+            _ => return Ok(self.runtime().await?.clone()),
+        };
+        let cell = self.other_runtimes.lock().expect("runtimes lock").entry(kind.name()).or_default().clone();
+        let rt =
+            cell.get_or_try_init(|| async { Ok::<_, EngineError>(kind.connect(self.store.root()).await?) }).await?;
+        Ok(rt.clone())
+    }
+
     /// Every local image that is a kliko image (has a `/kliko.yml`), newest first; images
     /// without one are left out, images whose kliko.yml is broken are listed with the reason.
     /// `skip` is asked first for each image id: an id it answers `true` for is left out without
@@ -474,7 +496,12 @@ impl Engine {
 
     /// Resolve an image and read its kliko.yml (from the store if this image ID was seen).
     pub async fn image(&self, reference: &str) -> Result<ImageMeta> {
-        let runtime = self.runtime().await?;
+        self.image_in(reference, None).await
+    }
+
+    /// [`Engine::image`], under runtime `kind` (`None`: this engine's own).
+    pub async fn image_in(&self, reference: &str, kind: Option<RuntimeKind>) -> Result<ImageMeta> {
+        let runtime = self.runtime_for(kind).await?;
         kliko_core::trace::mark("runtime connected");
         let info = runtime.inspect_image(reference).await?;
         kliko_core::trace::mark("image inspected");

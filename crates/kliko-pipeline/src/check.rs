@@ -14,7 +14,7 @@ use crate::{PipelineError, Result};
 pub struct Checked {
     /// Step indices, every step after the steps it reads.
     pub order: Vec<usize>,
-    /// Each image reference, resolved, with its kliko.yml.
+    /// Each step's image (by step name), resolved under the step's runtime, with its kliko.yml.
     pub images: HashMap<String, ImageMeta>,
     /// Each step's resolved parameters (for display; runs resolve them again).
     pub params: BTreeMap<String, Params>,
@@ -101,15 +101,18 @@ pub async fn check(engine: &Engine, p: &Pipeline) -> Result<Checked> {
         let store = engine.store().clone();
         crate::blocking(move || Ok(store.db()?)).await?
     };
-    let mut images: HashMap<String, ImageMeta> = HashMap::new();
-    let mut bad_images: HashMap<String, String> = HashMap::new();
+    // Each image once per runtime: (image, runtime) → its metadata, or what is wrong with it.
+    type ImageAt = (String, Option<&'static str>);
+    let at = |s: &crate::Step| -> ImageAt { (s.image.clone(), s.runtime.map(|r| r.name())) };
+    let mut resolved: HashMap<ImageAt, ImageMeta> = HashMap::new();
+    let mut bad_images: HashMap<ImageAt, String> = HashMap::new();
     for s in &p.steps {
-        if s.image.is_empty() || images.contains_key(&s.image) || bad_images.contains_key(&s.image) {
+        if s.image.is_empty() || resolved.contains_key(&at(s)) || bad_images.contains_key(&at(s)) {
             continue;
         }
-        match engine.image(&s.image).await {
+        match engine.image_in(&s.image, s.runtime).await {
             Ok(m) => {
-                images.insert(s.image.clone(), m);
+                resolved.insert(at(s), m);
             }
             Err(e) => {
                 let mut msg = e.to_string();
@@ -118,17 +121,20 @@ pub async fn check(engine: &Engine, p: &Pipeline) -> Result<Checked> {
                     msg.push_str(&format!(": {c}"));
                     src = c.source();
                 }
-                bad_images.insert(s.image.clone(), msg);
+                bad_images.insert(at(s), msg);
             }
         }
     }
     let mut params = BTreeMap::new();
+    let mut images = HashMap::new();
     for s in &p.steps {
-        if let Some(msg) = bad_images.get(&s.image) {
-            add(s.image_line, &s.name, format!("cannot use image `{}`: {msg}", s.image));
+        if let Some(msg) = bad_images.get(&at(s)) {
+            let under = s.runtime.map(|r| format!(" under {}", r.name())).unwrap_or_default();
+            add(s.image_line, &s.name, format!("cannot use image `{}`{under}: {msg}", s.image));
             continue;
         }
-        let Some(meta) = images.get(&s.image) else { continue };
+        let Some(meta) = resolved.get(&at(s)) else { continue };
+        images.insert(s.name.clone(), meta.clone());
         if meta.spec.io == IoMode::Join && s.input.is_none() {
             add(
                 s.line,

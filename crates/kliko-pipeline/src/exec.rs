@@ -368,7 +368,7 @@ pub async fn run(
                 pipeline_file: p.file.clone(),
                 pipeline_dir: p.dir.clone(),
                 step: Arc::new(step.clone()),
-                image: checked.images.get(&step.image).cloned(),
+                image: checked.images.get(&step.name).cloned(),
                 outputs: Arc::new(outputs.clone()),
                 progress: Arc::default(),
                 keeper: keeper.clone(),
@@ -643,6 +643,7 @@ async fn run_one_inner(
     req.params = vec![param_layer_for(&ctx.pipeline_dir, &step)];
     req.timeout = step.timeout;
     req.gpus = step.resources.gpus.map(kliko_engine::Gpus::Count);
+    req.runtime = step.runtime;
     req.labels.insert(PIPELINE_LABEL.into(), ctx.pipeline_file.display().to_string());
     req.labels.insert(STEP_LABEL.into(), step.name.clone());
     let obs = Arc::new(RunObs {
@@ -687,7 +688,13 @@ async fn run_one_inner(
 }
 
 fn param_layer_for(dir: &Path, step: &Step) -> kliko_spec::ParamLayer {
-    let p = Pipeline { file: PathBuf::new(), dir: dir.to_path_buf(), steps: Vec::new(), resources: Default::default() };
+    let p = Pipeline {
+        file: PathBuf::new(),
+        dir: dir.to_path_buf(),
+        steps: Vec::new(),
+        resources: Default::default(),
+        runtime: None,
+    };
     param_layer(&p, step)
 }
 

@@ -23,6 +23,8 @@ pub struct Pipeline {
     pub steps: Vec<Step>,
     /// Pipeline-wide `resources:` (each step's own override them field by field).
     pub resources: Resources,
+    /// Pipeline-wide `runtime:` (a step's own overrides it; `None`: the command line's).
+    pub runtime: Option<kliko_engine::RuntimeKind>,
 }
 
 /// One step: one image, run once, or once per entry with `foreach`.
@@ -48,6 +50,9 @@ pub struct Step {
     /// What a cluster's scheduler is asked for, for each run of the step: the step's own
     /// `resources:` over the pipeline's. Not part of any key: the same computation.
     pub resources: Resources,
+    /// The container runtime of its runs (`runtime:`, the step's or the pipeline's); `None`:
+    /// the command line's (`--runtime`). Not part of any key.
+    pub runtime: Option<kliko_engine::RuntimeKind>,
 }
 
 /// What a run asks of a cluster's scheduler (`--executor slurm|srun`); the local executor
@@ -231,15 +236,16 @@ impl Pipeline {
 
     /// Parse pipeline text; `dir` is where relative paths start.
     pub fn parse(file: &Path, dir: &Path, text: &str) -> Result<Pipeline, Vec<Problem>> {
-        let mut p = Parser { problems: Vec::new(), dir: dir.to_path_buf() };
+        let mut p = Parser { problems: Vec::new(), dir: dir.to_path_buf(), runtime: None };
         let (mut steps, resources) = p.document(text);
         if !p.problems.is_empty() {
             return Err(p.problems);
         }
         for s in &mut steps {
             s.resources = s.resources.over(&resources);
+            s.runtime = s.runtime.or(p.runtime);
         }
-        Ok(Pipeline { file: file.to_path_buf(), dir: dir.to_path_buf(), steps, resources })
+        Ok(Pipeline { file: file.to_path_buf(), dir: dir.to_path_buf(), steps, resources, runtime: p.runtime })
     }
 
     pub fn step(&self, name: &str) -> Option<&Step> {
@@ -250,10 +256,13 @@ impl Pipeline {
 struct Parser {
     problems: Vec<Problem>,
     dir: PathBuf,
+    /// The pipeline's `runtime:`.
+    runtime: Option<kliko_engine::RuntimeKind>,
 }
 
-const TOP_KEYS: &[&str] = &["version", "resources", "steps"];
-const STEP_KEYS: &[&str] = &["image", "description", "input", "foreach", "params", "output", "timeout", "resources"];
+const TOP_KEYS: &[&str] = &["version", "resources", "runtime", "steps"];
+const STEP_KEYS: &[&str] =
+    &["image", "description", "input", "foreach", "params", "output", "timeout", "resources", "runtime"];
 const RESOURCE_KEYS: &[&str] = &["cpus", "memory", "time", "gpus", "partition", "account", "qos", "sbatch"];
 
 /// Whether a string names a host path rather than a step: it contains `/` or starts with `.` or `~`.
@@ -309,6 +318,7 @@ impl Parser {
                 Some("version") => version = Some(v),
                 Some("steps") => steps_node = Some(v),
                 Some("resources") => *resources = self.resources(v, None),
+                Some("runtime") => self.runtime = self.runtime_kind(v, None),
                 Some(other) => {
                     let other = other.to_string();
                     self.problem(
@@ -397,6 +407,7 @@ impl Parser {
             output_line: line,
             timeout: None,
             resources: Resources::default(),
+            runtime: None,
         };
         let mut has_image = false;
         let mut input_node = None;
@@ -429,6 +440,7 @@ impl Parser {
                 }
                 "params" => self.params(v, name, &mut step),
                 "resources" => step.resources = self.resources(v, Some(name)),
+                "runtime" => step.runtime = self.runtime_kind(v, Some(name)),
                 "output" => {
                     step.output_line = v.pos().line;
                     step.output = self.string(v, name, "output").map(|s| self.path(&s));
@@ -461,6 +473,21 @@ impl Parser {
             step.input = Some(InputSpec::One(Item::Each));
         }
         Some(step)
+    }
+
+    /// A `runtime:` value: `docker`, `podman` or `apptainer`.
+    fn runtime_kind(&mut self, v: &Node, step: Option<&str>) -> Option<kliko_engine::RuntimeKind> {
+        match v.as_scalar().map(kliko_engine::RuntimeKind::parse) {
+            Some(Ok(k)) => Some(k),
+            Some(Err(e)) => {
+                self.problem(v.pos().line, step, format!("`runtime`: {e}"));
+                None
+            }
+            None => {
+                self.problem(v.pos().line, step, format!("`runtime` must be a name (`podman`), found {}", v.kind()));
+                None
+            }
+        }
     }
 
     /// A `resources:` mapping (the pipeline's, or step `step`'s): every problem with its line.
@@ -854,6 +881,95 @@ steps:
         assert_eq!(items[2].item, Item::Path("/cal".into()));
         assert_eq!(p.steps[3].output, Some(PathBuf::from("/p/results/final")));
         assert_eq!(p.steps[3].input, Some(InputSpec::One(Item::Step("per_obs".into()))));
+    }
+
+    #[test]
+    fn resources_and_runtimes_step_over_pipeline() {
+        let p = parse(
+            "version: 1
+resources: {account: radio, time: \"1:00:00\", sbatch: [--exclusive]}
+runtime: podman
+steps:
+  a:
+    image: t:1
+    resources:
+      cpus: 8
+      memory: 32G
+      time: 90
+      gpus: 2
+      partition: gpu
+      qos: high
+      sbatch: [--constraint=avx2]
+    runtime: docker
+  b:
+    image: t:1
+    resources: {time: 2-00:00:00}
+",
+        )
+        .unwrap();
+        let (a, b) = (&p.steps[0], &p.steps[1]);
+        assert_eq!(a.resources.cpus, Some(8));
+        assert_eq!(a.resources.memory, Some(32 << 30));
+        assert_eq!(
+            a.resources.time,
+            Some(Duration::from_secs(90 * 60)),
+            "a bare number is minutes, as sbatch reads it"
+        );
+        assert_eq!(a.resources.gpus, Some(2));
+        assert_eq!((a.resources.partition.as_deref(), a.resources.partition_line), (Some("gpu"), 12));
+        assert_eq!(a.resources.qos.as_deref(), Some("high"));
+        assert_eq!(a.resources.account.as_deref(), Some("radio"), "from the pipeline");
+        assert_eq!(a.resources.extra, ["--exclusive", "--constraint=avx2"], "the pipeline's, then the step's");
+        assert_eq!(b.resources.time, Some(Duration::from_secs(2 * 86400)));
+        assert_eq!(b.resources.account.as_deref(), Some("radio"));
+        assert_eq!(a.runtime, Some(kliko_engine::RuntimeKind::Docker));
+        assert_eq!(b.runtime, Some(kliko_engine::RuntimeKind::Podman), "from the pipeline");
+    }
+
+    #[test]
+    fn bad_resources_and_runtimes_are_problems_with_their_lines() {
+        let e = parse(
+            "version: 1
+steps:
+  a:
+    image: t:1
+    resources:
+      memory: lots
+      cpus: 0
+      time: soon
+      partition: a b
+      colour: red
+      sbatch: --x
+    runtime: docker-ish
+",
+        )
+        .unwrap_err();
+        let lines: Vec<(Option<usize>, &str)> = e.iter().map(|p| (p.line, p.message.as_str())).collect();
+        let has = |line: usize, text: &str| lines.iter().any(|(l, m)| *l == Some(line) && m.contains(text));
+        assert!(has(6, "`memory`"), "{lines:?}");
+        assert!(has(7, "`cpus: 0` is not a number of CPUs"), "{lines:?}");
+        assert!(has(8, "`time: soon` is not a time limit"), "{lines:?}");
+        assert!(has(9, "names one partition"), "{lines:?}");
+        assert!(has(10, "unknown resource `colour`"), "{lines:?}");
+        assert!(has(11, "`sbatch` must be a list"), "{lines:?}");
+        assert!(has(12, "`docker-ish` is not a container runtime"), "{lines:?}");
+        assert!(e.iter().all(|p| p.step.as_deref() == Some("a")));
+    }
+
+    #[test]
+    fn time_limits_as_slurm_users_write_them() {
+        let t = |s| parse_time_limit(s).map(|d| d.as_secs());
+        assert_eq!(t("30"), Some(1800));
+        assert_eq!(t("5:30"), Some(330));
+        assert_eq!(t("1:00:00"), Some(3600));
+        assert_eq!(t("1-12"), Some(86400 + 12 * 3600));
+        assert_eq!(t("1-00:30"), Some(86400 + 1800));
+        assert_eq!(t("0-00:00:05"), Some(5));
+        assert_eq!(t("90s"), Some(90));
+        assert_eq!(t("2h"), Some(7200));
+        for bad in ["0", "", "soon", "1:2:3:4", "x-01", "0:00"] {
+            assert_eq!(t(bad), None, "{bad}");
+        }
     }
 
     #[test]

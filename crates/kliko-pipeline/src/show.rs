@@ -82,7 +82,7 @@ pub async fn show(engine: &Arc<Engine>, p: &Pipeline, checked: &Checked) -> Resu
     };
     for &i in &checked.order {
         let step = &p.steps[i];
-        let meta = &checked.images[&step.image];
+        let meta = &checked.images[&step.name];
         let mut plan = StepPlan {
             name: step.name.clone(),
             line: step.line,
@@ -121,6 +121,7 @@ pub async fn show(engine: &Arc<Engine>, p: &Pipeline, checked: &Checked) -> Resu
             let mut req = RunRequest::new(step.image.clone(), input, None);
             req.store_only = true;
             req.params = vec![param_layer(p, step)];
+            req.runtime = step.runtime;
             let prep = engine.prepare(&req).await?;
             let stored = engine.store().get_result(&db, &prep.key)?.filter(|r| engine.store().is_complete(r));
             if let Some(r) = &stored {

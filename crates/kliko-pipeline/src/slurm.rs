@@ -544,7 +544,7 @@ impl StepExecutor for Slurm {
             timeout_ms: run.request.timeout.map(|t| t.as_millis() as u64),
             labels: run.request.labels.clone(),
             gpus: run.request.gpus.as_ref().map(|g| g.to_string()),
-            runtime: Some(self.engine.runtime_kind().name().to_string()),
+            runtime: Some(run.request.runtime.unwrap_or(self.engine.runtime_kind()).name().to_string()),
             remote: remote.url().to_string(),
         };
         let plan = serde_json::to_string(&plan).map_err(|e| EngineError::Internal(e.to_string()))?;

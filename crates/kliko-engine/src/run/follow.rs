@@ -56,7 +56,7 @@ impl Engine {
         let t0 = Instant::now();
         let image = match image {
             Some(i) => i,
-            None => self.image(&req.image).await?,
+            None => self.image_in(&req.image, req.runtime).await?,
         };
         let prep = self.prepare_with(req, image).await?;
         obs.event(&Event::Prepared { key: prep.key });

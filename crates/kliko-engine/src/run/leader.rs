@@ -122,7 +122,7 @@ impl Engine {
         let (tx, rx) = mpsc::channel::<LogChunk>(256);
         let log_task = logs.pump(rx, ctx.obs.clone());
         ctx.obs.event(&Event::Starting);
-        let runtime = self.runtime().await?;
+        let runtime = self.runtime_for(ctx.req.runtime).await?;
         mark("scratch ready");
         let ran = runtime.run_until_exit(&sandbox.spec, tx, ctx.cancel.clone()).await;
         let logs_ok = RunLogs::finished(log_task).await;
@@ -245,7 +245,7 @@ impl Engine {
             host: fsutil::hostname(),
             user: fsutil::invoking_user(),
             kliko_version: env!("CARGO_PKG_VERSION").to_string(),
-            runtime: self.runtime().await.ok().map(|r| r.describe()),
+            runtime: self.runtime_for(req.runtime).await.ok().map(|r| r.describe()),
             gpus: req.gpus.as_ref().map(|g| g.to_string()),
         };
         // Recording and placing the output are independent: do both at once. The result is

@@ -138,7 +138,7 @@ impl Engine {
                         None => self.hold_index().await,
                     }
                 };
-                let (image, hold) = tokio::join!(self.image(&req.image), held);
+                let (image, hold) = tokio::join!(self.image_in(&req.image, req.runtime), held);
                 (image?, hold?)
             }
         };

@@ -32,7 +32,7 @@ pub(crate) fn base_env() -> Vec<(String, String)> {
 impl Engine {
     /// Everything up to the key: image, parameters, digests of the input and file parameters.
     pub async fn prepare(&self, req: &RunRequest) -> Result<Prepared> {
-        let image = self.image(&req.image).await?;
+        let image = self.image_in(&req.image, req.runtime).await?;
         self.prepare_with(req, image).await
     }
 
