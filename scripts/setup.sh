@@ -2,7 +2,7 @@
 # Install what building and testing kliko needs on Debian/Ubuntu (idempotent).
 # Rust comes from rustup; Docker must already be installed and running.
 set -euo pipefail
-packages=(libclang-dev clang busybox-static b3sum hyperfine chromium gcc libc6-dev python3-venv iproute2 slurm-wlm podman runc uidmap slirp4netns fuse-overlayfs)
+packages=(libclang-dev clang busybox-static b3sum hyperfine chromium gcc libc6-dev python3-venv iproute2 slurm-wlm podman runc uidmap slirp4netns fuse-overlayfs graphviz)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -208,8 +208,11 @@ pub enum CacheCommand {
         /// How many steps of lineage to follow back through the runs that produced inputs.
         #[arg(long, default_value_t = 10)]
         depth: usize,
-        #[arg(long)]
+        #[arg(long, conflicts_with = "dot")]
         json: bool,
+        /// Print the lineage as a Graphviz graph (`| dot -Tsvg > lineage.svg`).
+        #[arg(long)]
+        dot: bool,
     },
     /// A stored result and its logs.
     Show {

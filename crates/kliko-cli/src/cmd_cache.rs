@@ -18,7 +18,7 @@ pub fn run(store_root: &Path, cmd: CacheCommand) -> anyhow::Result<ExitCode> {
         Store::open(store_root).with_context(|| format!("cannot open the store at `{}`", store_root.display()))?,
     );
     match cmd {
-        CacheCommand::Provenance { arg, depth, json } => {
+        CacheCommand::Provenance { arg, depth, json, dot } => {
             // Runs made on other machines too, when a shared tier is configured.
             let p = match crate::remote()? {
                 Some(remote) => {
@@ -28,6 +28,8 @@ pub fn run(store_root: &Path, cmd: CacheCommand) -> anyhow::Result<ExitCode> {
             };
             if json {
                 println!("{}", serde_json::to_string_pretty(&p)?);
+            } else if dot {
+                print!("{}", provenance::to_dot(&p));
             } else {
                 print_provenance(&store, &p);
             }

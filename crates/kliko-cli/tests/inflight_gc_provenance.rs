@@ -201,6 +201,32 @@ fn provenance_by_every_kind_of_argument_with_lineage() {
     let v = prov(&w, r1.json()["output"].as_str().expect("output"), &["--depth", "0"]);
     assert_eq!(v["used_by"], Value::Array(vec![Value::String(k2.clone())]));
 
+    // The lineage as a graph: raw input → step1 → its output → step2 → the file's tree.
+    let o = Out::of(w.kliko().args(["provenance", "--dot"]).arg(w.path("out2/summary.txt")));
+    o.ok();
+    let dot = &o.stdout;
+    let out1 = r1.json()["output"].as_str().expect("output").to_string();
+    for edge in [
+        format!("\"run:{k1}\" -> \"data:{out1}\""),
+        format!("\"data:{out1}\" -> \"run:{k2}\""),
+        format!("\"run:{k2}\" -> \"data:{tree}\""),
+    ] {
+        assert!(dot.contains(&edge), "{edge} missing from\n{dot}");
+    }
+    assert!(dot.contains(&step1.tag) && dot.contains(&input.to_string_lossy().into_owned()), "{dot}");
+    assert_eq!(dot.matches("shape=box").count(), 2, "{dot}");
+    // Graphviz itself reads it.
+    let mut render = std::process::Command::new("dot")
+        .arg("-Tsvg")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("graphviz `dot` (scripts/setup.sh installs it)");
+    use std::io::Write;
+    render.stdin.take().unwrap().write_all(dot.as_bytes()).unwrap();
+    let svg = render.wait_with_output().unwrap();
+    assert!(svg.status.success() && String::from_utf8_lossy(&svg.stdout).contains("<svg"), "dot refused:\n{dot}");
+
     // Unknown things are errors, not empty answers.
     let o = Out::of(w.kliko().args(["provenance", "0123456789abcdef"]));
     o.expect_code(2);

@@ -2,7 +2,7 @@
 //! host path, to every run that produced it, and back through the runs that produced their
 //! inputs (lineage).
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::Path;
 
 use kliko_core::tree::Entry;
@@ -179,4 +179,77 @@ pub async fn provenance_with_tier(
         runs.push(ProvRun { depth: d, feeds, result, complete: false, pinned: false, from_tier: true });
     }
     Ok(Provenance { query: arg.to_string(), digest, kind, runs, used_by: Vec::new() })
+}
+
+/// A lineage as a Graphviz graph (`kliko provenance ARG --dot`): runs as boxes (image, key,
+/// when, where), data as ellipses (tree digests, with the host path they came from where it
+/// is known), an edge from each run's input to the run and from the run to its output. The
+/// object asked about is drawn bold. Every label is escaped for DOT.
+pub fn to_dot(p: &Provenance) -> String {
+    fn esc(s: &str) -> String {
+        s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    }
+    let mut out = String::from(
+        "digraph kliko_provenance {\n  rankdir=LR;\n  node [fontname=\"Helvetica\", fontsize=10];\n  edge [color=\"#555555\"];\n",
+    );
+    let mut data: BTreeSet<Digest> = BTreeSet::new();
+    let mut data_labels: BTreeMap<Digest, String> = BTreeMap::new();
+    let mut edges: Vec<String> = Vec::new();
+    let mut seen_runs: BTreeSet<Digest> = BTreeSet::new();
+    for run in &p.runs {
+        let r = &run.result;
+        if !seen_runs.insert(r.key) {
+            continue;
+        }
+        let image = r.repo_tags.first().cloned().unwrap_or_else(|| r.image_ref.clone());
+        let mut label =
+            format!("{image}\nrun {}\n{}", r.key.short(12), r.started_at.get(..19).unwrap_or(&r.started_at));
+        if !r.host.is_empty() {
+            label.push_str(&format!("\non {}", r.host));
+        }
+        if run.from_tier {
+            label.push_str("\n(shared tier)");
+        }
+        let bold = if r.key == p.digest { ", penwidth=2.5" } else { "" };
+        out.push_str(&format!(
+            "  \"run:{}\" [shape=box, style=\"rounded,filled\", fillcolor=\"#e8f0fe\", label=\"{}\"{bold}];\n",
+            r.key,
+            esc(&label)
+        ));
+        if let Some(input) = r.preimage.input {
+            data.insert(input);
+            if let Some(path) = &r.input_path {
+                data_labels.entry(input).or_insert_with(|| path.clone());
+            }
+            edges.push(format!("  \"data:{input}\" -> \"run:{}\";\n", r.key));
+        }
+        data.insert(r.output);
+        edges.push(format!("  \"run:{}\" -> \"data:{}\";\n", r.key, r.output));
+    }
+    for d in &data {
+        let mut label = format!("tree {}", d.short(12));
+        if let Some(path) = data_labels.get(d) {
+            label.push_str(&format!("\n{path}"));
+        }
+        let bold = if *d == p.digest { ", penwidth=2.5" } else { "" };
+        out.push_str(&format!("  \"data:{d}\" [shape=ellipse, label=\"{}\"{bold}];\n", esc(&label)));
+    }
+    if p.kind == "file" && !data.contains(&p.digest) {
+        out.push_str(&format!(
+            "  \"data:{}\" [shape=note, penwidth=2.5, label=\"file {}\"];\n",
+            p.digest,
+            p.digest.short(12)
+        ));
+        for run in p.runs.iter().filter(|r| r.depth == 0) {
+            edges.push(format!(
+                "  \"data:{}\" -> \"data:{}\" [style=dashed, arrowhead=none];\n",
+                run.result.output, p.digest
+            ));
+        }
+    }
+    for e in edges {
+        out.push_str(&e);
+    }
+    out.push_str("}\n");
+    out
 }
