@@ -4,6 +4,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# The RO-Crate validator and reader (PyPI, in a venv): the crates kliko writes are checked by them.
+export KLIKO_ROC_VENV=${KLIKO_ROC_VENV:-/var/tmp/kliko-roc-venv}
+if ! "$KLIKO_ROC_VENV/bin/python" -c 'import rocrate, rocrate_validator' 2>/dev/null; then
+  python3 -m venv "$KLIKO_ROC_VENV"
+  "$KLIKO_ROC_VENV/bin/pip" install --quiet roc-validator==0.13.0 rocrate==0.16.0
+fi
 cargo test --release --workspace "$@"
 # The shared tier against a real S3 server (SeaweedFS on loopback, in its own network namespace).
 bash scripts/with-s3.sh cargo test --release --offline -p kliko-engine -p kliko-cli --test fake_runtime --test remote_cli -- tier bucket s3

@@ -211,8 +211,20 @@ pub enum CacheCommand {
         #[arg(long, conflicts_with = "dot")]
         json: bool,
         /// Print the lineage as a Graphviz graph (`| dot -Tsvg > lineage.svg`).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "ro_crate")]
         dot: bool,
+        /// Write the answer as an RO-Crate (Process Run Crate 0.5) to this new folder, or to a
+        /// `.zip`: every run with its image, parameters, times, agent and host; inputs and
+        /// outputs by digest.
+        #[arg(long, value_name = "OUT")]
+        ro_crate: Option<PathBuf>,
+        /// With `--ro-crate`: put the outputs and logs themselves in the crate.
+        #[arg(long, requires = "ro_crate")]
+        with_data: bool,
+        /// With `--ro-crate`: the crate's licence (a URL such as
+        /// `https://spdx.org/licenses/CC-BY-4.0`, or words).
+        #[arg(long, requires = "ro_crate", value_name = "LICENSE")]
+        license: Option<String>,
     },
     /// A stored result and its logs.
     Show {

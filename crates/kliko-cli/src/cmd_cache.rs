@@ -18,7 +18,7 @@ pub fn run(store_root: &Path, cmd: CacheCommand) -> anyhow::Result<ExitCode> {
         Store::open(store_root).with_context(|| format!("cannot open the store at `{}`", store_root.display()))?,
     );
     match cmd {
-        CacheCommand::Provenance { arg, depth, json, dot } => {
+        CacheCommand::Provenance { arg, depth, json, dot, ro_crate, with_data, license } => {
             // Runs made on other machines too, when a shared tier is configured.
             let p = match crate::remote()? {
                 Some(remote) => {
@@ -26,7 +26,24 @@ pub fn run(store_root: &Path, cmd: CacheCommand) -> anyhow::Result<ExitCode> {
                 }
                 None => provenance::provenance(&store, &arg, depth)?,
             };
-            if json {
+            if let Some(out) = ro_crate {
+                if p.runs.is_empty() {
+                    bail!("no stored run produced `{arg}`: there is no provenance to write");
+                }
+                let opts = kliko_engine::rocrate::CrateOptions { with_data, license };
+                let written = write_crate(&store, &p, &out, &opts)?;
+                if json {
+                    println!("{}", serde_json::to_string(&written)?);
+                } else {
+                    println!(
+                        "wrote the RO-Crate `{}`: {} run(s), {} dataset(s), {} file(s) (Process Run Crate 0.5)",
+                        out.display(),
+                        written.runs,
+                        written.datasets,
+                        written.files
+                    );
+                }
+            } else if json {
                 println!("{}", serde_json::to_string_pretty(&p)?);
             } else if dot {
                 print!("{}", provenance::to_dot(&p));
@@ -216,6 +233,47 @@ fn resolve_key(store: &Store, arg: &str) -> anyhow::Result<Digest> {
         bail!("`{arg}` names a stored {kind}, not a run key; `kliko provenance {arg}` finds the runs that produced it");
     }
     Ok(d)
+}
+
+/// An RO-Crate folder, or a `.zip` of one (written beside it, then renamed into place).
+fn write_crate(
+    store: &Store,
+    p: &Provenance,
+    out: &Path,
+    opts: &kliko_engine::rocrate::CrateOptions,
+) -> anyhow::Result<kliko_engine::rocrate::CrateSummary> {
+    if out.extension().is_none_or(|e| e != "zip") {
+        return Ok(kliko_engine::rocrate::write_ro_crate(store, p, out, opts)?);
+    }
+    if out.exists() {
+        bail!("`{}` exists already: kliko does not replace it", out.display());
+    }
+    let parent = out.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let tmp = tempfile::Builder::new().prefix(".kliko-crate-").tempdir_in(parent)?;
+    let mut summary = kliko_engine::rocrate::write_ro_crate(store, p, &tmp.path().join("crate"), opts)?;
+    let zip_tmp = tmp.path().join("crate.zip");
+    let file = std::fs::File::create(&zip_tmp).with_context(|| format!("cannot write `{}`", zip_tmp.display()))?;
+    let mut zip = zip::ZipWriter::new(file);
+    let options = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    let root = tmp.path().join("crate");
+    for entry in walkdir::WalkDir::new(&root).sort_by_file_name() {
+        let entry = entry?;
+        let rel = entry.path().strip_prefix(&root).expect("under the root");
+        if rel.as_os_str().is_empty() {
+            continue;
+        }
+        let name = rel.to_string_lossy().replace('\\', "/");
+        if entry.file_type().is_dir() {
+            zip.add_directory(format!("{name}/"), options)?;
+        } else if entry.file_type().is_file() {
+            zip.start_file(name, options)?;
+            std::io::copy(&mut std::fs::File::open(entry.path())?, &mut zip)?;
+        }
+    }
+    zip.finish()?;
+    std::fs::rename(&zip_tmp, out).with_context(|| format!("cannot write `{}`", out.display()))?;
+    summary.path = out.to_path_buf();
+    Ok(summary)
 }
 
 fn print_provenance(store: &Store, p: &Provenance) {

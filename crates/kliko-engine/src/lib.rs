@@ -22,6 +22,7 @@ mod error;
 mod explain;
 mod fsutil;
 pub mod provenance;
+pub mod rocrate;
 mod run;
 
 use std::collections::BTreeMap;

@@ -1,0 +1,351 @@
+//! Provenance as an RO-Crate (`kliko provenance ARG --ro-crate OUT`): a Workflow Run RO-Crate
+//! of the Process Run Crate profile (0.5), which the field's tools read and check
+//! (`rocrate-validator`, `rocrate`).
+//!
+//! Every run of the answer is a `CreateAction`: its image as the `instrument` (a
+//! `SoftwareApplication` named by its tag and identified by its image ID) and its
+//! `containerImage` (a `ContainerImage` with that ID's sha256), its parameters (as given, one
+//! `PropertyValue` each; file parameters also as `File`s with their BLAKE3 digest) and its
+//! input tree as `object`, its output tree as `result`, its start and end times, its agent
+//! (the user), host and exit code. Trees are `Dataset`s identified by their kliko tree digest
+//! (`kliko hash FOLDER` prints it, so anyone can check a folder against the crate). With
+//! `with_data`, every output (and the run's logs) is written into the crate, its files listed
+//! with their digests and sizes. Nothing else of the store appears.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use kliko_core::tree::Entry;
+use kliko_core::Digest;
+use kliko_store::records::ActionResult;
+use kliko_store::{MaterializeMode, ObjectKind, Store};
+use serde_json::{json, Map, Value};
+
+use crate::error::{EngineError, Result};
+use crate::provenance::Provenance;
+
+/// The profile every crate conforms to.
+pub const PROCESS_RUN_CRATE: &str = "https://w3id.org/ro/wfrun/process/0.5";
+const RO_CRATE: &str = "https://w3id.org/ro/crate/1.1";
+const WFRUN: &str = "https://w3id.org/ro/terms/workflow-run#";
+
+/// What to put in a crate.
+#[derive(Clone, Debug, Default)]
+pub struct CrateOptions {
+    /// Write the outputs and logs into the crate, not only their digests.
+    pub with_data: bool,
+    /// The crate's licence (a URL, or words); by default it says that none is stated.
+    pub license: Option<String>,
+}
+
+/// What was written.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct CrateSummary {
+    pub path: PathBuf,
+    pub runs: usize,
+    pub datasets: usize,
+    pub files: usize,
+}
+
+/// Write `prov` as an RO-Crate folder at `out` (which must not exist, or be an empty folder).
+pub fn write_ro_crate(store: &Store, prov: &Provenance, out: &Path, opts: &CrateOptions) -> Result<CrateSummary> {
+    let io = |path: &Path, e: std::io::Error| EngineError::Io { path: path.to_path_buf(), source: e };
+    match std::fs::read_dir(out) {
+        Ok(mut d) => {
+            if d.next().is_some() {
+                return Err(EngineError::OutputNotEmpty { path: out.to_path_buf() });
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::create_dir_all(out).map_err(|e| io(out, e))?,
+        Err(e) => return Err(io(out, e)),
+    }
+    let mut g = Graph::default();
+    let mut runs: Vec<&ActionResult> = Vec::new();
+    for r in &prov.runs {
+        if !runs.iter().any(|x| x.key == r.result.key) {
+            runs.push(&r.result);
+        }
+    }
+    let mut has_part = Vec::new();
+    let mut mentions = Vec::new();
+    let mut files = 0usize;
+    for r in &runs {
+        let run_id = format!("#run-{}", r.key);
+        mentions.push(json!({"@id": run_id}));
+        let image_hex = r.image_id.trim_start_matches("sha256:").to_string();
+        let tag = r.repo_tags.first().cloned().unwrap_or_else(|| r.image_ref.clone());
+        let (repo, version) = split_tag(&tag);
+        let app_id = format!("#app-{image_hex}");
+        g.add(json!({
+            "@id": app_id, "@type": "SoftwareApplication", "name": tag,
+            "identifier": r.image_id, "softwareVersion": version,
+            "description": format!("the kliko image {tag}, image ID {}", r.image_id),
+        }));
+        let image_id = format!("#image-{image_hex}");
+        g.add(json!({
+            "@id": image_id, "@type": "ContainerImage",
+            "additionalType": {"@id": format!("{WFRUN}DockerImage")},
+            "name": repo, "tag": version, "sha256": image_hex, "identifier": r.image_id,
+        }));
+        let mut object = Vec::new();
+        if let Some(input) = r.preimage.input {
+            let id = format!("#tree-{input}");
+            let mut d = json!({
+                "@id": id, "@type": "Dataset", "name": format!("input tree {}", input.short(12)),
+                "identifier": format!("kliko-tree:{input}"),
+                "description": "a folder, by its kliko tree digest (`kliko hash FOLDER` prints it)",
+            });
+            if let Some(p) = &r.input_path {
+                d["name"] = json!(p);
+            }
+            g.add(d);
+            object.push(json!({"@id": id}));
+        }
+        if let Value::Object(given) = &r.parameters_given {
+            for (name, value) in given {
+                if value.is_null() {
+                    continue;
+                }
+                let pid = format!("#param-{}-{name}", r.key);
+                let text = match value {
+                    Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                g.add(json!({"@id": pid, "@type": "PropertyValue", "name": name, "value": text}));
+                object.push(json!({"@id": pid}));
+            }
+        }
+        // File parameters, by content (the canonical parameters carry their digests).
+        if let Value::Object(canon) = &r.preimage.parameters {
+            for (name, v) in canon {
+                for f in file_params(v) {
+                    let fid = format!("#file-{}", f.0);
+                    g.add(json!({
+                        "@id": fid, "@type": "File", "name": format!("{name}: {}", f.1),
+                        "identifier": format!("blake3:{}", f.0), "encodingFormat": "application/octet-stream",
+                    }));
+                    object.push(json!({"@id": fid}));
+                }
+            }
+        }
+        // The output: a dataset by digest, or the files themselves.
+        let out_id = if opts.with_data {
+            let rel = format!("outputs/{}/", r.output);
+            let dest = out.join("outputs").join(r.output.to_hex());
+            if !dest.exists() {
+                store.materialize(&r.output, &dest, MaterializeMode::Copy)?;
+                let mut parts = Vec::new();
+                list_files(store, &r.output, &rel, &mut g, &mut parts, &mut files)?;
+                g.add(json!({
+                    "@id": rel, "@type": "Dataset", "name": format!("output of run {}", r.key.short(12)),
+                    "identifier": format!("kliko-tree:{}", r.output), "hasPart": parts,
+                    "description": format!("{} files, {} bytes", r.output_files, r.output_bytes),
+                }));
+                has_part.push(json!({"@id": rel}));
+            }
+            for (stream, digest) in [("stdout", r.stdout), ("stderr", r.stderr)] {
+                let rel = format!("logs/{}/{stream}.log", r.key);
+                let dest = out.join(&rel);
+                std::fs::create_dir_all(dest.parent().expect("a log has a folder")).map_err(|e| io(&dest, e))?;
+                let bytes = store.get_bytes(ObjectKind::Blob, &digest)?;
+                std::fs::write(&dest, &bytes).map_err(|e| io(&dest, e))?;
+                g.add(json!({
+                    "@id": rel, "@type": "File", "name": format!("{stream} of run {}", r.key.short(12)),
+                    "identifier": format!("blake3:{digest}"), "contentSize": bytes.len().to_string(),
+                    "encodingFormat": "text/plain",
+                }));
+                has_part.push(json!({"@id": rel}));
+                files += 1;
+            }
+            rel
+        } else {
+            let id = format!("#tree-{}", r.output);
+            g.add(json!({
+                "@id": id, "@type": "Dataset", "name": format!("output tree {}", r.output.short(12)),
+                "identifier": format!("kliko-tree:{}", r.output),
+                "description": format!(
+                    "{} files, {} bytes, by its kliko tree digest (`kliko hash FOLDER` prints it)",
+                    r.output_files, r.output_bytes
+                ),
+            }));
+            id
+        };
+        let person = format!("#person-{}", r.user);
+        g.add(json!({"@id": person, "@type": "Person", "name": r.user}));
+        let mut action = json!({
+            "@id": run_id, "@type": "CreateAction",
+            "name": format!("kliko run of {tag}"),
+            "description": format!(
+                "run {} of image {} on host {}, by kliko {}{}",
+                r.key, r.image_id, r.host, r.kliko_version,
+                r.runtime.as_ref().map(|rt| format!(" under {rt}")).unwrap_or_default()
+            ),
+            "identifier": r.key.to_string(),
+            "instrument": {"@id": app_id}, "containerImage": {"@id": image_id},
+            "object": one_or_many(object), "result": {"@id": out_id},
+            "startTime": r.started_at, "endTime": r.finished_at,
+            "agent": {"@id": person},
+            "actionStatus": {"@id": "http://schema.org/CompletedActionStatus"},
+            "exitCode": r.exit_code,
+        });
+        if let Some(gpus) = &r.gpus {
+            action["description"] = json!(format!("{}, GPUs {gpus}", action["description"].as_str().unwrap_or("")));
+        }
+        g.add(action);
+    }
+    let license = opts
+        .license
+        .clone()
+        .unwrap_or_else(|| "not stated: the licence of the data this crate describes applies".to_string());
+    let license = if license.starts_with("http://") || license.starts_with("https://") {
+        g.add(json!({"@id": license, "@type": "CreativeWork", "name": license}));
+        json!({"@id": license})
+    } else {
+        json!(license)
+    };
+    let mut root = json!({
+        "@id": "./", "@type": "Dataset",
+        "name": format!("Provenance of {} {}", prov.kind, prov.digest),
+        "description": format!(
+            "What kliko recorded about {} `{}` (asked as `{}`): {} run(s) and the data they read and made, \
+             each named by its digest.",
+            prov.kind, prov.digest, prov.query, runs.len()
+        ),
+        "datePublished": crate::fsutil::now_rfc3339(),
+        "license": license,
+        "conformsTo": {"@id": PROCESS_RUN_CRATE},
+        "mentions": one_or_many(mentions),
+    });
+    if !has_part.is_empty() {
+        root["hasPart"] = one_or_many(has_part);
+    }
+    g.add(root);
+    g.add(json!({"@id": PROCESS_RUN_CRATE, "@type": "CreativeWork", "name": "Process Run Crate", "version": "0.5"}));
+    g.add(json!({
+        "@id": "ro-crate-metadata.json", "@type": "CreativeWork",
+        "about": {"@id": "./"}, "conformsTo": {"@id": RO_CRATE},
+    }));
+    let datasets = g.entities.values().filter(|e| e["@type"] == "Dataset").count() - 1;
+    let doc = json!({
+        "@context": [
+            format!("{RO_CRATE}/context"),
+            {
+                "ContainerImage": format!("{WFRUN}ContainerImage"),
+                "containerImage": format!("{WFRUN}containerImage"),
+                "sha256": format!("{WFRUN}sha256"),
+                "tag": format!("{WFRUN}tag"),
+                "exitCode": format!("{WFRUN}exitCode"),
+            }
+        ],
+        "@graph": g.entities.into_values().collect::<Vec<_>>(),
+    });
+    let meta = out.join("ro-crate-metadata.json");
+    std::fs::write(&meta, serde_json::to_vec_pretty(&doc).expect("JSON of plain values")).map_err(|e| io(&meta, e))?;
+    Ok(CrateSummary { path: out.to_path_buf(), runs: runs.len(), datasets, files })
+}
+
+/// Entities by id, each once (a later addition of the same id is the same entity).
+#[derive(Default)]
+struct Graph {
+    entities: BTreeMap<String, Value>,
+}
+
+impl Graph {
+    fn add(&mut self, e: Value) {
+        let id = e["@id"].as_str().expect("every entity has an @id").to_string();
+        self.entities.entry(id).or_insert(e);
+    }
+}
+
+/// RO-Crate 1.1 prefers a single value to a one-element list.
+fn one_or_many(mut v: Vec<Value>) -> Value {
+    if v.len() == 1 {
+        v.pop().expect("one")
+    } else {
+        Value::Array(v)
+    }
+}
+
+/// `repo:tag` → (`repo`, `tag`); no tag: `latest`.
+fn split_tag(tag: &str) -> (String, String) {
+    match tag.rsplit_once(':') {
+        Some((repo, t)) if !t.contains('/') => (repo.to_string(), t.to_string()),
+        _ => (tag.to_string(), "latest".to_string()),
+    }
+}
+
+/// The `(digest, path)` of each file parameter in a canonical parameter value.
+fn file_params(v: &Value) -> Vec<(String, String)> {
+    match v {
+        Value::Object(m) => match (m.get("digest").and_then(Value::as_str), m.get("path").and_then(Value::as_str)) {
+            (Some(d), Some(p)) => vec![(d.to_string(), p.to_string())],
+            _ => Vec::new(),
+        },
+        Value::Array(items) => items.iter().flat_map(file_params).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Every file under tree `d`, as `File` entities at `prefix…`, their ids pushed to `parts`.
+fn list_files(
+    store: &Store,
+    d: &Digest,
+    prefix: &str,
+    g: &mut Graph,
+    parts: &mut Vec<Value>,
+    files: &mut usize,
+) -> Result<()> {
+    let tree = store.get_tree(d)?;
+    for (name, entry) in &tree.entries {
+        let name = String::from_utf8_lossy(name);
+        match entry {
+            Entry::File { size, digest, .. } => {
+                let id = format!("{prefix}{}", encode_path(&name));
+                let mut f = Map::new();
+                f.insert("@id".into(), json!(id));
+                f.insert("@type".into(), json!("File"));
+                f.insert("name".into(), json!(name));
+                f.insert("contentSize".into(), json!(size.to_string()));
+                f.insert("identifier".into(), json!(format!("blake3:{digest}")));
+                g.add(Value::Object(f));
+                parts.push(json!({"@id": id}));
+                *files += 1;
+            }
+            Entry::Dir { digest } => {
+                list_files(store, digest, &format!("{prefix}{}/", encode_path(&name)), g, parts, files)?;
+            }
+            Entry::Symlink { .. } => {}
+        }
+    }
+    Ok(())
+}
+
+/// A path segment as a URI path (RO-Crate ids are URI references).
+fn encode_path(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tags_parameters_and_paths() {
+        assert_eq!(split_tag("flagger:1.2"), ("flagger".to_string(), "1.2".to_string()));
+        assert_eq!(split_tag("localhost:5000/flagger"), ("localhost:5000/flagger".to_string(), "latest".to_string()));
+        let canon = json!([{"digest": "ab", "path": "/param_files/m/0/a.fits"}, {"digest": "cd", "path": "/p"}]);
+        assert_eq!(file_params(&canon), [("ab".into(), "/param_files/m/0/a.fits".into()), ("cd".into(), "/p".into())]);
+        assert!(file_params(&json!(3)).is_empty());
+        assert_eq!(encode_path("a b#c.txt"), "a%20b%23c.txt");
+        assert_eq!(one_or_many(vec![json!(1)]), json!(1));
+        assert_eq!(one_or_many(vec![json!(1), json!(2)]), json!([1, 2]));
+    }
+}
