@@ -321,6 +321,10 @@ pub enum PipelineCommand {
         /// the allocation this command runs in). Default: `$KLIKO_EXECUTOR`, else `local`.
         #[arg(long, value_enum, env = "KLIKO_EXECUTOR", default_value = "local")]
         executor: ExecutorChoice,
+        /// Afterwards, write an RO-Crate (Process Run Crate 0.5) of every run that made the
+        /// pipeline's results, with the pipeline file, to this new folder or `.zip`.
+        #[arg(long, value_name = "OUT")]
+        ro_crate: Option<PathBuf>,
     },
     /// Print the graph and, where the inputs are known, each step's key and whether it would hit.
     Show {

@@ -30,7 +30,7 @@ pub fn run(store_root: &Path, cmd: CacheCommand) -> anyhow::Result<ExitCode> {
                 if p.runs.is_empty() {
                     bail!("no stored run produced `{arg}`: there is no provenance to write");
                 }
-                let opts = kliko_engine::rocrate::CrateOptions { with_data, license };
+                let opts = kliko_engine::rocrate::CrateOptions { with_data, license, attach: Vec::new() };
                 let written = write_crate(&store, &p, &out, &opts)?;
                 if json {
                     println!("{}", serde_json::to_string(&written)?);
@@ -236,7 +236,7 @@ fn resolve_key(store: &Store, arg: &str) -> anyhow::Result<Digest> {
 }
 
 /// An RO-Crate folder, or a `.zip` of one (written beside it, then renamed into place).
-fn write_crate(
+pub fn write_crate(
     store: &Store,
     p: &Provenance,
     out: &Path,

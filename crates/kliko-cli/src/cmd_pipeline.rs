@@ -17,14 +17,14 @@ use crate::cmd_run::human_ms;
 
 pub fn run(store_root: &Path, cmd: PipelineCommand) -> anyhow::Result<ExitCode> {
     match cmd {
-        PipelineCommand::Run { file, jobs, keep_going, json, verbose, executor } => {
+        PipelineCommand::Run { file, jobs, keep_going, json, verbose, executor, ro_crate } => {
             // A cluster runs many at once; the limit is the number of jobs in flight.
             let default = match executor {
                 ExecutorChoice::Local => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
                 ExecutorChoice::Slurm | ExecutorChoice::Srun => 256,
             };
             let jobs = jobs.unwrap_or(default).max(1);
-            run_pipeline(store_root, &file, Options { jobs, keep_going }, json, verbose, executor)
+            run_pipeline(store_root, &file, Options { jobs, keep_going }, json, verbose, executor, ro_crate)
         }
         PipelineCommand::Show { file, json } => show(store_root, &file, json),
     }
@@ -43,6 +43,7 @@ fn run_pipeline(
     json: bool,
     verbose: bool,
     executor: ExecutorChoice,
+    ro_crate: Option<std::path::PathBuf>,
 ) -> anyhow::Result<ExitCode> {
     let pipeline = Pipeline::load(file)?;
     let rt = crate::runtime()?;
@@ -71,6 +72,9 @@ fn run_pipeline(
         summary(&report);
         // Uploads left in the background (`--remote-async`) end before the command does.
         crate::finish_background(&engine).await;
+        if let Some(out) = &ro_crate {
+            write_crate(&engine, &pipeline, &report, out)?;
+        }
         if json {
             println!("{}", serde_json::to_string(&report)?);
         }
@@ -82,6 +86,38 @@ fn run_pipeline(
             ExitCode::from(1)
         })
     })
+}
+
+/// The RO-Crate of a pipeline run: every run that made a result (hits included: they are the
+/// runs that made what the pipeline now holds), with the pipeline file.
+fn write_crate(engine: &Engine, p: &Pipeline, report: &PipelineReport, out: &Path) -> anyhow::Result<()> {
+    let keys: Vec<kliko_core::Digest> = report
+        .steps
+        .iter()
+        .flat_map(|s| &s.runs)
+        .filter(|r| r.status == kliko_pipeline::RunStatus::Succeeded)
+        .filter_map(|r| r.key)
+        .collect();
+    let text = std::fs::read(&p.file)?;
+    let query = p.file.display().to_string();
+    let prov = kliko_engine::provenance::of_runs(
+        engine.store(),
+        &query,
+        kliko_core::Digest::of_bytes(&text),
+        "pipeline",
+        &keys,
+    )?;
+    let opts = kliko_engine::rocrate::CrateOptions { attach: vec![p.file.clone()], ..Default::default() };
+    let written = crate::cmd_cache::write_crate(engine.store(), &prov, out, &opts)?;
+    let failed = report.steps.iter().flat_map(|s| &s.runs).count() - keys.len();
+    let left = if failed > 0 { format!("; {failed} run(s) that did not succeed are not in it") } else { String::new() };
+    eprintln!(
+        "kliko: wrote the RO-Crate `{}`: {} run(s), {} file(s){left}",
+        out.display(),
+        written.runs,
+        written.files
+    );
+    Ok(())
 }
 
 /// Live status on stderr: a table redrawn in place on a terminal, else a line per change.

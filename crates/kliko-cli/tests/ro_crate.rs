@@ -192,3 +192,60 @@ fn a_lineage_is_a_valid_process_run_crate_holding_every_run_and_digest_and_nothi
     assert_no_containers(&step1);
     assert_no_containers(&step2);
 }
+
+#[test]
+fn a_pipeline_run_writes_one_crate_of_all_its_runs_and_its_file() {
+    let Some(venv) = venv() else { return };
+    let w = World::new();
+    let cache = w.path("http-cache");
+    let seed = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/roc-offline.py");
+    assert!(Command::new(venv.join("bin/python")).arg(&seed).arg(&cache).status().unwrap().success());
+    let each = split_image("crate-each", "", "wc -c < /input/x > /output/n");
+    let all = split_image("crate-all", "", "cat /input/*/n > /output/all");
+    w.folder("obs/a", &[("x", "aaa")]);
+    w.folder("obs/b", &[("x", "bb")]);
+    let file = w.file(
+        "p.yml",
+        &format!(
+            "version: 1\nsteps:\n  count:\n    image: {}\n    foreach: obs/\n  gather:\n    image: {}\n    input: count\n",
+            each.tag, all.tag
+        ),
+    );
+    let krate = w.path("pipeline-crate");
+    let o = Out::of(w.kliko().args(["pipeline", "run", "--json", "--ro-crate"]).arg(&krate).arg(&file));
+    o.ok();
+    assert!(o.stderr.contains("wrote the RO-Crate") && o.stderr.contains("3 run(s)"), "{}", o.stderr);
+    let verdict = validate(&venv, &cache, &krate);
+    assert_eq!(verdict["passed"], true, "not a valid Process Run Crate: {verdict:#}");
+    let back = read_back(&venv, &krate);
+    let report = o.json();
+    let mut want: Vec<String> = report["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|s| s["runs"].as_array().unwrap().iter().map(|r| r["key"].as_str().unwrap().to_string()))
+        .collect();
+    want.sort();
+    let mut got: Vec<String> =
+        back["actions"].as_array().unwrap().iter().map(|a| a["key"].as_str().unwrap().to_string()).collect();
+    got.sort();
+    assert_eq!(got, want, "every run of the pipeline, once");
+    assert_eq!(read(&krate.join("p.yml")), read(&file), "the pipeline file is in the crate");
+    let file_digest = digest_of(&w, &file);
+    assert!(serde_json::to_string(&back["identifiers"]).unwrap().contains(&format!("blake3:{file_digest}")));
+    // A re-run is all hits: its crate names the same runs (the ones that made the results).
+    let again = w.path("again-crate");
+    let o = Out::of(w.kliko().args(["pipeline", "run", "--json", "--ro-crate"]).arg(&again).arg(&file));
+    o.ok();
+    assert_eq!(o.json()["containers"], 0);
+    let mut got: Vec<String> = read_back(&venv, &again)["actions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["key"].as_str().unwrap().to_string())
+        .collect();
+    got.sort();
+    assert_eq!(got, want);
+    assert_no_containers(&each);
+    assert_no_containers(&all);
+}

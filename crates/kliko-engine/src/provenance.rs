@@ -106,6 +106,25 @@ pub fn provenance(store: &Store, arg: &str, depth: usize) -> Result<Provenance> 
     Ok(Provenance { query: arg.to_string(), digest, kind, runs, used_by })
 }
 
+/// The stored runs `keys` (a pipeline's, say) as one provenance answer named `query`, with
+/// `digest` standing for the whole (the pipeline file's digest): each at depth 0, in order,
+/// each once. A key with no stored result is left out.
+pub fn of_runs(store: &Store, query: &str, digest: Digest, kind: &str, keys: &[Digest]) -> Result<Provenance> {
+    let db = store.db()?;
+    let mut runs = Vec::new();
+    let mut seen = BTreeSet::new();
+    for key in keys {
+        if !seen.insert(*key) {
+            continue;
+        }
+        let Some(result) = store.get_result(&db, key)? else { continue };
+        let complete = store.is_complete(&result);
+        let pinned = store.is_pinned(&db, key)?;
+        runs.push(ProvRun { depth: 0, feeds: None, result, complete, pinned, from_tier: false });
+    }
+    Ok(Provenance { query: query.to_string(), digest, kind: kind.to_string(), runs, used_by: Vec::new() })
+}
+
 /// Runs whose output contains `input`; if none (an input composed from several outputs, as
 /// a pipeline step that gathers other steps gets), the producers of its sub-folders.
 fn producers_of(store: &Store, db: &kliko_store::Db, input: &Digest) -> Result<Vec<Digest>> {

@@ -36,6 +36,9 @@ pub struct CrateOptions {
     pub with_data: bool,
     /// The crate's licence (a URL, or words); by default it says that none is stated.
     pub license: Option<String>,
+    /// Files copied into the crate's top folder and listed with their digests (the pipeline
+    /// file, for a pipeline's crate).
+    pub attach: Vec<PathBuf>,
 }
 
 /// What was written.
@@ -192,6 +195,20 @@ pub fn write_ro_crate(store: &Store, prov: &Provenance, out: &Path, opts: &Crate
             action["description"] = json!(format!("{}, GPUs {gpus}", action["description"].as_str().unwrap_or("")));
         }
         g.add(action);
+    }
+    for src in &opts.attach {
+        let name = src.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "attached".into());
+        let bytes = std::fs::read(src).map_err(|e| io(src, e))?;
+        let dest = out.join(&name);
+        std::fs::write(&dest, &bytes).map_err(|e| io(&dest, e))?;
+        let id = encode_path(&name);
+        g.add(json!({
+            "@id": id, "@type": "File", "name": name, "contentSize": bytes.len().to_string(),
+            "identifier": format!("blake3:{}", Digest::of_bytes(&bytes)),
+            "description": format!("copied from `{}`", src.display()),
+        }));
+        has_part.push(json!({"@id": id}));
+        files += 1;
     }
     let license = opts
         .license
