@@ -408,8 +408,11 @@ impl Store {
         // A run's folder holds its lock from before the folder had its lock file's name
         // (`Store::run_folder`): one whose lock can be taken belongs to a dead run, whatever
         // its age.
-        let (mut removed, _) =
-            crate::litter::remove_dead(&scratch, |name| scratch.join(name).join(crate::litter::OWNER_LOCK).exists());
+        // A folder whose name names its owner, without its lock file yet (the owner was killed
+        // between making the folder and naming the lock), is judged by that name.
+        let (mut removed, _) = crate::litter::remove_dead(&scratch, |name| {
+            scratch.join(name).join(crate::litter::OWNER_LOCK).exists() || crate::litter::is_owned_name(name)
+        });
         // An unlocked folder (a web upload kept between requests) only once it is old.
         let cutoff = std::time::SystemTime::now() - std::time::Duration::from_millis(age_ms);
         let Ok(rd) = fs::read_dir(&scratch) else { return removed };

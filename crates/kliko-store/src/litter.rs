@@ -106,6 +106,11 @@ fn tagged_owner_gone(name: &str) -> Option<bool> {
     (host == host_hash()).then(|| !kliko_core::process::is_alive(pid, start))
 }
 
+/// Whether a folder name carries an owner tag (an [`OwnedDir`] made it).
+pub fn is_owned_name(name: &OsStr) -> bool {
+    name.to_str().and_then(tagged_owner_gone).is_some()
+}
+
 /// The state of a folder that may be owned.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Owner {
@@ -255,6 +260,21 @@ mod tests {
         assert_eq!(owner(&other), Owner::Unknown);
         assert_eq!(remove_dead_staging(t.path()), 1);
         assert!(!dead.exists() && mine.exists() && other.exists());
+    }
+
+    #[test]
+    fn a_run_folder_killed_while_naming_its_lock_is_judged_by_its_name() {
+        let t = tempfile::tempdir().unwrap();
+        // Killed after creating `.kliko-lock.new`, before renaming it.
+        let dead = t.path().join(format!("run-o4194304.5.{}-abc", host_hash()));
+        fs::create_dir(&dead).unwrap();
+        fs::write(dead.join(OWNER_LOCK_NEW), b"").unwrap();
+        assert!(is_owned_name(dead.file_name().unwrap()));
+        assert!(!is_owned_name(OsStr::new("upload-abc")));
+        assert_eq!(owner(&dead), Owner::Dead);
+        let (removed, _) = remove_dead(t.path(), is_owned_name);
+        assert_eq!(removed, 1);
+        assert!(!dead.exists());
     }
 
     #[test]

@@ -170,6 +170,24 @@ fn temporary_files_live_in_a_folder_of_their_own_removed_once_their_owner_is_gon
     assert_eq!(fs::read_dir(root.join(TMP_DIR)).unwrap().count(), 0);
 }
 
+#[test]
+fn gc_removes_a_run_folder_whose_owner_was_killed_while_naming_its_lock() {
+    let t = tempfile::tempdir().unwrap();
+    let store = Store::open(&t.path().join("store")).unwrap();
+    // What a run killed between creating `.kliko-lock.new` and renaming it leaves: the
+    // folder's name says whose it was (a pid that cannot exist, on this host).
+    let host = kliko_core::Digest::of_bytes(kliko_core::process::host_name().as_bytes()).to_hex()[..8].to_string();
+    let dead = store.root().join("scratch").join(format!("run-o4194304.5.{host}-abc"));
+    fs::create_dir_all(&dead).unwrap();
+    fs::write(dead.join(".kliko-lock.new"), b"").unwrap();
+    fs::write(dead.join("parameters.json"), b"{}").unwrap();
+    // A live run's folder beside it stays.
+    let live = store.run_folder("run-").unwrap();
+    store.gc(&GcOptions { grace_ms: 0, ..Default::default() }).unwrap_or_else(|e| panic!("{e}"));
+    assert!(!dead.exists(), "the dead run's folder is litter");
+    assert!(live.path().exists());
+}
+
 /// A tmpfs mounted for one test, unmounted (lazily) when dropped, even if the test fails.
 struct Tmpfs(PathBuf);
 
