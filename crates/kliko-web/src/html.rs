@@ -149,6 +149,8 @@ button.primary{background:var(--accent);color:var(--accent-ink);border-color:var
 button.primary:hover{background:#1c4aa8}
 button.small{padding:2px 10px;font-size:13px}
 .actions{display:flex;gap:12px;align-items:center;margin:8px 0 30px}
+.lineage-wrap{overflow-x:auto;margin:4px 0 18px;padding:6px;background:var(--card, #fff);border-radius:8px}
+.lineage a:hover rect{stroke:#1d4ed8;stroke-width:2}
 .alert{border-radius:8px;padding:10px 14px;margin:0 0 16px}
 .alert.bad{background:var(--bad-bg);color:var(--bad)}
 .alert.warn{background:var(--warn-bg);color:var(--warn)}

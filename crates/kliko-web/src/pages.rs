@@ -977,6 +977,11 @@ async fn provenance_body(st: &AppState, typed: &str, q: Option<&str>) -> Result<
             if prov.used_by.len() == 1 { "" } else { "s" }
         ));
     }
+    if !prov.runs.is_empty() {
+        b.push_str("<h2>Lineage</h2><div class=\"lineage-wrap\">");
+        b.push_str(&kliko_engine::provenance::lineage_svg(&prov, "/provenance/"));
+        b.push_str("</div>");
+    }
     for r in &prov.runs {
         let role = match (r.depth, &r.feeds) {
             (0, _) if prov.kind == "key" => "the run".to_string(),

@@ -1,7 +1,8 @@
 //! End to end in a real browser: Debian's headless `chromium`, driven over the DevTools
 //! protocol (a minimal client over a WebSocket), against a real server on 127.0.0.1.
 //! Opens a form, fills it, submits, waits for the run to finish, sees the output; submits
-//! again and sees the cache-hit badge. Saves docs/screenshots/{form,run}.png.
+//! again and sees the cache-hit badge, then draws the output's lineage and follows a link in
+//! it. Saves docs/screenshots/{form,run,run-cache-hit,lineage}.png.
 //!
 //! Needs the `chromium` package (or `KLIKO_CHROMIUM=/path/to/chrome`): without it this test
 //! fails, it does not skip.
@@ -389,6 +390,26 @@ async fn a_browser_fills_the_form_runs_it_and_sees_a_cache_hit() {
     // History shows both, as hit and miss.
     cdp.navigate(&format!("{base}/history")).await;
     assert_eq!(cdp.eval("document.querySelectorAll('.badge.hit').length >= 1 && document.querySelectorAll('.badge.miss').length >= 1").await, json!(true));
+
+    // The lineage of the output folder, drawn: input → run → output, each node a link.
+    let out_dir = std::fs::canonicalize(data.path()).unwrap().join("results/run-1");
+    cdp.navigate(&format!("{base}/provenance?q={}", out_dir.display())).await;
+    assert_eq!(cdp.eval("document.querySelectorAll('svg.lineage a rect').length").await, json!(3));
+    assert_eq!(cdp.eval("document.querySelectorAll('svg.lineage path[marker-end]').length").await, json!(2));
+    // The drawing is laid out left to right: input, run, output.
+    let xs = cdp
+        .eval("Array.from(document.querySelectorAll('svg.lineage a rect')).map(r => r.getBoundingClientRect().x).sort((a, b) => a - b).map(Math.round)")
+        .await;
+    let xs: Vec<i64> = serde_json::from_value(xs).unwrap();
+    assert!(xs[0] < xs[1] && xs[1] < xs[2], "three layers: {xs:?}");
+    cdp.screenshot(&shots.join("lineage.png")).await;
+    // Follow the run's node to the run's own provenance page.
+    let href = cdp.eval("Array.from(document.querySelectorAll('svg.lineage a')).find(a => a.querySelector('title').textContent.startsWith('run ')).getAttribute('href')").await;
+    let href = href.as_str().unwrap().to_string();
+    cdp.eval_then_load(&format!("location.href = {}", json!(href))).await;
+    assert_eq!(cdp.eval("location.pathname").await, json!(href));
+    let text = cdp.eval("document.body.innerText").await;
+    assert!(text.as_str().unwrap().contains("run key"), "{text}");
 
     stop.cancel();
     serving.await.unwrap().unwrap();

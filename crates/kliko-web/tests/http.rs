@@ -265,6 +265,11 @@ async fn a_run_shows_logs_and_outputs_and_the_same_run_is_a_cache_hit() {
     let out_tree = report.output.unwrap().to_hex();
     let prov = f.get(&format!("/provenance/{out_tree}")).await;
     assert!(prov.body.contains("produced by") && prov.body.contains(&key[..16]));
+    // The lineage drawn: the input, the run and the output, each a link; the tree asked about outlined.
+    assert!(prov.body.contains("<svg") && prov.body.contains("class=\"lineage\""), "{}", prov.body);
+    assert!(prov.body.contains(&format!("<a href=\"/provenance/{key}\">")), "the run links to its page");
+    assert!(prov.body.contains(&format!("<a href=\"/provenance/{out_tree}\"><title>tree {out_tree}</title><rect")));
+    assert_eq!(prov.body.matches("stroke=\"#c2410c\"").count(), 1, "only the tree asked about is outlined");
     let q = f.get(&format!("/provenance?q={}", &key[..8])).await;
     assert_eq!(q.status, StatusCode::SEE_OTHER);
     let log = f.get(&format!("/result/{key}/log/stdout")).await;
