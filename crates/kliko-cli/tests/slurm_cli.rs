@@ -173,6 +173,13 @@ steps:
     assert!(jobs.iter().all(|(_, st)| st == "COMPLETED"), "{jobs:?}");
     // The jobs used the node's store, not this one.
     assert!(c.w.path("node-store").join("FORMAT").exists());
+    // The dispatcher's history says those runs happened (elsewhere), not that they were reused.
+    let h = Out::of(c.w.kliko().args(["history", "--json"]));
+    h.ok();
+    let h: serde_json::Value = serde_json::from_str(&h.stdout).unwrap();
+    let kinds: Vec<&str> = h.as_array().unwrap().iter().map(|e| e["cache"].as_str().unwrap()).collect();
+    assert_eq!(kinds.iter().filter(|k| **k == "miss").count(), 5, "{kinds:?}");
+    assert!(!kinds.contains(&"hit"), "{kinds:?}");
 
     // Unchanged: every step a hit, nothing submitted, no container.
     let since = docker_now();

@@ -89,7 +89,7 @@ impl Engine {
         let mut logs = LeaderLogs::default();
         let (mut polls, mut after_end) = (0u32, 0u32);
         loop {
-            if let Some(mut r) = self.try_hit(&ctx, None).await? {
+            if let Some(mut r) = self.take_result(&ctx, None, true).await? {
                 mark("followed run recorded");
                 r.cache = Cache::Miss;
                 r.saved_ms = 0;

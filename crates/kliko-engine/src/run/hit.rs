@@ -16,6 +16,18 @@ use crate::{Cache, Engine, Event, Holder, RunReport, Status, Tier};
 impl Engine {
     /// The stored result of this run, placed at its target, if there is a complete one.
     pub(super) async fn try_hit(&self, ctx: &RunCtx<'_>, waited_on: Option<Holder>) -> Result<Option<RunReport>> {
+        self.take_result(ctx, waited_on, false).await
+    }
+
+    /// [`Engine::try_hit`]; `followed`: the result is that of a run handed to another machine
+    /// for this request (a cluster job), so the history says the run happened (a miss, run
+    /// elsewhere), not that a stored result was reused.
+    pub(super) async fn take_result(
+        &self,
+        ctx: &RunCtx<'_>,
+        waited_on: Option<Holder>,
+        followed: bool,
+    ) -> Result<Option<RunReport>> {
         let (req, prep) = (ctx.req, ctx.prep);
         let store = self.store.clone();
         let key = prep.key;
@@ -47,11 +59,17 @@ impl Engine {
                 Err(e) => return Err(e),
             }
         }
-        ctx.obs.event(&Event::Hit { key });
+        if !followed {
+            ctx.obs.event(&Event::Hit { key });
+        }
         mark("placed");
         drop(guard);
         let wall_ms = ctx.t0.elapsed().as_millis() as u64;
-        let entry = ctx.history_entry(HistoryKind::Hit, wall_ms, result.wall_ms, Some(result.exit_code));
+        let entry = if followed {
+            ctx.history_entry(HistoryKind::Miss, wall_ms, 0, Some(result.exit_code))
+        } else {
+            ctx.history_entry(HistoryKind::Hit, wall_ms, result.wall_ms, Some(result.exit_code))
+        };
         self.history(entry).await;
         ctx.obs.event(&Event::Finished { status: Status::Succeeded, exit_code: 0 });
         Ok(Some(RunReport {
