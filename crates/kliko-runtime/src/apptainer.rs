@@ -110,10 +110,10 @@ impl Apptainer {
     async fn source(&self) -> Option<&Docker> {
         self.source
             .get_or_init(|| async {
+                // A connection is made only once the daemon has answered (its ping, or the
+                // version negotiation).
                 if let Ok(d) = Docker::connect().await {
-                    if d.inner.ping().await.is_ok() {
-                        return Some(d);
-                    }
+                    return Some(d);
                 }
                 crate::podman::connect().await.ok()
             })

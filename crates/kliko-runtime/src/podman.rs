@@ -46,8 +46,9 @@ pub async fn connect() -> Result<Docker, RuntimeError> {
     let xdg = std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()).map(PathBuf::from);
     for sock in candidate_sockets(uid, xdg.as_deref()) {
         if sock.exists() {
+            // `connect_to` succeeds only once the server has answered.
             if let Ok(d) = Docker::connect_to(&format!("unix://{}", sock.display())).await {
-                if d.flavor() == Flavor::Podman && d.inner.ping().await.is_ok() {
+                if d.flavor() == Flavor::Podman {
                     return Ok(d);
                 }
             }
