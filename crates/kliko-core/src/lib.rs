@@ -20,6 +20,7 @@ mod digest;
 pub mod hash;
 pub mod key;
 pub mod process;
+pub mod svg;
 pub mod trace;
 pub mod tree;
 pub mod units;

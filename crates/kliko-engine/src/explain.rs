@@ -4,6 +4,8 @@ use serde::Serialize;
 use serde_json::Value;
 
 use kliko_core::Digest;
+use kliko_store::records::ActionResult;
+use kliko_store::Store;
 
 use crate::error::{blocking, Result};
 use crate::{Engine, RunRequest};
@@ -36,22 +38,9 @@ impl Engine {
         let explanation = blocking(move || {
             let db = store.db()?;
             let stored = store.lookup(&db, &key)?.is_some();
-            let mut best: Option<(usize, Digest, Vec<String>)> = None;
-            for r in store.results(&db)? {
-                if r.key == key || (r.image_ref != image_ref && r.image_id != image_id) {
-                    continue;
-                }
-                let old = serde_json::to_value(&r.preimage).unwrap_or(Value::Null);
-                let mut diffs = Vec::new();
-                diff("", &old, &pre2, &mut diffs);
-                if best.as_ref().is_none_or(|(n, _, _)| diffs.len() < *n) {
-                    best = Some((diffs.len(), r.key, diffs));
-                }
-            }
-            let (nearest, differences) = match best {
-                Some((_, k, d)) => (Some(k), d),
-                None => (None, Vec::new()),
-            };
+            let (nearest, differences) =
+                nearest(store.results(&db)?, &key, &image_ref, &image_id, &pre2, |_| true).unzip();
+            let differences = differences.unwrap_or_default();
             Ok(Explanation { key, stored, preimage: pre, nearest, differences, remote: None })
         })
         .await;
@@ -71,6 +60,46 @@ impl Engine {
         }
         Ok(x)
     }
+}
+
+/// The stored result of the same image reference or ID (other than `key`, and passing
+/// `keep`) whose pre-image differs least from `pre`, and the differences.
+fn nearest(
+    results: Vec<ActionResult>,
+    key: &Digest,
+    image_ref: &str,
+    image_id: &str,
+    pre: &Value,
+    keep: impl Fn(&ActionResult) -> bool,
+) -> Option<(Digest, Vec<String>)> {
+    let mut best: Option<(usize, Digest, Vec<String>)> = None;
+    for r in results {
+        if r.key == *key || (r.image_ref != image_ref && r.image_id != image_id) || !keep(&r) {
+            continue;
+        }
+        let old = serde_json::to_value(&r.preimage).unwrap_or(Value::Null);
+        let mut diffs = Vec::new();
+        diff("", &old, pre, &mut diffs);
+        if best.as_ref().is_none_or(|(n, _, _)| diffs.len() < *n) {
+            best = Some((diffs.len(), r.key, diffs));
+        }
+    }
+    best.map(|(_, k, d)| (k, d))
+}
+
+/// Why `result` had to run: the nearest run of the same image recorded before it started,
+/// and how its pre-image differed (`None`: no earlier run of that image is stored). What
+/// `--explain` says before a run, said of a run that happened.
+pub fn why_missed(store: &Store, result: &ActionResult) -> kliko_store::Result<Option<(Digest, Vec<String>)>> {
+    let db = store.db()?;
+    let pre = serde_json::to_value(&result.preimage).unwrap_or(Value::Null);
+    let at = |s: &str| time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok();
+    let started = at(&result.started_at);
+    let before = |r: &ActionResult| match (at(&r.started_at), started) {
+        (Some(a), Some(b)) => a < b,
+        _ => r.started_at < result.started_at,
+    };
+    Ok(nearest(store.results(&db)?, &result.key, &result.image_ref, &result.image_id, &pre, before))
 }
 
 fn show(v: Option<&Value>) -> String {

@@ -19,7 +19,7 @@
 //! ```
 
 mod error;
-mod explain;
+pub mod explain;
 mod fsutil;
 pub mod provenance;
 pub mod rocrate;
@@ -41,7 +41,7 @@ use tokio::sync::OnceCell;
 
 pub use error::{EngineError, Result};
 pub use explain::Explanation;
-pub use fsutil::hostname;
+pub use fsutil::{hostname, invoking_user, now_rfc3339};
 pub use kliko_runtime::{Gpus, ImageInfo, LogChunk, RuntimeKind, Stream};
 pub use kliko_store::lease::Holder;
 pub use run::{Followed, IndexHold};

@@ -278,21 +278,20 @@ pub fn to_dot(p: &Provenance) -> String {
 /// from each input to its run and from each run to its output, every node a link to its own
 /// provenance page under `link_prefix` (`/provenance/`). The object asked about is outlined.
 pub fn lineage_svg(p: &Provenance, link_prefix: &str) -> String {
-    fn esc(s: &str) -> String {
-        s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
-    }
-    #[derive(Clone)]
-    struct Node {
-        id: Digest,
-        run: bool,
-        lines: Vec<String>,
-    }
+    use kliko_core::svg::Node;
     let mut nodes: Vec<Node> = Vec::new();
     let mut index: BTreeMap<(bool, Digest), usize> = BTreeMap::new();
     let mut edges: Vec<(usize, usize)> = Vec::new();
     let mut node = |nodes: &mut Vec<Node>, run: bool, id: Digest, lines: Vec<String>| -> usize {
         *index.entry((run, id)).or_insert_with(|| {
-            nodes.push(Node { id, run, lines });
+            nodes.push(Node {
+                href: Some(format!("{link_prefix}{id}")),
+                title: format!("{} {id}", if run { "run" } else { "tree" }),
+                lines,
+                round: !run,
+                outlined: id == p.digest,
+                ..Default::default()
+            });
             nodes.len() - 1
         })
     };
@@ -312,74 +311,5 @@ pub fn lineage_svg(p: &Provenance, link_prefix: &str) -> String {
         let o = node(&mut nodes, false, res.output, vec!["output".into(), format!("tree {}", res.output.short(12))]);
         edges.push((run, o));
     }
-    edges.sort();
-    edges.dedup();
-    // Layers: the longest path from a source (the graph has no cycle: a run's output is
-    // made after its input).
-    let mut layer = vec![0usize; nodes.len()];
-    for _ in 0..nodes.len() {
-        let mut changed = false;
-        for &(a, b) in &edges {
-            if layer[b] < layer[a] + 1 {
-                layer[b] = layer[a] + 1;
-                changed = true;
-            }
-        }
-        if !changed {
-            break;
-        }
-    }
-    let (w, h, gap_x, gap_y, pad) = (170.0, 46.0, 60.0, 18.0, 10.0);
-    let mut row_of = vec![0usize; nodes.len()];
-    let mut rows: BTreeMap<usize, usize> = BTreeMap::new();
-    for (i, l) in layer.iter().enumerate() {
-        let r = rows.entry(*l).or_default();
-        row_of[i] = *r;
-        *r += 1;
-    }
-    let pos = |i: usize| (pad + layer[i] as f64 * (w + gap_x), pad + row_of[i] as f64 * (h + gap_y));
-    let width = pad * 2.0 + (rows.len().max(1) as f64) * (w + gap_x) - gap_x;
-    let height = pad * 2.0 + (rows.values().copied().max().unwrap_or(1) as f64) * (h + gap_y) - gap_y;
-    let mut s = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" class=\"lineage\" role=\"img\" aria-label=\"lineage graph\" \
-         width=\"{width:.0}\" height=\"{height:.0}\" viewBox=\"0 0 {width:.0} {height:.0}\" font-family=\"sans-serif\" font-size=\"11\">\
-         <defs><marker id=\"arrow\" viewBox=\"0 0 10 10\" refX=\"10\" refY=\"5\" markerWidth=\"7\" markerHeight=\"7\" orient=\"auto\">\
-         <path d=\"M0,0 L10,5 L0,10 z\" fill=\"#667\"/></marker></defs>"
-    );
-    for &(a, b) in &edges {
-        let ((ax, ay), (bx, by)) = (pos(a), pos(b));
-        let (x1, y1, x2, y2) = (ax + w, ay + h / 2.0, bx, by + h / 2.0);
-        let mid = (x1 + x2) / 2.0;
-        s.push_str(&format!(
-            "<path d=\"M{x1:.1},{y1:.1} C{mid:.1},{y1:.1} {mid:.1},{y2:.1} {x2:.1},{y2:.1}\" fill=\"none\" stroke=\"#667\" stroke-width=\"1.3\" marker-end=\"url(#arrow)\"/>"
-        ));
-    }
-    for (i, n) in nodes.iter().enumerate() {
-        let (x, y) = pos(i);
-        let (fill, rx) = if n.run { ("#e8f0fe", 8) } else { ("#f3f6ee", 20) };
-        let stroke = if n.id == p.digest { "stroke=\"#c2410c\" stroke-width=\"2.5\"" } else { "stroke=\"#8a94a6\"" };
-        s.push_str(&format!(
-            "<a href=\"{}{}\"><title>{}</title><rect x=\"{x:.1}\" y=\"{y:.1}\" width=\"{w}\" height=\"{h}\" rx=\"{rx}\" fill=\"{fill}\" {stroke}/>",
-            esc(link_prefix),
-            n.id,
-            esc(&format!("{} {}", if n.run { "run" } else { "tree" }, n.id))
-        ));
-        for (k, line) in n.lines.iter().enumerate() {
-            let shown: String = if line.chars().count() > 26 {
-                format!("{}…", line.chars().take(25).collect::<String>())
-            } else {
-                line.clone()
-            };
-            let weight = if k == 0 { " font-weight=\"bold\"" } else { "" };
-            s.push_str(&format!(
-                "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\"{weight}>{}</text>",
-                x + w / 2.0,
-                y + 18.0 + k as f64 * 15.0,
-                esc(&shown)
-            ));
-        }
-        s.push_str("</a>");
-    }
-    s.push_str("</svg>");
-    s
+    kliko_core::svg::layered(&nodes, &edges, "lineage", "lineage graph")
 }

@@ -131,6 +131,32 @@ async fn the_key_follows_parameters_input_and_image() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn why_a_run_missed_names_the_nearest_earlier_run_and_what_differed() {
+    let s = setup();
+    add_copy_image(&s, "tool:1", || FakeExit::code(0));
+    add_copy_image(&s, "other:1", || FakeExit::code(0));
+    let result = |key| {
+        let db = s.store.db().unwrap();
+        s.store.lookup(&db, &key).unwrap().expect("recorded")
+    };
+    let first = s.run(s.request("tool:1", "o1")).await.unwrap();
+    // Nothing of this image ran before the first run.
+    assert_eq!(kliko_engine::explain::why_missed(&s.store, &result(first.key)).unwrap(), None);
+    // Another image's runs are never the "nearest".
+    s.run(s.request("other:1", "o0")).await.unwrap();
+
+    let mut req = s.request("tool:1", "o2");
+    req.params.push(ParamLayer::strings([("tag", "y")]));
+    let second = s.run(req).await.unwrap();
+    let (nearest, diffs) = kliko_engine::explain::why_missed(&s.store, &result(second.key)).unwrap().unwrap();
+    assert_eq!(nearest, first.key);
+    assert_eq!(diffs, vec!["parameters.tag: \"x\" → \"y\"".to_string()]);
+    // A run is only explained by runs recorded before it: the first still has none, though
+    // a later run of its image is stored now.
+    assert_eq!(kliko_engine::explain::why_missed(&s.store, &result(first.key)).unwrap(), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn identical_runs_in_flight_execute_once() {
     let s = setup();
     add_copy_image(&s, "slow:1", || FakeExit::code(0).taking(Duration::from_millis(600)));
