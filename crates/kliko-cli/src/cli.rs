@@ -332,4 +332,15 @@ pub enum PipelineCommand {
         #[arg(long)]
         json: bool,
     },
+    /// List pipeline runs, newest first (from the command line and from the web interface).
+    History {
+        /// Only the runs of this pipeline file.
+        file: Option<PathBuf>,
+        /// At most this many.
+        #[arg(long, short = 'n', default_value_t = 20)]
+        limit: usize,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
 }

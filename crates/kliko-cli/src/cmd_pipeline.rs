@@ -27,7 +27,64 @@ pub fn run(store_root: &Path, cmd: PipelineCommand) -> anyhow::Result<ExitCode> 
             run_pipeline(store_root, &file, Options { jobs, keep_going }, json, verbose, executor, ro_crate)
         }
         PipelineCommand::Show { file, json } => show(store_root, &file, json),
+        PipelineCommand::History { file, limit, json } => history(store_root, file.as_deref(), limit, json),
     }
+}
+
+fn history(store_root: &Path, file: Option<&Path>, limit: usize, json: bool) -> anyhow::Result<ExitCode> {
+    // The same file however it was named: runs are recorded under its canonical path.
+    let file = match file {
+        Some(f) => Some(
+            std::fs::canonicalize(f)
+                .with_context(|| format!("cannot read the pipeline file `{}`", f.display()))?
+                .display()
+                .to_string(),
+        ),
+        None => None,
+    };
+    let rt = crate::runtime()?;
+    let runs = rt.block_on(async {
+        kliko_pipeline::history::runs(&open(store_root)?, file, limit).await.map_err(anyhow::Error::from)
+    })?;
+    let mut out = std::io::stdout().lock();
+    if json {
+        for r in &runs {
+            writeln!(out, "{}", serde_json::to_string(r)?)?;
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    if runs.is_empty() {
+        eprintln!("kliko: no pipeline run is recorded in this store");
+        return Ok(ExitCode::SUCCESS);
+    }
+    for r in &runs {
+        let result = if r.cancelled {
+            "cancelled"
+        } else if r.ok {
+            "ok"
+        } else {
+            "failed"
+        };
+        writeln!(
+            out,
+            "{}  {result:<9}  {}  {} container(s), {} wall, {} saved  {} via {}  {}@{}",
+            r.at,
+            r.file,
+            r.containers,
+            human_ms(r.wall_ms),
+            human_ms(r.saved_ms),
+            r.executor,
+            r.via,
+            r.user,
+            r.host
+        )?;
+        for s in &r.steps {
+            let keys: Vec<String> = s.keys.iter().take(3).map(|k| k.short(12)).collect();
+            let more = if s.keys.len() > 3 { format!(" (+{})", s.keys.len() - 3) } else { String::new() };
+            writeln!(out, "    {:<20} {:<10} {}{more}", s.name, s.state, keys.join(" "))?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn open(store_root: &Path) -> anyhow::Result<Arc<Engine>> {
@@ -67,9 +124,15 @@ fn run_pipeline(
         );
         let names: Vec<String> = pipeline.steps.iter().map(|s| s.name.clone()).collect();
         let term = Arc::new(Term::new(names, verbose));
+        let (at, executor_name) = (kliko_engine::now_rfc3339(), executor.name().to_string());
         let report = kliko_pipeline::run(executor, &pipeline, &checked, opts, term.clone(), cancel).await?;
         term.finish();
         summary(&report);
+        // The history of pipeline runs (the web lists it too); losing it loses no result.
+        let entry = kliko_pipeline::history::entry(&pipeline, &report, &executor_name, "cli", at);
+        if let Err(e) = kliko_pipeline::history::record(&engine, entry).await {
+            eprintln!("kliko: warning: the pipeline run was not added to the history: {:#}", anyhow::Error::from(e));
+        }
         // Uploads left in the background (`--remote-async`) end before the command does.
         crate::finish_background(&engine).await;
         if let Some(out) = &ro_crate {
@@ -98,15 +161,8 @@ fn write_crate(engine: &Engine, p: &Pipeline, report: &PipelineReport, out: &Pat
         .filter(|r| r.status == kliko_pipeline::RunStatus::Succeeded)
         .filter_map(|r| r.key)
         .collect();
-    let text = std::fs::read(&p.file)?;
     let query = p.file.display().to_string();
-    let prov = kliko_engine::provenance::of_runs(
-        engine.store(),
-        &query,
-        kliko_core::Digest::of_bytes(&text),
-        "pipeline",
-        &keys,
-    )?;
+    let prov = kliko_engine::provenance::of_runs(engine.store(), &query, p.digest, "pipeline", &keys)?;
     let opts = kliko_engine::rocrate::CrateOptions { attach: vec![p.file.clone()], ..Default::default() };
     let written = crate::cmd_cache::write_crate(engine.store(), &prov, out, &opts)?;
     let failed = report.steps.iter().flat_map(|s| &s.runs).count() - keys.len();
@@ -193,21 +249,7 @@ impl Term {
 }
 
 fn status_text(state: StepState, p: &Progress) -> String {
-    let mut s = state.as_str().to_string();
-    if p.total > 1 || (p.total == 1 && state == StepState::Running && p.running > 0) {
-        let mut parts = vec![format!("{}/{}", p.done, p.total)];
-        if p.cached > 0 {
-            parts.push(format!("{} cached", p.cached));
-        }
-        if p.running > 0 {
-            parts.push(format!("{} running", p.running));
-        }
-        if p.failed > 0 {
-            parts.push(format!("{} failed", p.failed));
-        }
-        s.push_str(&format!(" ({})", parts.join(", ")));
-    }
-    s
+    state.describe(p)
 }
 
 impl Reporter for Term {

@@ -243,6 +243,21 @@ fn reruns_are_free_and_changes_rerun_only_what_depends_on_them() {
     let step = |n: &str| v["steps"].as_array().unwrap().iter().find(|s| s["name"] == n).unwrap().clone();
     assert_eq!(step("other")["runs"][0]["hit"], false);
     assert_eq!(step("prep")["runs"][0]["hit"], true);
+
+    // The four runs are in the history of pipeline runs, newest first, however the file is named.
+    let relative = s.root.join("obs/../pipeline.yml");
+    let out = kliko(&s.store).args(["pipeline", "history", "--json"]).arg(&relative).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let runs: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(runs.iter().map(|r| r["containers"].as_u64().unwrap()).collect::<Vec<_>>(), [2, 3, 0, 7]);
+    assert!(runs.iter().all(|r| r["ok"] == true && r["via"] == "cli" && r["executor"] == "local"));
+    let combine = runs[0]["steps"].as_array().unwrap().iter().find(|x| x["name"] == "combine").unwrap().clone();
+    assert_eq!(combine["state"], "done");
+    assert_eq!(combine["keys"].as_array().unwrap().len(), 1);
+    let text = kliko(&s.store).args(["pipeline", "history"]).output().unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("combine") && text.contains("7 container(s)"), "{text}");
 }
 
 #[test]

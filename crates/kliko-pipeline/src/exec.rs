@@ -66,6 +66,26 @@ impl StepState {
             StepState::Cancelled => "cancelled",
         }
     }
+
+    /// The state in words, with the counts of a step of several runs (`running (3/10, 2
+    /// cached, 1 running)`).
+    pub fn describe(self, p: &Progress) -> String {
+        let mut s = self.as_str().to_string();
+        if p.total > 1 || (p.total == 1 && self == StepState::Running && p.running > 0) {
+            let mut parts = vec![format!("{}/{}", p.done, p.total)];
+            if p.cached > 0 {
+                parts.push(format!("{} cached", p.cached));
+            }
+            if p.running > 0 {
+                parts.push(format!("{} running", p.running));
+            }
+            if p.failed > 0 {
+                parts.push(format!("{} failed", p.failed));
+            }
+            s.push_str(&format!(" ({})", parts.join(", ")));
+        }
+        s
+    }
 }
 
 /// Counts of a step's runs (one, or one per foreach entry).
@@ -694,6 +714,7 @@ fn param_layer_for(dir: &Path, step: &Step) -> kliko_spec::ParamLayer {
         steps: Vec::new(),
         resources: Default::default(),
         runtime: None,
+        digest: kliko_core::Digest::of_bytes(b""),
     };
     param_layer(&p, step)
 }

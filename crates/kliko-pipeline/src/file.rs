@@ -25,6 +25,8 @@ pub struct Pipeline {
     pub resources: Resources,
     /// Pipeline-wide `runtime:` (a step's own overrides it; `None`: the command line's).
     pub runtime: Option<kliko_engine::RuntimeKind>,
+    /// The digest of the file's bytes as they were parsed.
+    pub digest: kliko_core::Digest,
 }
 
 /// One step: one image, run once, or once per entry with `foreach`.
@@ -245,7 +247,14 @@ impl Pipeline {
             s.resources = s.resources.over(&resources);
             s.runtime = s.runtime.or(p.runtime);
         }
-        Ok(Pipeline { file: file.to_path_buf(), dir: dir.to_path_buf(), steps, resources, runtime: p.runtime })
+        Ok(Pipeline {
+            file: file.to_path_buf(),
+            dir: dir.to_path_buf(),
+            steps,
+            resources,
+            runtime: p.runtime,
+            digest: kliko_core::Digest::of_bytes(text.as_bytes()),
+        })
     }
 
     pub fn step(&self, name: &str) -> Option<&Step> {

@@ -32,6 +32,7 @@ mod check;
 mod exec;
 mod executor;
 mod file;
+pub mod history;
 mod inputs;
 mod show;
 pub mod slurm;

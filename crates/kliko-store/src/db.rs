@@ -27,7 +27,10 @@ pub const CF_HISTORY: &str = "history";
 pub const CF_PINS: &str = "pins";
 /// Blob digest → the blob file's mark when its content was last verified ([`crate::BlobMark`]).
 pub const CF_MARKS: &str = "blob-marks";
-pub const ALL_CFS: &[&str] = &[CF_ACTIONS, CF_STAT, CF_PROV, CF_ACCESS, CF_HISTORY, CF_PINS, CF_MARKS];
+/// The history of pipeline runs ([`crate::records::PipelineRun`]).
+pub const CF_PIPELINE_RUNS: &str = "pipeline-runs";
+pub const ALL_CFS: &[&str] =
+    &[CF_ACTIONS, CF_STAT, CF_PROV, CF_ACCESS, CF_HISTORY, CF_PINS, CF_MARKS, CF_PIPELINE_RUNS];
 
 pub struct DbInner {
     // Field order matters: the database closes, then db.lock is released, then gc.lock.

@@ -2,7 +2,8 @@
 //!
 //! A process that finds the index open for writing by another process does not wait for it:
 //! it opens a read-only view ([`crate::Store::db_nowait`]). What such a process would write is
-//! a record of use (a result's last access, a history entry, stat-cache records, blob marks),
+//! a record of use (a result's last access, a history entry, a pipeline run, stat-cache records,
+//! blob marks),
 //! never a result (results go through the journal). It keeps those writes and, when its
 //! handle closes, leaves them in one file, `journal-v1/notes-<pid>-<ns>.kv`; the next process
 //! that opens the index for writing applies and removes every such file, as it does the
@@ -12,13 +13,13 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use crate::db::{Db, CF_ACCESS, CF_HISTORY, CF_MARKS, CF_STAT};
+use crate::db::{Db, CF_ACCESS, CF_HISTORY, CF_MARKS, CF_PIPELINE_RUNS, CF_STAT};
 use crate::journal::JOURNAL_DIR;
 use crate::Store;
 
 const MAGIC: &[u8] = b"kliko-notes-v1\n";
 /// The column families a notes file may write to.
-const ALLOWED: &[&str] = &[CF_ACCESS, CF_HISTORY, CF_STAT, CF_MARKS];
+const ALLOWED: &[&str] = &[CF_ACCESS, CF_HISTORY, CF_STAT, CF_MARKS, CF_PIPELINE_RUNS];
 
 /// The writes a read-only handle keeps, encoded as they will be written.
 pub(crate) struct Deferred {

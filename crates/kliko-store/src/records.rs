@@ -11,7 +11,7 @@ use rocksdb::{Direction, IteratorMode, WriteBatch};
 use serde::{Deserialize, Serialize};
 
 use crate::blobs::ObjectKind;
-use crate::db::{self, Db, CF_ACCESS, CF_ACTIONS, CF_HISTORY, CF_PINS, CF_PROV};
+use crate::db::{self, Db, CF_ACCESS, CF_ACTIONS, CF_HISTORY, CF_PINS, CF_PIPELINE_RUNS, CF_PROV};
 use crate::error::{Result, StoreError};
 use crate::Store;
 
@@ -72,6 +72,45 @@ pub struct HistoryEntry {
     pub host: String,
     #[serde(default)]
     pub user: String,
+}
+
+/// A pipeline run as the history of pipeline runs lists it (`kliko pipeline run` and the web).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PipelineRun {
+    /// The pipeline file, absolute, and the digest of its bytes when it ran.
+    pub file: String,
+    pub file_digest: Digest,
+    /// RFC 3339 UTC, when it started.
+    pub at: String,
+    /// `local`, `slurm` or `srun`.
+    pub executor: String,
+    /// Who started it: `cli` or `web`.
+    pub via: String,
+    pub ok: bool,
+    pub cancelled: bool,
+    pub wall_ms: u64,
+    pub saved_ms: u64,
+    /// Runs that started a container.
+    pub containers: usize,
+    pub host: String,
+    pub user: String,
+    /// In file order.
+    pub steps: Vec<PipelineRunStep>,
+}
+
+/// One step of a [`PipelineRun`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PipelineRunStep {
+    pub name: String,
+    pub image: String,
+    /// `cached`, `done`, `failed`, `skipped`, `not run` or `cancelled`.
+    pub state: String,
+    /// The keys of its runs that made a result (one, or one per `foreach` entry).
+    pub keys: Vec<Digest>,
+    pub output: Option<Digest>,
+    /// Why it failed or was skipped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// Every tree digest under a tree (the root included), and every file digest with its size.
@@ -293,6 +332,32 @@ impl Store {
             }
             if out.len() >= limit {
                 break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Add a pipeline run to the history of pipeline runs (deferred on a read-only handle,
+    /// like [`Store::append_history`]).
+    pub fn append_pipeline_run(&self, db: &Db, run: &PipelineRun) -> Result<()> {
+        let mut k = now_ms().to_be_bytes().to_vec();
+        k.extend_from_slice(&run.file_digest.as_bytes()[..8]);
+        k.extend_from_slice(&std::process::id().to_be_bytes());
+        db.put_or_defer(CF_PIPELINE_RUNS, &k, &serde_json::to_vec(run).unwrap_or_default()).map_err(db.err(self))
+    }
+
+    /// Pipeline runs, newest first; only those of the pipeline file `file` when given.
+    pub fn pipeline_runs(&self, db: &Db, file: Option<&str>, limit: usize) -> Result<Vec<PipelineRun>> {
+        let mut out = Vec::new();
+        for item in db.iterator_cf(db.cf(CF_PIPELINE_RUNS), IteratorMode::End) {
+            if out.len() >= limit {
+                break;
+            }
+            let (_, v) = item.map_err(db.err(self))?;
+            // A record this version cannot read (a later format) is skipped, not an error.
+            let Ok(run) = serde_json::from_slice::<PipelineRun>(&v) else { continue };
+            if file.is_none_or(|f| run.file == f) {
+                out.push(run);
             }
         }
         Ok(out)

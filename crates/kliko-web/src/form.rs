@@ -203,6 +203,7 @@ pub fn render(
         b.push_str(&format!("<option value=\"{}\">", esc(&f.display().to_string())));
     }
     b.push_str("</datalist></fieldset>");
+    b.push_str(&crate::html::script(crate::picker::PICKER_JS));
 
     for section in &spec.sections {
         b.push_str(&format!("<fieldset><legend>{}</legend>", esc(&section.name)));
@@ -224,10 +225,11 @@ pub fn render(
 fn folder_field(b: &mut String, name: &str, label: &str, value: &str, help: &str, errors: &Errors) {
     let errs = errors.by_field.get(name);
     b.push_str(&format!(
-        "<div class=\"field{}\" data-field=\"folder:{name}\"><label for=\"folder-{name}\">{}</label><input type=\"text\" id=\"folder-{name}\" name=\"{name}\" value=\"{}\" list=\"folders\" autocomplete=\"off\" placeholder=\"folder\"><div class=\"help\">{}</div>",
+        "<div class=\"field{}\" data-field=\"folder:{name}\"><label for=\"folder-{name}\">{}</label><input type=\"text\" id=\"folder-{name}\" name=\"{name}\" value=\"{}\" list=\"folders\" autocomplete=\"off\" placeholder=\"folder\">{}<div class=\"help\">{}</div>",
         if errs.is_some() { " invalid" } else { "" },
         esc(label),
         esc(value),
+        crate::picker::button(&format!("folder-{name}")),
         esc(help)
     ));
     for e in errs.into_iter().flatten() {

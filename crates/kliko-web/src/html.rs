@@ -57,6 +57,7 @@ pub fn script(js: &str) -> String {
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Nav {
     Images,
+    Pipelines,
     History,
     Provenance,
     None,
@@ -72,11 +73,12 @@ pub fn page(title: &str, nav: Nav, body: &str) -> String {
         "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
 <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
 <title>{title} · kliko</title><style>{CSS}</style></head><body>\
-<header class=\"top\"><div class=\"wrap\"><a class=\"brand\" href=\"/\">kliko</a><nav>{}{}{}</nav></div></header>\
+<header class=\"top\"><div class=\"wrap\"><a class=\"brand\" href=\"/\">kliko</a><nav>{}{}{}{}</nav></div></header>\
 <main class=\"wrap\">{body}</main>\
 <footer class=\"wrap\">kliko {} · runs are memoized: the same image, input and parameters are never computed twice</footer>\
 </body></html>",
         item(Nav::Images, "/", "Images"),
+        item(Nav::Pipelines, "/pipelines", "Pipelines"),
         item(Nav::History, "/history", "History"),
         item(Nav::Provenance, "/provenance", "Provenance"),
         env!("CARGO_PKG_VERSION"),
@@ -150,7 +152,21 @@ button.primary:hover{background:#1c4aa8}
 button.small{padding:2px 10px;font-size:13px}
 .actions{display:flex;gap:12px;align-items:center;margin:8px 0 30px}
 .lineage-wrap{overflow-x:auto;margin:4px 0 18px;padding:6px;background:var(--card, #fff);border-radius:8px}
-.lineage a:hover rect{stroke:#1d4ed8;stroke-width:2}
+.lineage a:hover rect,.pipeline-graph a:hover rect{stroke:#1d4ed8;stroke-width:2}
+.pipeline-graph .st-would-hit rect,.pipeline-graph .st-cached rect{fill:#e3f4ea;stroke:#1d7a46}
+.pipeline-graph .st-done rect{fill:#d1f0dc;stroke:#1d7a46;stroke-width:2}
+.pipeline-graph .st-would-run rect,.pipeline-graph .st-waiting rect{fill:#eef1f5}
+.pipeline-graph .st-running rect{fill:#e6eefc;stroke:#2458c6;stroke-width:2.5;stroke-dasharray:6 3}
+.pipeline-graph .st-failed rect,.pipeline-graph .st-cancelled rect{fill:#fdecea;stroke:#b42318;stroke-width:2}
+.pipeline-graph .st-skipped rect,.pipeline-graph .st-not-run rect{fill:#fff4d6;stroke:#8a5a00}
+.pipeline-graph .st-unknown rect{fill:#fff;stroke-dasharray:3 3}
+.picker{border:1px solid var(--line);border-radius:8px;background:#fbfcfd;padding:8px 12px;margin-top:6px;max-width:460px;max-height:320px;overflow:auto}
+.picker-head{display:flex;gap:10px;align-items:center;justify-content:space-between;margin-bottom:4px}
+.picker ul{list-style:none;margin:0;padding:0}
+.picker li{padding:1px 0}
+button.link{border:0;background:none;padding:0;color:var(--accent);cursor:pointer;font:13px ui-monospace,Menlo,Consolas,monospace}
+button.link:hover{text-decoration:underline;background:none}
+button.browse{margin-left:6px;vertical-align:middle}
 .alert{border-radius:8px;padding:10px 14px;margin:0 0 16px}
 .alert.bad{background:var(--bad-bg);color:var(--bad)}
 .alert.warn{background:var(--warn-bg);color:var(--warn)}

@@ -1,6 +1,7 @@
 //! `kliko-web` owns the web interface: a list of the local kliko images, a form generated
 //! from each image's kliko.yml (validated by kliko-spec exactly as the command line is),
-//! runs in the background with live logs, the run history and provenance. It uses the
+//! runs in the background with live logs, the run history and provenance, and pipelines
+//! (their graphs, runs with live step states, their history). It uses the
 //! same [`Engine`] and store as the command line, so a run in the browser and one in a
 //! terminal reuse each other's results. HTML is rendered on the server; every value that
 //! comes from an image, a log or a user goes through [`html::esc`].
@@ -31,8 +32,11 @@
 pub mod auth;
 pub mod form;
 pub mod html;
+mod live;
 mod pages;
 pub mod paths;
+mod picker;
+pub mod pipelines;
 pub mod runs;
 
 use std::collections::HashMap;
@@ -123,6 +127,8 @@ pub struct AppState {
     /// See [`ServeConfig::request_timeout`].
     pub request_timeout: Duration,
     pub runs: runs::Registry,
+    /// Pipeline runs started by this server.
+    pub pipelines: pipelines::Registry,
     /// Image IDs without a (valid) kliko.yml, with the reason: not asked again.
     pub not_kliko: Mutex<HashMap<String, Option<String>>>,
     /// Ends live streams when the server stops.
@@ -150,6 +156,7 @@ impl AppState {
             upload_limit: config.upload_limit,
             request_timeout: config.request_timeout,
             runs: runs::Registry::default(),
+            pipelines: pipelines::Registry::default(),
             not_kliko: Mutex::new(HashMap::new()),
             shutdown: CancellationToken::new(),
             kept: Mutex::new(HashMap::new()),
@@ -172,6 +179,12 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/run/{id}/events", get(pages::run_events))
         .route("/run/{id}/cancel", post(pages::run_cancel))
         .route("/run/{id}/file/{*path}", get(pages::run_file))
+        .route("/folders", get(picker::folders))
+        .route("/pipelines", get(pipelines::list))
+        .route("/pipeline/{*path}", get(pipelines::pipeline_page).post(pipelines::submit))
+        .route("/pipeline-run/{id}", get(pipelines::run_page))
+        .route("/pipeline-run/{id}/events", get(pipelines::run_events))
+        .route("/pipeline-run/{id}/cancel", post(pipelines::run_cancel))
         .route("/history", get(pages::history))
         .route("/provenance", get(pages::provenance_query))
         .route("/provenance/{q}", get(pages::provenance))
@@ -287,7 +300,13 @@ impl Server {
         for run in state.runs.all() {
             run.cancel.cancel();
         }
+        for run in state.pipelines.all() {
+            run.cancel.cancel();
+        }
         for run in state.runs.all() {
+            run.wait().await;
+        }
+        for run in state.pipelines.all() {
             run.wait().await;
         }
         Ok(())

@@ -5,14 +5,13 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Multipart, Path, RawQuery, State};
 use axum::http::{header, HeaderValue, StatusCode};
-use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{Html, IntoResponse, Redirect, Response};
-use futures_util::stream::{self, Stream};
+use futures_util::stream::Stream;
 use kliko_core::tree::Entry;
 use kliko_core::Digest;
 use kliko_engine::{Cache, EngineError, ImageMeta, Input, RunRequest};
@@ -20,7 +19,6 @@ use kliko_runtime::RuntimeError;
 use kliko_spec::IoMode;
 use kliko_store::records::ActionResult;
 use kliko_store::{ObjectKind, Store};
-use tokio::sync::broadcast::error::RecvError;
 
 use crate::form::{self, Errors, Submitted};
 use crate::html::{self, badge, esc, page, url_path, url_query, Nav};
@@ -33,7 +31,7 @@ type St = State<Arc<AppState>>;
 pub struct PageError(StatusCode, String);
 
 impl PageError {
-    fn new(status: StatusCode, msg: impl Into<String>) -> Self {
+    pub(crate) fn new(status: StatusCode, msg: impl Into<String>) -> Self {
         PageError(status, msg.into())
     }
 }
@@ -51,7 +49,7 @@ use kliko_core::error_chain as chain;
 
 /// An engine error as a browser user reads it: what went wrong, then, where there is
 /// something to do about it, what (in this interface's terms, never a command-line flag).
-fn explain(e: &EngineError) -> String {
+pub(crate) fn explain(e: &EngineError) -> String {
     use kliko_runtime::Unreachable;
     let advice = match e {
         EngineError::Runtime(RuntimeError::Unreachable { reason: Unreachable::NotRunning, runtime, .. }) => {
@@ -196,7 +194,7 @@ fn runs_table(runs: &[Arc<RunEntry>]) -> String {
     b
 }
 
-fn rfc3339(t: std::time::SystemTime) -> String {
+pub(crate) fn rfc3339(t: std::time::SystemTime) -> String {
     let secs = t.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let days = secs / 86400;
     let rem = secs % 86400;
@@ -470,6 +468,32 @@ fn status_badge(s: &crate::RunState) -> String {
     }
 }
 
+/// For a run that had to run (a miss): the nearest earlier run of the same image and what
+/// differed, as `kliko run --explain` says it.
+async fn why_it_ran(st: &AppState, result: ActionResult) -> Result<String, PageError> {
+    let store = st.engine.store().clone();
+    let why = blocking(move || kliko_engine::explain::why_missed(&store, &result)).await?;
+    let mut b = String::from("<div class=\"card\" id=\"why\"><h3>Why it ran</h3>");
+    match why {
+        None => b.push_str(
+            "<p class=\"meta\">No earlier run of this image is stored: this was its first run with this store.</p>",
+        ),
+        Some((nearest, diffs)) => {
+            b.push_str(&format!(
+                "<p class=\"meta\">Nothing identical had run before. The nearest earlier run of this image, <a href=\"/provenance/{k}\"><code>{short}</code></a>, differs in:</p><ul class=\"diffs\">",
+                k = nearest.to_hex(),
+                short = &nearest.to_hex()[..12]
+            ));
+            for d in &diffs {
+                b.push_str(&format!("<li><code>{}</code></li>", esc(d)));
+            }
+            b.push_str("</ul>");
+        }
+    }
+    b.push_str("</div>");
+    Ok(b)
+}
+
 fn get_run(st: &AppState, id: &str) -> Result<Arc<RunEntry>, PageError> {
     st.run(id).ok_or_else(|| {
         PageError::new(
@@ -550,6 +574,9 @@ pub async fn run_page(State(st): St, Path(id): Path<String>) -> Result<Html<Stri
     }
     if let Some(e) = &s.error {
         b.push_str(&format!("<div class=\"alert bad\" id=\"run-error\">{}</div>", esc(e)));
+    }
+    if let Some(result) = s.report.as_ref().filter(|r| r.cache == Cache::Miss).and_then(|r| r.result.clone()) {
+        b.push_str(&why_it_ran(&st, result).await?);
     }
     if let Some(r) = &s.report {
         for w in &r.warnings {
@@ -644,44 +671,38 @@ pub async fn run_events(
         .chain(std::iter::once(LiveMsg::Phase(run.snapshot().phase)))
         .chain(finished.then_some(LiveMsg::Done))
         .collect();
-    let shutdown = st.shutdown.clone();
-    let live = stream::unfold((rx, finished, shutdown), |(mut rx, ended, shutdown)| async move {
-        if ended {
-            return None;
-        }
-        let msg = tokio::select! {
-            _ = shutdown.cancelled() => return None,
-            m = rx.recv() => m,
-        };
-        match msg {
-            Ok(m) => {
-                let end = matches!(m, LiveMsg::Done);
-                Some((m, (rx, end, shutdown)))
-            }
-            Err(RecvError::Lagged(n)) => Some((
-                LiveMsg::Log { stderr: true, text: format!("[{n} log chunks skipped]\n") },
-                (rx, false, shutdown),
-            )),
-            Err(RecvError::Closed) => None,
-        }
-    });
-    let all = futures_util::StreamExt::map(futures_util::StreamExt::chain(stream::iter(first), live), |m| {
-        Ok::<_, Infallible>(match m {
+    Ok(crate::live::sse(first, rx, st.shutdown.clone()))
+}
+
+impl crate::live::Live for LiveMsg {
+    fn is_done(&self) -> bool {
+        matches!(self, LiveMsg::Done)
+    }
+    fn lagged(n: u64) -> Self {
+        LiveMsg::Log { stderr: true, text: format!("[{n} log chunks skipped]\n") }
+    }
+    fn event(self) -> SseEvent {
+        match self {
             LiveMsg::Log { stderr, text } => {
                 SseEvent::default().event("log").data(serde_json::json!({"stderr": stderr, "text": text}).to_string())
             }
             LiveMsg::Phase(p) => SseEvent::default().event("phase").data(serde_json::Value::String(p).to_string()),
             LiveMsg::Done => SseEvent::default().event("done").data("{}"),
-        })
-    });
-    Ok(Sse::new(all).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+        }
+    }
 }
 
-pub async fn run_cancel(State(st): St, Path(id): Path<String>, body: String) -> Result<Response, PageError> {
-    let csrf = auth::query_param(Some(&body), "csrf");
+/// A urlencoded form's CSRF secret, checked before anything else of it is used.
+pub(crate) fn check_csrf(st: &AppState, body: &str) -> Result<(), PageError> {
+    let csrf = auth::query_param(Some(body), "csrf");
     if !csrf.is_some_and(|c| auth::ct_eq(&c, &st.csrf)) {
         return Err(PageError::new(StatusCode::FORBIDDEN, "missing or wrong CSRF token"));
     }
+    Ok(())
+}
+
+pub async fn run_cancel(State(st): St, Path(id): Path<String>, body: String) -> Result<Response, PageError> {
+    check_csrf(&st, &body)?;
     let run = get_run(&st, &id)?;
     run.cancel.cancel();
     Ok(Redirect::to(&format!("/run/{}", url_path(&id))).into_response())

@@ -2,7 +2,7 @@
 //! protocol (a minimal client over a WebSocket), against a real server on 127.0.0.1.
 //! Opens a form, fills it, submits, waits for the run to finish, sees the output; submits
 //! again and sees the cache-hit badge, then draws the output's lineage and follows a link in
-//! it. Saves docs/screenshots/{form,run,run-cache-hit,lineage}.png.
+//! it; picks a folder with the folder picker; runs a pipeline and watches its graph. Saves docs/screenshots/{form,run,run-cache-hit,lineage,pipeline,pipeline-run}.png.
 //!
 //! Needs the `chromium` package (or `KLIKO_CHROMIUM=/path/to/chrome`): without it this test
 //! fails, it does not skip.
@@ -209,6 +209,15 @@ impl Cdp {
         }
     }
 
+    /// Until `cond` holds on this page (no load in between): a script's work, such as a fetch.
+    async fn poll_until(&self, cond: &str) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while self.eval(cond).await != json!(true) {
+            assert!(std::time::Instant::now() < deadline, "never true: {cond}");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
     async fn screenshot(&self, path: &Path) {
         let m = self.call("Page.getLayoutMetrics", json!({})).await;
         let h = m["cssContentSize"]["height"].as_f64().unwrap_or(900.0).ceil().max(600.0) as u64;
@@ -312,6 +321,7 @@ async fn a_browser_fills_the_form_runs_it_and_sees_a_cache_hit() {
     };
     let server = kliko_web::bind(engine, config).await.expect("bind");
     let base = format!("http://{}", server.local_addr());
+    let state = server.state().clone();
     let stop = tokio_util::sync::CancellationToken::new();
     let serving = tokio::spawn(server.run_until(stop.clone()));
 
@@ -339,6 +349,17 @@ async fn a_browser_fills_the_form_runs_it_and_sees_a_cache_hit() {
     // The list widget turned into one input per item, with an add button.
     assert_eq!(cdp.eval("document.querySelectorAll('input[name=\"p.apertures\"]').length").await, json!(2));
     let input_dir = std::fs::canonicalize(data.path()).unwrap().join("observations/field-1");
+    // The folder picker: browse from the data folder down to the input, and use it.
+    cdp.eval("document.querySelector('button.browse[data-for=\"folder-input\"]').click()").await;
+    let pick = |name: &str| {
+        format!("(function () {{ var b = Array.from(document.querySelectorAll('#picker-folder-input button.link')).find(b => b.textContent === '{name}/'); if (b) b.click(); return !!b; }})()")
+    };
+    cdp.poll_until(&pick("observations")).await;
+    cdp.poll_until(&pick("field-1")).await;
+    cdp.poll_until("document.querySelector('#picker-folder-input code') && document.querySelector('#picker-folder-input code').textContent.endsWith('/field-1')").await;
+    cdp.eval("document.querySelector('#picker-folder-input button.use').click()").await;
+    assert_eq!(cdp.eval("document.getElementById('folder-input').value").await, json!(input_dir.display().to_string()));
+    assert_eq!(cdp.eval("document.getElementById('picker-folder-input').hidden").await, json!(true));
     let fill = format!(
         r#"(function () {{
   var f = document.getElementById('run-form');
@@ -410,6 +431,47 @@ async fn a_browser_fills_the_form_runs_it_and_sees_a_cache_hit() {
     assert_eq!(cdp.eval("location.pathname").await, json!(href));
     let text = cdp.eval("document.body.innerText").await;
     assert!(text.as_str().unwrap().contains("run key"), "{text}");
+
+    // A pipeline of two steps of the same image: its graph, a run from the browser, each step
+    // done; then the graph says every step would hit.
+    std::fs::write(
+        data.path().join("reduce.yml"),
+        format!(
+            "version: 1\nsteps:\n  find:\n    image: {t}\n    input: observations/field-1/\n    params: {{threshold: 3.0}}\n  refine:\n    image: {t}\n    input: find\n    params: {{threshold: 6.0}}\n    output: results/refined\n",
+            t = image.tag
+        ),
+    )
+    .unwrap();
+    cdp.navigate(&format!("{base}/pipelines")).await;
+    cdp.eval_then_load("document.querySelector('#pipelines a').click()").await;
+    assert_eq!(cdp.eval("document.querySelectorAll('svg.pipeline-graph g.step').length").await, json!(2));
+    assert_eq!(
+        cdp.eval("document.getElementById('step-find').getAttribute('class')").await,
+        json!("step st-would-run")
+    );
+    cdp.screenshot(&shots.join("pipeline.png")).await;
+    cdp.eval_then_load("document.querySelector('#run-form button.primary').click()").await;
+    assert!(cdp.eval("location.pathname").await.as_str().unwrap().starts_with("/pipeline-run/"));
+    // The page follows the run live (and reloads itself when it ends: the run is awaited on
+    // the server and the page loaded afresh, so no check races that reload).
+    let run_path = cdp.eval("location.pathname").await.as_str().unwrap().to_string();
+    let id = run_path.trim_start_matches("/pipeline-run/");
+    state.pipelines.get(id).expect("the run is registered").wait().await;
+    cdp.navigate(&format!("{base}{run_path}")).await;
+    assert_eq!(cdp.eval("document.querySelector('#status .badge').textContent").await, json!("succeeded"));
+    for step in ["find", "refine"] {
+        let class = cdp.eval(&format!("document.getElementById('step-{step}').getAttribute('class')")).await;
+        assert_eq!(class, json!("step st-done"), "{step}");
+    }
+    let text = cdp.eval("document.body.innerText").await;
+    assert!(text.as_str().unwrap().contains("[refine] threshold from parameters:"), "{text}");
+    assert!(data.path().join("results/refined/catalogue.csv").is_file());
+    cdp.screenshot(&shots.join("pipeline-run.png")).await;
+    cdp.eval_then_load("document.querySelector('.sub a').click()").await;
+    assert_eq!(
+        cdp.eval("document.getElementById('step-refine').getAttribute('class')").await,
+        json!("step st-would-hit")
+    );
 
     stop.cancel();
     serving.await.unwrap().unwrap();

@@ -252,6 +252,18 @@ async fn a_run_shows_logs_and_outputs_and_the_same_run_is_a_cache_hit() {
     assert!(page2.body.contains("badge hit\">cache hit"), "{}", page2.body);
     assert_eq!(std::fs::read_to_string(f.data_path().join("out2/sub/deep.txt")).unwrap(), "nested\n");
 
+    // The first run of the image had nothing earlier to compare with; a run that differs in
+    // one parameter says which, beside the nearest earlier run.
+    assert!(page.body.contains("id=\"why\"") && page.body.contains("its first run"), "{}", page.body);
+    let mut other = parts("out3");
+    other[3] = text("p.count", "8");
+    let id3 = f.run(&path, &other).await;
+    let page3 = f.get(&format!("/run/{id3}")).await;
+    assert!(page3.body.contains("differs in:"), "{}", page3.body);
+    assert!(page3.body.contains("<li><code>parameters.count: 7 → 8</code></li>"), "{}", page3.body);
+    assert!(page3.body.contains(&format!("href=\"/provenance/{}\"", report.key)), "the nearest run is a link");
+    assert!(!page2.body.contains("id=\"why\""), "a hit has nothing to explain");
+
     // History lists both; provenance of the key and of the output tree shows the run.
     let key = report.key.to_hex();
     let hist = f.get("/history").await;
@@ -449,4 +461,194 @@ async fn images_with_a_bomb_or_deeply_nested_kliko_yml_get_their_own_row_and_the
     assert_eq!(f.get("/").await.status, StatusCode::OK);
     assert_eq!(f.get(&format!("/image/{}", good.tag)).await.status, StatusCode::OK);
     assert_eq!(f.get("/history").await.status, StatusCode::OK);
+}
+
+/// An image that copies its input to its output and adds its `tag` parameter as a file.
+fn step_image() -> kliko_testkit::TestImage {
+    kliko_testkit::ImageBuilder::new("webpipe")
+        .kliko_yml(
+            "schema_version: 3\nio: split\nsections:\n  - name: main\n    description: knobs\n    fields:\n      - {name: tag, type: str, initial: x}\n",
+        )
+        .kliko_script(
+            "cp -r /input/. /output/\ntag=$(sed -n 's/.*\"tag\": *\"\\([^\"]*\\)\".*/\\1/p' /parameters.json)\necho \"$tag\" >> /output/tags.txt\necho \"step says $tag\"\n",
+        )
+        .build()
+        .expect("docker build of the test image")
+}
+
+fn urlencoded(path: &str, body: String) -> Request<Body> {
+    Request::post(path)
+        .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+        .body(Body::from(body))
+        .unwrap()
+}
+
+/// Run the pipeline whose page is `page_path` from its form; wait for it; its run id.
+async fn start_pipeline(f: &Fixture, page_path: &str) -> String {
+    let r = f.send(urlencoded(page_path, format!("csrf={}&executor=local&jobs=2", f.state.csrf))).await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    let loc = r.headers[header::LOCATION].to_str().unwrap().to_string();
+    let id = loc.strip_prefix("/pipeline-run/").unwrap().to_string();
+    f.state.pipelines.get(&id).unwrap().wait().await;
+    id
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pipelines_are_listed_drawn_run_live_and_kept_in_their_history() {
+    let image = step_image();
+    let f = Fixture::new();
+    let data = f.data_path();
+    std::fs::create_dir_all(data.join("in")).unwrap();
+    std::fs::write(data.join("in/obs.txt"), "visibilities\n").unwrap();
+    std::fs::create_dir_all(data.join("pipes")).unwrap();
+    let yml = format!(
+        "version: 1\nsteps:\n  first:\n    image: {t}\n    input: ../in/\n    params: {{tag: a}}\n  second:\n    image: {t}\n    input: first\n    params: {{tag: b}}\n    output: ../out/final\n",
+        t = image.tag
+    );
+    let file = data.join("pipes/pipeline.yml");
+    std::fs::write(&file, &yml).unwrap();
+    let page_path = format!("/pipeline{}", file.display());
+
+    let list = f.get("/pipelines").await;
+    assert_eq!(list.status, StatusCode::OK);
+    assert!(list.body.contains(&format!("href=\"{page_path}\"")), "{}", list.body);
+    assert!(list.body.contains("<code>first</code> → <code>second</code>"), "{}", list.body);
+
+    // Before any run: the first step would run, the second cannot be known yet.
+    let before = f.get(&page_path).await;
+    assert_eq!(before.status, StatusCode::OK, "{}", before.body);
+    assert!(before.body.contains("class=\"pipeline-graph\""), "{}", before.body);
+    assert!(before.body.contains("<g id=\"step-first\" class=\"step st-would-run\">"), "{}", before.body);
+    assert!(before.body.contains("<g id=\"step-second\" class=\"step st-unknown\">"), "{}", before.body);
+    assert!(before.body.contains("id=\"run-form\"") && before.body.contains("has not run yet"));
+
+    // No CSRF secret, no run.
+    let r = f.send(urlencoded(&page_path, "executor=local".into())).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    assert!(f.state.pipelines.all().is_empty());
+    // The cluster needs a shared tier, which this server has not: said in the page's words.
+    let r = f.send(urlencoded(&page_path, format!("csrf={}&executor=slurm", f.state.csrf))).await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(r.body.contains("needs a cache shared by its machines") && !r.body.contains("--remote"), "{}", r.body);
+    let r = f.send(urlencoded(&page_path, format!("csrf={}&jobs=0", f.state.csrf))).await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(f.state.pipelines.all().is_empty());
+
+    let id = start_pipeline(&f, &page_path).await;
+    let report = f.state.pipelines.get(&id).unwrap().report().expect("the pipeline ran");
+    assert!(report.ok && report.containers == 2, "{report:?}");
+    assert_eq!(std::fs::read_to_string(data.join("out/final/tags.txt")).unwrap(), "a\nb\n");
+    let run = f.get(&format!("/pipeline-run/{id}")).await;
+    assert!(run.body.contains("badge ok\">succeeded"), "{}", run.body);
+    assert!(run.body.contains("<g id=\"step-first\" class=\"step st-done\">"), "{}", run.body);
+    let second_key = report.steps[1].runs[0].key.unwrap();
+    assert!(run.body.contains(&format!("<a href=\"/provenance/{second_key}\">")), "the step links to its run");
+    assert!(run.body.contains(&format!("/result/{second_key}/log/stdout")), "and to its logs");
+    assert!(run.body.contains("[first] step says a") && run.body.contains("[second] step says b"), "{}", run.body);
+    // The live stream of a finished run: every step's last state, then the end.
+    let events = f.get(&format!("/pipeline-run/{id}/events")).await;
+    assert!(events.body.contains("event: step") && events.body.contains("\"state\":\"done\""), "{}", events.body);
+    assert!(events.body.trim_end().ends_with("event: done\ndata: {}"), "{}", events.body);
+
+    // Now each step would hit, and the history has the run.
+    let after = f.get(&page_path).await;
+    assert!(after.body.contains("<g id=\"step-second\" class=\"step st-would-hit\">"), "{}", after.body);
+    assert!(after.body.contains("local (web)") && after.body.contains("badge ok\">succeeded"), "{}", after.body);
+
+    // Again: nothing runs.
+    let id2 = start_pipeline(&f, &page_path).await;
+    let again = f.state.pipelines.get(&id2).unwrap().report().unwrap();
+    assert_eq!(again.containers, 0);
+    let run2 = f.get(&format!("/pipeline-run/{id2}")).await;
+    assert!(run2.body.contains("<g id=\"step-second\" class=\"step st-cached\">"), "{}", run2.body);
+    assert!(run2.body.contains("badge hit\">cache hit"));
+    let list = f.get("/pipelines").await;
+    assert!(
+        list.body.contains("Recent pipeline runs") && list.body.matches("local (web)").count() == 2,
+        "{}",
+        list.body
+    );
+    // A run that is not this server's is not found; cancelling needs the secret.
+    assert_eq!(f.get("/pipeline-run/nope").await.status, StatusCode::NOT_FOUND);
+    let r = f.send(urlencoded(&format!("/pipeline-run/{id2}/cancel"), "csrf=wrong".into())).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pipeline_naming_anything_outside_the_data_folders_is_shown_never_run() {
+    let image = step_image();
+    let f = Fixture::new();
+    let data = f.data_path();
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::write(outside.path().join("secret.txt"), "not yours").unwrap();
+    std::fs::create_dir_all(data.join("in")).unwrap();
+    let cases = [
+        ("reads.yml", format!("input: {}/", outside.path().display())),
+        ("writes.yml", format!("input: ../in/\n    output: {}/out", outside.path().display())),
+        ("foreach.yml", format!("foreach: {}/", outside.path().display())),
+    ];
+    for (name, step) in cases {
+        let file = data.join(name);
+        std::fs::write(&file, format!("version: 1\nsteps:\n  s:\n    image: {}\n    {step}\n", image.tag)).unwrap();
+        let path = format!("/pipeline{}", file.display());
+        let page = f.get(&path).await;
+        assert!(
+            page.body.contains("id=\"outside\"") && !page.body.contains("id=\"run-form\""),
+            "{name}: {}",
+            page.body
+        );
+        assert!(page.body.contains(&outside.path().display().to_string()), "{name}: the path is named");
+        let r = f.send(urlencoded(&path, format!("csrf={}&executor=local", f.state.csrf))).await;
+        assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{name}");
+    }
+    assert!(f.state.pipelines.all().is_empty(), "nothing ran");
+    assert!(!outside.path().join("out").exists());
+    // A pipeline file itself outside the folders is not even read.
+    let stray = outside.path().join("p.yml");
+    std::fs::write(&stray, "version: 1\nsteps:\n  s:\n    image: x\n").unwrap();
+    assert_eq!(f.get(&format!("/pipeline{}", stray.display())).await.status, StatusCode::FORBIDDEN);
+    // An invalid pipeline: its problems, no form.
+    std::fs::write(data.join("bad.yml"), "version: 1\nsteps:\n  s:\n    imag: x\n").unwrap();
+    let bad = f.get(&format!("/pipeline{}", data.join("bad.yml").display())).await;
+    assert!(bad.body.contains("id=\"problems\"") && !bad.body.contains("id=\"run-form\""), "{}", bad.body);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_folder_picker_browses_the_data_folders_and_nothing_else() {
+    let f = Fixture::new();
+    let data = f.data_path();
+    for d in ["obs/night1", "obs/night2", "obs/.hidden", "results"] {
+        std::fs::create_dir_all(data.join(d)).unwrap();
+    }
+    std::fs::write(data.join("obs/file.txt"), "not a folder").unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(outside.path(), data.join("link-out")).unwrap();
+    let json = |r: &Resp| serde_json::from_str::<serde_json::Value>(&r.body).unwrap();
+    let names = |v: &serde_json::Value| -> Vec<String> {
+        v["folders"].as_array().unwrap().iter().map(|f| f["name"].as_str().unwrap().to_string()).collect()
+    };
+    // One data folder: the top is that folder; symlinks and hidden folders are not offered.
+    let top = f.get("/folders?under=").await;
+    assert_eq!(top.status, StatusCode::OK);
+    let v = json(&top);
+    assert_eq!(v["path"], data.display().to_string());
+    assert_eq!(v["parent"], serde_json::Value::Null);
+    assert_eq!(names(&v), ["obs", "results"]);
+    let obs = json(&f.get("/folders?under=obs").await);
+    assert_eq!(names(&obs), ["night1", "night2"]);
+    assert_eq!(obs["parent"], data.display().to_string());
+    assert_eq!(obs["folders"][0]["path"], data.join("obs/night1").display().to_string());
+    // An output folder still to be created is browsed from what exists of it.
+    let new = json(&f.get("/folders?under=obs%2Fnight3%2Fdeeper").await);
+    assert_eq!(new["path"], data.join("obs").display().to_string());
+    for bad in ["%2Fetc", "..%2F..", "link-out", "link-out%2Fnew"] {
+        let r = f.get(&format!("/folders?under={bad}")).await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "{bad}: {}", r.body);
+        assert!(json(&r)["error"].as_str().unwrap().contains("outside the data folders"), "{bad}");
+    }
+    // The run form offers it beside each folder field.
+    let image = full_image();
+    let form = f.get(&format!("/image/{}", image.tag)).await;
+    assert!(form.body.contains("data-for=\"folder-input\"") && form.body.contains("data-for=\"folder-output\""));
+    assert!(form.body.contains("fetch('/folders?under='"));
 }
