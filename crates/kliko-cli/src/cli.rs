@@ -321,8 +321,9 @@ pub enum PipelineCommand {
         /// the allocation this command runs in). Default: `$KLIKO_EXECUTOR`, else `local`.
         #[arg(long, value_enum, env = "KLIKO_EXECUTOR", default_value = "local")]
         executor: ExecutorChoice,
-        /// Afterwards, write an RO-Crate (Process Run Crate 0.5) of every run that made the
-        /// pipeline's results, with the pipeline file, to this new folder or `.zip`.
+        /// Afterwards, write an RO-Crate (Provenance Run Crate 0.5) of the pipeline run to this
+        /// new folder or `.zip`: the pipeline file as the workflow, its steps, and every run
+        /// that made the pipeline's results (hits included).
         #[arg(long, value_name = "OUT")]
         ro_crate: Option<PathBuf>,
     },

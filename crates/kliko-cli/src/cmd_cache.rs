@@ -30,7 +30,7 @@ pub fn run(store_root: &Path, cmd: CacheCommand) -> anyhow::Result<ExitCode> {
                 if p.runs.is_empty() {
                     bail!("no stored run produced `{arg}`: there is no provenance to write");
                 }
-                let opts = kliko_engine::rocrate::CrateOptions { with_data, license, attach: Vec::new() };
+                let opts = kliko_engine::rocrate::CrateOptions { with_data, license, ..Default::default() };
                 let written = write_crate(&store, &p, &out, &opts)?;
                 if json {
                     println!("{}", serde_json::to_string(&written)?);

@@ -129,14 +129,14 @@ fn run_pipeline(
         term.finish();
         summary(&report);
         // The history of pipeline runs (the web lists it too); losing it loses no result.
-        let entry = kliko_pipeline::history::entry(&pipeline, &report, &executor_name, "cli", at);
+        let entry = kliko_pipeline::history::entry(&pipeline, &report, &executor_name, "cli", at.clone());
         if let Err(e) = kliko_pipeline::history::record(&engine, entry).await {
             eprintln!("kliko: warning: the pipeline run was not added to the history: {:#}", anyhow::Error::from(e));
         }
         // Uploads left in the background (`--remote-async`) end before the command does.
         crate::finish_background(&engine).await;
         if let Some(out) = &ro_crate {
-            write_crate(&engine, &pipeline, &report, out)?;
+            write_crate(&engine, &pipeline, &report, out, at)?;
         }
         if json {
             println!("{}", serde_json::to_string(&report)?);
@@ -153,7 +153,7 @@ fn run_pipeline(
 
 /// The RO-Crate of a pipeline run: every run that made a result (hits included: they are the
 /// runs that made what the pipeline now holds), with the pipeline file.
-fn write_crate(engine: &Engine, p: &Pipeline, report: &PipelineReport, out: &Path) -> anyhow::Result<()> {
+fn write_crate(engine: &Engine, p: &Pipeline, report: &PipelineReport, out: &Path, at: String) -> anyhow::Result<()> {
     let keys: Vec<kliko_core::Digest> = report
         .steps
         .iter()
@@ -163,7 +163,23 @@ fn write_crate(engine: &Engine, p: &Pipeline, report: &PipelineReport, out: &Pat
         .collect();
     let query = p.file.display().to_string();
     let prov = kliko_engine::provenance::of_runs(engine.store(), &query, p.digest, "pipeline", &keys)?;
-    let opts = kliko_engine::rocrate::CrateOptions { attach: vec![p.file.clone()], ..Default::default() };
+    use kliko_engine::rocrate::{CrateOptions, WorkflowRun, WorkflowStep};
+    let succeeded = |r: &&kliko_pipeline::RunOutcome| r.status == kliko_pipeline::RunStatus::Succeeded;
+    let workflow = WorkflowRun {
+        file: p.file.clone(),
+        started_at: at,
+        finished_at: kliko_engine::now_rfc3339(),
+        ok: report.ok,
+        steps: report
+            .steps
+            .iter()
+            .map(|s| WorkflowStep {
+                name: s.name.clone(),
+                runs: s.runs.iter().filter(succeeded).filter_map(|r| r.key).collect(),
+            })
+            .collect(),
+    };
+    let opts = CrateOptions { workflow: Some(workflow), ..Default::default() };
     let written = crate::cmd_cache::write_crate(engine.store(), &prov, out, &opts)?;
     let failed = report.steps.iter().flat_map(|s| &s.runs).count() - keys.len();
     let left = if failed > 0 { format!("; {failed} run(s) that did not succeed are not in it") } else { String::new() };

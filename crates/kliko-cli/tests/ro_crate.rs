@@ -1,6 +1,7 @@
 //! `kliko provenance --ro-crate`: the crates are checked by the field's own tools, from PyPI:
-//! `rocrate-validator` (roc-validator) against the Process Run Crate 0.5 profile, and read
-//! back with `rocrate`. `KLIKO_ROC_VENV` names the venv that holds them (`scripts/test.sh`
+//! `rocrate-validator` (roc-validator) against the Process Run Crate 0.5 profile (a pipeline
+//! run's: the Provenance Run Crate 0.5 profile, with the Workflow Run Crate and Workflow
+//! RO-Crate profiles it builds on), and read back with `rocrate`. `KLIKO_ROC_VENV` names the venv that holds them (`scripts/test.sh`
 //! makes it); without it every test says it is skipped.
 //!
 //! The validator resolves the RO-Crate JSON-LD context over the network, which this machine
@@ -28,8 +29,13 @@ fn venv() -> Option<PathBuf> {
 
 /// The validator's verdict on `krate` (a folder or a .zip), as JSON.
 fn validate(venv: &Path, cache: &Path, krate: &Path) -> Value {
+    validate_as(venv, cache, krate, "process-run-crate-0.5")
+}
+
+/// The validator's verdict on `krate` against `profile` (and the profiles it builds on).
+fn validate_as(venv: &Path, cache: &Path, krate: &Path, profile: &str) -> Value {
     let o = Command::new(venv.join("bin/rocrate-validator"))
-        .args(["validate", "-p", "process-run-crate-0.5", "--offline", "--no-paging", "--output-format", "json"])
+        .args(["validate", "-p", profile, "--offline", "--no-paging", "--output-format", "json"])
         .arg("--cache-path")
         .arg(cache)
         .arg(krate)
@@ -45,13 +51,26 @@ const READ_BACK: &str = r#"
 import json, sys
 from rocrate.rocrate import ROCrate
 crate = ROCrate(sys.argv[1])
-out = {"actions": [], "identifiers": [], "conforms": str(crate.root_dataset.get("conformsTo"))}
+def ids(v):
+    v = v if isinstance(v, list) else [v] if v is not None else []
+    return [x.id for x in v]
+main = crate.root_dataset.get("mainEntity")
+out = {"actions": [], "identifiers": [], "conforms": str(crate.root_dataset.get("conformsTo")),
+       "main": main.id if main else None, "steps": [], "controls": {}, "organize": None, "workflow_run": None}
 for e in crate.get_entities():
     t = e.type if isinstance(e.type, list) else [e.type]
     ident = e.get("identifier")
     if ident:
         out["identifiers"].append(ident)
-    if "CreateAction" in t:
+    if "HowToStep" in t:
+        out["steps"].append({"name": e.get("name"), "position": e.get("position"), "tool": e.get("workExample").get("identifier")})
+    if "ControlAction" in t:
+        out["controls"][e.get("instrument").get("name")] = [crate.get(i).get("identifier") for i in ids(e.get("object"))]
+    if "OrganizeAction" in t:
+        out["organize"] = {"engine": e.get("instrument").get("name"), "controls": len(ids(e.get("object"))), "result": e.get("result").id}
+    if "CreateAction" in t and e.get("containerImage") is None:
+        out["workflow_run"] = {"instrument": e.get("instrument").id, "results": len(ids(e.get("result")))}
+    if "CreateAction" in t and e.get("containerImage") is not None:
         obj = e.get("object") or []
         obj = obj if isinstance(obj, list) else [obj]
         out["actions"].append({
@@ -215,10 +234,41 @@ fn a_pipeline_run_writes_one_crate_of_all_its_runs_and_its_file() {
     let o = Out::of(w.kliko().args(["pipeline", "run", "--json", "--ro-crate"]).arg(&krate).arg(&file));
     o.ok();
     assert!(o.stderr.contains("wrote the RO-Crate") && o.stderr.contains("3 run(s)"), "{}", o.stderr);
-    let verdict = validate(&venv, &cache, &krate);
-    assert_eq!(verdict["passed"], true, "not a valid Process Run Crate: {verdict:#}");
+    let verdict = validate_as(&venv, &cache, &krate, "provenance-run-crate-0.5");
+    assert_eq!(verdict["passed"], true, "not a valid Provenance Run Crate: {verdict:#}");
     let back = read_back(&venv, &krate);
     let report = o.json();
+    // The pipeline as the workflow: its file the main entity, run once; each step a HowToStep
+    // with its image, whose ControlAction names exactly the step's runs; kliko organizes them.
+    assert_eq!(back["main"], "p.yml");
+    for p in ["process/0.5", "workflow/0.5", "provenance/0.5", "workflow-ro-crate/1.0"] {
+        assert!(back["conforms"].as_str().unwrap().contains(p), "{p}: {}", back["conforms"]);
+    }
+    assert_eq!(back["workflow_run"]["instrument"], "p.yml");
+    assert_eq!(back["workflow_run"]["results"], 3, "every run's output");
+    let steps = back["steps"].as_array().unwrap();
+    let step_names: Vec<&str> = steps.iter().map(|s| s["name"].as_str().unwrap()).collect();
+    assert_eq!(step_names.len(), 2);
+    assert!(step_names.contains(&"count") && step_names.contains(&"gather"));
+    for (name, image) in [("count", &each.id), ("gather", &all.id)] {
+        let s = steps.iter().find(|s| s["name"] == name).unwrap();
+        assert_eq!(&s["tool"], image, "{name} names its image");
+        let mut want: Vec<&str> = report["steps"].as_array().unwrap().iter().find(|s| s["name"] == name).unwrap()
+            ["runs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["key"].as_str().unwrap())
+            .collect();
+        want.sort();
+        let mut got: Vec<&str> =
+            back["controls"][name].as_array().unwrap().iter().map(|k| k.as_str().unwrap()).collect();
+        got.sort();
+        assert_eq!(got, want, "{name}: its runs");
+    }
+    assert_eq!(back["organize"]["engine"], "kliko");
+    assert_eq!(back["organize"]["controls"], 2);
+    assert_eq!(back["organize"]["result"], "#pipeline-run");
     let mut want: Vec<String> = report["steps"]
         .as_array()
         .unwrap()

@@ -420,3 +420,106 @@ fn srun_runs_each_miss_inside_the_allocation() {
     again.ok();
     assert_eq!(again.json()["containers"], 0);
 }
+
+/// A bare HTTP/1.1 exchange with `kliko serve` on loopback: (status, Location, body).
+fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, String, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("the server listens");
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
+    let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let location = head
+        .lines()
+        .find_map(|l| l.strip_prefix("location: ").or_else(|| l.strip_prefix("Location: ")))
+        .unwrap_or("")
+        .to_string();
+    (status, location, body.to_string())
+}
+
+/// `kliko serve`, stopped when dropped.
+struct Serve(std::process::Child);
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_pipeline_run_from_the_web_interface_goes_to_slurm() {
+    if !slurm_here() {
+        return;
+    }
+    let c = Cluster::new("slurm-web");
+    let tool = build(ImageBuilder::new("slurm-web-tool").kliko_yml(TOOL_YML).kliko_script(TOOL_SCRIPT));
+    c.w.folder("data/obs", &[("a/x.txt", "ax"), ("b/x.txt", "bx")]);
+    let file = c.w.file(
+        "data/p.yml",
+        &format!(
+            "version: 1\nsteps:\n  each:\n    image: {img}\n    foreach: obs/\n    params: {{tag: each}}\n  all:\n    image: {img}\n    input: each\n    params: {{tag: all}}\n    output: out/\n",
+            img = tool.tag
+        ),
+    );
+    let file = std::fs::canonicalize(file).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr = format!("127.0.0.1:{port}");
+    // The cluster's settings as `pipeline run` gets them, for `serve` instead.
+    let cmd = c.pipeline("slurm", &file);
+    let mut serve = Command::new(env!("CARGO_BIN_EXE_kliko"));
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => serve.env(k, v),
+            None => serve.env_remove(k),
+        };
+    }
+    serve.arg("--store").arg(&c.w.store).arg("--remote").arg(&c.tier);
+    serve.args(["serve", "--bind", &addr, "--data-root"]).arg(c.w.path("data"));
+    let _server = Serve(serve.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap());
+    let page = format!("/pipeline{}", file.display());
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let form = loop {
+        if std::net::TcpStream::connect(&addr).is_ok() {
+            break http(&addr, "GET", &page, "");
+        }
+        assert!(std::time::Instant::now() < deadline, "kliko serve did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(form.0, 200, "{}", form.2);
+    assert!(form.2.contains("<option value=\"slurm\">"), "the cluster is offered: {}", form.2);
+    let csrf = form.2.split("name=\"csrf\" value=\"").nth(1).and_then(|r| r.split('"').next()).unwrap().to_string();
+    let (status, location, body) = http(&addr, "POST", &page, &format!("csrf={csrf}&executor=slurm"));
+    assert_eq!(status, 303, "{body}");
+    assert!(location.starts_with("/pipeline-run/"), "{location}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(240);
+    let done = loop {
+        let (_, _, body) = http(&addr, "GET", &location, "");
+        if !body.contains("badge running\">running</span></div></div>") {
+            break body;
+        }
+        assert!(std::time::Instant::now() < deadline, "the pipeline run did not end: {body}");
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert!(done.contains("badge ok\">succeeded"), "{done}");
+    assert!(done.contains("on slurm"), "{done}");
+    assert!(done.contains("cluster job"), "the jobs are in the log: {done}");
+    let jobs = c.jobs();
+    assert_eq!(jobs.len(), 3, "one job per miss: {jobs:?}");
+    assert!(jobs.iter().all(|(_, st)| st == "COMPLETED"), "{jobs:?}");
+    assert_eq!(read(&c.w.path("data/out/tag.txt")).trim(), "all");
+    // The history says where it ran and who started it.
+    let h = Out::of(c.w.kliko().args(["pipeline", "history", "--json"]).arg(&file));
+    h.ok();
+    let run: serde_json::Value = serde_json::from_str(h.stdout.lines().next().unwrap()).unwrap();
+    assert_eq!(
+        (run["executor"].as_str(), run["via"].as_str(), run["ok"].as_bool()),
+        (Some("slurm"), Some("web"), Some(true))
+    );
+    assert_no_containers(&tool);
+}

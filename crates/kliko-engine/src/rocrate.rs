@@ -11,6 +11,12 @@
 //! (`kliko hash FOLDER` prints it, so anyone can check a folder against the crate). With
 //! `with_data`, every output (and the run's logs) is written into the crate, its files listed
 //! with their digests and sizes. Nothing else of the store appears.
+//!
+//! A pipeline run's crate ([`CrateOptions::workflow`]) is a Provenance Run Crate (0.5; so
+//! also a Workflow Run Crate and a Workflow RO-Crate): the pipeline file is the main entity,
+//! a `ComputationalWorkflow` whose parts are the steps' images and whose steps are
+//! `HowToStep`s; the pipeline run is a `CreateAction` of it; each step's `ControlAction`
+//! names the runs it made or reused, and kliko's `OrganizeAction` ties them together.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -26,6 +32,10 @@ use crate::provenance::Provenance;
 
 /// The profile every crate conforms to.
 pub const PROCESS_RUN_CRATE: &str = "https://w3id.org/ro/wfrun/process/0.5";
+/// The profiles a pipeline run's crate conforms to as well ([`CrateOptions::workflow`]).
+pub const WORKFLOW_RUN_CRATE: &str = "https://w3id.org/ro/wfrun/workflow/0.5";
+pub const PROVENANCE_RUN_CRATE: &str = "https://w3id.org/ro/wfrun/provenance/0.5";
+pub const WORKFLOW_RO_CRATE: &str = "https://w3id.org/workflowhub/workflow-ro-crate/1.0";
 const RO_CRATE: &str = "https://w3id.org/ro/crate/1.1";
 const WFRUN: &str = "https://w3id.org/ro/terms/workflow-run#";
 
@@ -39,6 +49,29 @@ pub struct CrateOptions {
     /// Files copied into the crate's top folder and listed with their digests (the pipeline
     /// file, for a pipeline's crate).
     pub attach: Vec<PathBuf>,
+    /// The runs are a pipeline run's: describe the pipeline as the workflow, its steps, and
+    /// which runs each step made (a Provenance Run Crate, 0.5).
+    pub workflow: Option<WorkflowRun>,
+}
+
+/// A pipeline run, as a crate describes it.
+#[derive(Clone, Debug)]
+pub struct WorkflowRun {
+    /// The pipeline file: the crate's main entity, copied into it.
+    pub file: PathBuf,
+    /// RFC 3339.
+    pub started_at: String,
+    pub finished_at: String,
+    pub ok: bool,
+    /// In file order.
+    pub steps: Vec<WorkflowStep>,
+}
+
+/// One step of a [`WorkflowRun`]: the runs it made (or reused).
+#[derive(Clone, Debug)]
+pub struct WorkflowStep {
+    pub name: String,
+    pub runs: Vec<Digest>,
 }
 
 /// What was written.
@@ -210,6 +243,22 @@ pub fn write_ro_crate(store: &Store, prov: &Provenance, out: &Path, opts: &Crate
         has_part.push(json!({"@id": id}));
         files += 1;
     }
+    let mut conforms = vec![json!({"@id": PROCESS_RUN_CRATE})];
+    let mut main_entity = None;
+    if let Some(wf) = &opts.workflow {
+        let id = describe_workflow(&mut g, wf, &runs, out, &mut files)?;
+        has_part.push(json!({"@id": id.clone()}));
+        for (p, name) in [
+            (WORKFLOW_RUN_CRATE, "Workflow Run Crate"),
+            (PROVENANCE_RUN_CRATE, "Provenance Run Crate"),
+            (WORKFLOW_RO_CRATE, "Workflow RO-Crate"),
+        ] {
+            let version = p.rsplit('/').next().unwrap_or_default();
+            g.add(json!({"@id": p, "@type": "CreativeWork", "name": name, "version": version}));
+            conforms.push(json!({"@id": p}));
+        }
+        main_entity = Some(json!({"@id": id}));
+    }
     let license = opts
         .license
         .clone()
@@ -230,9 +279,12 @@ pub fn write_ro_crate(store: &Store, prov: &Provenance, out: &Path, opts: &Crate
         ),
         "datePublished": crate::fsutil::now_rfc3339(),
         "license": license,
-        "conformsTo": {"@id": PROCESS_RUN_CRATE},
+        "conformsTo": one_or_many(conforms),
         "mentions": one_or_many(mentions),
     });
+    if let Some(m) = main_entity {
+        root["mainEntity"] = m;
+    }
     if !has_part.is_empty() {
         root["hasPart"] = one_or_many(has_part);
     }
@@ -243,22 +295,131 @@ pub fn write_ro_crate(store: &Store, prov: &Provenance, out: &Path, opts: &Crate
         "about": {"@id": "./"}, "conformsTo": {"@id": RO_CRATE},
     }));
     let datasets = g.entities.values().filter(|e| e["@type"] == "Dataset").count() - 1;
+    let mut terms = json!({
+        "ContainerImage": format!("{WFRUN}ContainerImage"),
+        "containerImage": format!("{WFRUN}containerImage"),
+        "sha256": format!("{WFRUN}sha256"),
+        "tag": format!("{WFRUN}tag"),
+        "exitCode": format!("{WFRUN}exitCode"),
+    });
+    if opts.workflow.is_some() {
+        // Bioschemas' terms as RO-Crate 1.1's context maps them, said here too: later
+        // versions of that context map them elsewhere (`bioschemas.org/terms/…`), and a
+        // reader given one of those for 1.1 must still see a ComputationalWorkflow.
+        terms["ComputationalWorkflow"] = json!("https://bioschemas.org/ComputationalWorkflow");
+        terms["FormalParameter"] = json!("https://bioschemas.org/FormalParameter");
+    }
     let doc = json!({
-        "@context": [
-            format!("{RO_CRATE}/context"),
-            {
-                "ContainerImage": format!("{WFRUN}ContainerImage"),
-                "containerImage": format!("{WFRUN}containerImage"),
-                "sha256": format!("{WFRUN}sha256"),
-                "tag": format!("{WFRUN}tag"),
-                "exitCode": format!("{WFRUN}exitCode"),
-            }
-        ],
+        "@context": [format!("{RO_CRATE}/context"), terms],
         "@graph": g.entities.into_values().collect::<Vec<_>>(),
     });
     let meta = out.join("ro-crate-metadata.json");
     std::fs::write(&meta, serde_json::to_vec_pretty(&doc).expect("JSON of plain values")).map_err(|e| io(&meta, e))?;
     Ok(CrateSummary { path: out.to_path_buf(), runs: runs.len(), datasets, files })
+}
+
+/// The pipeline as a workflow (Provenance Run Crate 0.5): the file as the main entity (a
+/// `ComputationalWorkflow` whose parts are the steps' images and whose `step`s are
+/// `HowToStep`s), the pipeline run as a `CreateAction` of it, one `ControlAction` per step
+/// naming the runs it made, and kliko's `OrganizeAction` over them. A step without a run that
+/// made a result (it failed, or was skipped) is left out: the crate holds what was made.
+/// Returns the main entity's id.
+fn describe_workflow(
+    g: &mut Graph,
+    wf: &WorkflowRun,
+    runs: &[&ActionResult],
+    out: &Path,
+    files: &mut usize,
+) -> Result<String> {
+    let io = |path: &Path, e: std::io::Error| EngineError::Io { path: path.to_path_buf(), source: e };
+    let name = wf.file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "pipeline.yml".into());
+    let bytes = std::fs::read(&wf.file).map_err(|e| io(&wf.file, e))?;
+    let dest = out.join(&name);
+    std::fs::write(&dest, &bytes).map_err(|e| io(&dest, e))?;
+    *files += 1;
+    let main = encode_path(&name);
+    let lang = "#kliko-pipeline-language";
+    g.add(json!({
+        "@id": lang, "@type": "ComputerLanguage", "name": "kliko pipeline", "alternateName": "kliko-pipeline",
+        "version": "1",
+    }));
+    let mut tools = Vec::new();
+    let mut steps = Vec::new();
+    let mut controls = Vec::new();
+    for step in &wf.steps {
+        let made: Vec<&&ActionResult> = step.runs.iter().filter_map(|k| runs.iter().find(|r| r.key == *k)).collect();
+        let Some(first) = made.first() else { continue };
+        let app = format!("#app-{}", first.image_id.trim_start_matches("sha256:"));
+        if !tools.iter().any(|t: &Value| t["@id"] == app.as_str()) {
+            tools.push(json!({"@id": app}));
+        }
+        let step_id = format!("#step-{}", encode_path(&step.name));
+        g.add(json!({
+            "@id": step_id, "@type": "HowToStep", "name": step.name,
+            "position": (steps.len() + 1).to_string(), "workExample": {"@id": app},
+        }));
+        steps.push(json!({"@id": step_id}));
+        let control = format!("#control-{}", encode_path(&step.name));
+        g.add(json!({
+            "@id": control, "@type": "ControlAction", "name": format!("orchestrate step {}", step.name),
+            "instrument": {"@id": step_id},
+            "object": one_or_many(made.iter().map(|r| json!({"@id": format!("#run-{}", r.key)})).collect()),
+            "actionStatus": {"@id": "http://schema.org/CompletedActionStatus"},
+        }));
+        controls.push(json!({"@id": control}));
+    }
+    g.add(json!({
+        "@id": main, "@type": ["File", "SoftwareSourceCode", "ComputationalWorkflow", "HowTo"],
+        "name": name, "contentSize": bytes.len().to_string(),
+        "identifier": format!("blake3:{}", Digest::of_bytes(&bytes)),
+        "description": format!("the kliko pipeline, copied from `{}`", wf.file.display()),
+        "programmingLanguage": {"@id": lang},
+        "hasPart": one_or_many(tools), "step": one_or_many(steps),
+    }));
+    // What the pipeline read from outside (inputs no run of it made) and everything it made.
+    let outputs: Vec<Digest> = runs.iter().map(|r| r.output).collect();
+    let mut object: Vec<Value> = Vec::new();
+    for r in runs {
+        if let Some(i) = r.preimage.input.filter(|i| !outputs.contains(i)) {
+            let v = json!({"@id": format!("#tree-{i}")});
+            if !object.contains(&v) {
+                object.push(v);
+            }
+        }
+    }
+    let result: Vec<Value> = runs
+        .iter()
+        .map(|r| {
+            let with_data = format!("outputs/{}/", r.output);
+            let id = if g.entities.contains_key(&with_data) { with_data } else { format!("#tree-{}", r.output) };
+            json!({"@id": id})
+        })
+        .collect();
+    let user = crate::fsutil::invoking_user();
+    let person = format!("#person-{user}");
+    g.add(json!({"@id": person, "@type": "Person", "name": user}));
+    let status = if wf.ok { "CompletedActionStatus" } else { "FailedActionStatus" };
+    let mut run = json!({
+        "@id": "#pipeline-run", "@type": "CreateAction", "name": format!("kliko pipeline run {name}"),
+        "instrument": {"@id": main}, "startTime": wf.started_at, "endTime": wf.finished_at,
+        "agent": {"@id": person}, "actionStatus": {"@id": format!("http://schema.org/{status}")},
+        "result": one_or_many(result),
+    });
+    if !object.is_empty() {
+        run["object"] = one_or_many(object);
+    }
+    g.add(run);
+    let engine = "#kliko";
+    g.add(json!({
+        "@id": engine, "@type": "SoftwareApplication", "name": "kliko",
+        "softwareVersion": env!("CARGO_PKG_VERSION"),
+    }));
+    g.add(json!({
+        "@id": "#kliko-organize", "@type": "OrganizeAction", "name": "kliko runs the pipeline's steps",
+        "instrument": {"@id": engine}, "object": one_or_many(controls), "result": {"@id": "#pipeline-run"},
+        "startTime": wf.started_at, "endTime": wf.finished_at, "agent": {"@id": person},
+    }));
+    Ok(main)
 }
 
 /// Entities by id, each once (a later addition of the same id is the same entity).
