@@ -120,15 +120,14 @@ pub async fn require_token(State(st): State<Arc<AppState>>, req: Request, next: 
 
 /// Headers on every response: no framing, no sniffing, no referrer, scripts only our own.
 pub async fn security_headers(req: Request, next: Next) -> Response {
-    let mut resp = next.run(req).await;
+    let (nonce, mut resp) = html::with_fresh_nonce(next.run(req)).await;
     let h = resp.headers_mut();
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
     h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
     if !h.contains_key(header::CONTENT_SECURITY_POLICY) {
         let csp = format!(
-            "default-src 'self'; script-src 'nonce-{}'; style-src 'unsafe-inline'; img-src 'self' data:; frame-ancestors 'none'; form-action 'self'; base-uri 'none'",
-            html::nonce()
+            "default-src 'self'; script-src 'nonce-{nonce}'; style-src 'unsafe-inline'; img-src 'self' data:; frame-ancestors 'none'; form-action 'self'; base-uri 'none'"
         );
         if let Ok(v) = HeaderValue::from_str(&csp) {
             h.insert(header::CONTENT_SECURITY_POLICY, v);

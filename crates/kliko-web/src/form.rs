@@ -203,7 +203,7 @@ pub fn render(
         b.push_str(&format!("<option value=\"{}\">", esc(&f.display().to_string())));
     }
     b.push_str("</datalist></fieldset>");
-    b.push_str(&crate::html::script(crate::picker::PICKER_JS));
+    b.push_str(&crate::html::script(crate::routes::picker::PICKER_JS));
 
     for section in &spec.sections {
         b.push_str(&format!("<fieldset><legend>{}</legend>", esc(&section.name)));
@@ -229,7 +229,7 @@ fn folder_field(b: &mut String, name: &str, label: &str, value: &str, help: &str
         if errs.is_some() { " invalid" } else { "" },
         esc(label),
         esc(value),
-        crate::picker::button(&format!("folder-{name}")),
+        crate::routes::picker::button(&format!("folder-{name}")),
         esc(help)
     ));
     for e in errs.into_iter().flatten() {

@@ -41,11 +41,28 @@ pub fn url_query(s: &str) -> String {
     url_path(s).replace('/', "%2F").replace(':', "%3A").replace('@', "%40")
 }
 
-/// The nonce that marks this server's own inline scripts (the Content-Security-Policy
-/// runs no other script, so even markup that slipped through escaping could not run).
-pub fn nonce() -> &'static str {
-    static NONCE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    NONCE.get_or_init(|| crate::auth::random_hex(16))
+tokio::task_local! {
+    /// The nonce of the response being made ([`with_fresh_nonce`]).
+    static NONCE: String;
+}
+
+/// The nonce that marks this server's own inline scripts: fresh for every response (the
+/// Content-Security-Policy runs no other script, so even markup that slipped through escaping
+/// could not run, and a nonce seen in one page is worth nothing for the next). Outside a
+/// response (a unit test), one per process.
+pub fn nonce() -> String {
+    NONCE.try_with(|n| n.clone()).unwrap_or_else(|_| {
+        static ONE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        ONE.get_or_init(|| crate::auth::random_hex(16)).clone()
+    })
+}
+
+/// Run `f` (the making of one response) with a nonce of its own; returns that nonce too, for
+/// the response's Content-Security-Policy.
+pub async fn with_fresh_nonce<F: std::future::Future>(f: F) -> (String, F::Output) {
+    let n = crate::auth::random_hex(16);
+    let out = NONCE.scope(n.clone(), f).await;
+    (n, out)
 }
 
 /// An inline script of ours.

@@ -33,11 +33,11 @@ pub mod auth;
 pub mod form;
 pub mod html;
 mod live;
-mod pages;
 pub mod paths;
-mod picker;
-pub mod pipelines;
+mod routes;
 pub mod runs;
+
+pub use routes::pipelines;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -135,7 +135,7 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     /// Files uploaded with a form that came back with errors, by the token the form carries:
     /// resubmitting it reuses them unless new ones are chosen.
-    pub kept: Mutex<HashMap<String, pages::KeptUploads>>,
+    pub kept: Mutex<HashMap<String, routes::KeptUploads>>,
 }
 
 impl AppState {
@@ -173,25 +173,25 @@ impl AppState {
 pub fn router(state: Arc<AppState>) -> Router {
     let limit = usize::try_from(state.upload_limit).unwrap_or(usize::MAX);
     Router::new()
-        .route("/", get(pages::index))
-        .route("/image/{*reference}", get(pages::image_form).post(pages::submit).layer(DefaultBodyLimit::max(limit)))
-        .route("/run/{id}", get(pages::run_page))
-        .route("/run/{id}/events", get(pages::run_events))
-        .route("/run/{id}/cancel", post(pages::run_cancel))
-        .route("/run/{id}/file/{*path}", get(pages::run_file))
-        .route("/folders", get(picker::folders))
+        .route("/", get(routes::index))
+        .route("/image/{*reference}", get(routes::image_form).post(routes::submit).layer(DefaultBodyLimit::max(limit)))
+        .route("/run/{id}", get(routes::run_page))
+        .route("/run/{id}/events", get(routes::run_events))
+        .route("/run/{id}/cancel", post(routes::run_cancel))
+        .route("/run/{id}/file/{*path}", get(routes::run_file))
+        .route("/folders", get(routes::picker::folders))
         .route("/pipelines", get(pipelines::list))
         .route("/pipeline/{*path}", get(pipelines::pipeline_page).post(pipelines::submit))
         .route("/pipeline-run/{id}", get(pipelines::run_page))
         .route("/pipeline-run/{id}/events", get(pipelines::run_events))
         .route("/pipeline-run/{id}/cancel", post(pipelines::run_cancel))
-        .route("/history", get(pages::history))
-        .route("/provenance", get(pages::provenance_query))
-        .route("/provenance/{q}", get(pages::provenance))
-        .route("/result/{key}/files", get(pages::result_files))
-        .route("/result/{key}/file/{*path}", get(pages::result_file))
-        .route("/result/{key}/log/{stream}", get(pages::result_log))
-        .fallback(pages::not_found)
+        .route("/history", get(routes::history))
+        .route("/provenance", get(routes::provenance_query))
+        .route("/provenance/{q}", get(routes::provenance))
+        .route("/result/{key}/files", get(routes::result_files))
+        .route("/result/{key}/file/{*path}", get(routes::result_file))
+        .route("/result/{key}/log/{stream}", get(routes::result_log))
+        .fallback(routes::not_found)
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_token))
         .layer(axum::middleware::from_fn(auth::security_headers))
         .layer(axum::middleware::from_fn_with_state(state.clone(), request_timeout))

@@ -45,8 +45,15 @@ async fn form_has_a_widget_per_type_and_escapes_kliko_yml() {
     // Our own scripts carry the nonce the Content-Security-Policy allows; no other script tag.
     let csp = r.headers[header::CONTENT_SECURITY_POLICY].to_str().unwrap();
     let nonce = csp.split("'nonce-").nth(1).unwrap().split('\'').next().unwrap();
+    assert!(html.contains(&format!("<script nonce=\"{nonce}\">")), "the picker's script carries it");
     assert_eq!(html.matches("<script").count(), html.matches(&format!("<script nonce=\"{nonce}\">")).count());
     assert_eq!(r.headers[header::X_FRAME_OPTIONS], "DENY");
+    // A fresh nonce for every response: one seen in a page is worth nothing for the next.
+    let again = f.get(&format!("/image/{}", image.tag)).await;
+    let csp2 = again.headers[header::CONTENT_SECURITY_POLICY].to_str().unwrap();
+    let nonce2 = csp2.split("'nonce-").nth(1).unwrap().split('\'').next().unwrap();
+    assert_ne!(nonce, nonce2);
+    assert!(again.body.contains(&format!("<script nonce=\"{nonce2}\">")) && !again.body.contains(nonce));
 
     let count = field_block(html, "count");
     assert!(count.contains("type=\"number\" step=\"1\"") && count.contains("value=\"3\""), "{count}");
@@ -572,6 +579,9 @@ async fn pipelines_are_listed_drawn_run_live_and_kept_in_their_history() {
     assert_eq!(f.get("/pipeline-run/nope").await.status, StatusCode::NOT_FOUND);
     let r = f.send(urlencoded(&format!("/pipeline-run/{id2}/cancel"), "csrf=wrong".into())).await;
     assert_eq!(r.status, StatusCode::FORBIDDEN);
+    // A form that is not a form is refused before anything of it is used.
+    let r = f.send(Request::post(format!("/pipeline-run/{id2}/cancel")).body(Body::from("csrf=x")).unwrap()).await;
+    assert_eq!(r.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -154,7 +154,10 @@ async fn a_body_that_never_comes_gets_408_after_the_request_timeout() {
     let started = Instant::now();
     // The cancel endpoint reads its whole (small) body before it answers.
     let answer =
-        exchange(server.addr, b"POST /run/nope/cancel HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\n\r\ncsrf=")
+        exchange(
+            server.addr,
+            b"POST /run/nope/cancel HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 100\r\n\r\ncsrf=",
+        )
             .await;
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(answer.contains("not complete within 1 s"), "{answer}");

@@ -6,13 +6,13 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use axum::extract::{RawQuery, State};
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Serialize;
 
-use crate::{auth, AppState};
+use crate::AppState;
 
 /// Subfolders listed at most per folder.
 const MAX_LISTED: usize = 500;
@@ -83,8 +83,14 @@ fn listing(st: &AppState, under: &str) -> Result<Listing, String> {
 }
 
 /// `GET /folders?under=PATH`.
-pub async fn folders(State(st): State<Arc<AppState>>, RawQuery(q): RawQuery) -> Response {
-    let under = auth::query_param(q.as_deref(), "under").unwrap_or_default();
+/// `/folders?under=…`.
+#[derive(serde::Deserialize)]
+pub struct FoldersQuery {
+    under: Option<String>,
+}
+
+pub async fn folders(State(st): State<Arc<AppState>>, Query(q): Query<FoldersQuery>) -> Response {
+    let under = q.under.unwrap_or_default();
     let st2 = st.clone();
     match tokio::task::spawn_blocking(move || listing(&st2, &under)).await {
         Ok(Ok(l)) => Json(l).into_response(),

@@ -12,7 +12,7 @@ use std::path::{Path as FsPath, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
-use axum::extract::{Path, State};
+use axum::extract::{Form, Path, State};
 use axum::http::StatusCode;
 use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{Html, IntoResponse, Redirect, Response};
@@ -24,8 +24,8 @@ use kliko_store::records::PipelineRun;
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
+use super::{check_csrf, explain, rfc3339, CsrfForm, PageError};
 use crate::html::{self, badge, esc, page, url_path, Nav};
-use crate::pages::{check_csrf, explain, PageError};
 use crate::{auth, AppState};
 
 type St = State<Arc<AppState>>;
@@ -480,18 +480,27 @@ async fn refuse(st: &AppState, file: &FsPath, msg: String) -> Result<Response, P
     Ok((StatusCode::UNPROCESSABLE_ENTITY, Html(page("Pipeline", Nav::Pipelines, &body))).into_response())
 }
 
+/// The run form of a pipeline.
+#[derive(serde::Deserialize)]
+pub struct RunForm {
+    csrf: Option<String>,
+    executor: Option<String>,
+    jobs: Option<String>,
+    keep_going: Option<String>,
+}
+
 /// `POST /pipeline/{path}`: start a run of the pipeline; to its page.
-pub async fn submit(State(st): St, Path(path): Path<String>, body: String) -> Result<Response, PageError> {
-    check_csrf(&st, &body)?;
+pub async fn submit(State(st): St, Path(path): Path<String>, Form(f): Form<RunForm>) -> Result<Response, PageError> {
+    check_csrf(&st, f.csrf.as_deref())?;
     let file = resolve_file(&st, &path)?;
-    let executor = auth::query_param(Some(&body), "executor").unwrap_or_else(|| "local".into());
-    let jobs_given = auth::query_param(Some(&body), "jobs").filter(|j| !j.trim().is_empty());
+    let executor = f.executor.unwrap_or_else(|| "local".into());
+    let jobs_given = f.jobs.filter(|j| !j.trim().is_empty());
     let jobs = match jobs_given.as_deref().map(|j| j.trim().parse::<usize>()) {
         None => None,
         Some(Ok(n)) if (1..=4096).contains(&n) => Some(n),
         Some(_) => return refuse(&st, &file, "“Runs at once” must be a whole number from 1 to 4096.".into()).await,
     };
-    let keep_going = auth::query_param(Some(&body), "keep_going").is_some();
+    let keep_going = f.keep_going.is_some();
     let l = load(&st, &file).await;
     if !l.outside.is_empty() || !l.problems.is_empty() {
         return refuse(&st, &file, "The pipeline was not run.".into()).await;
@@ -751,7 +760,7 @@ pub async fn run_page(State(st): St, Path(id): Path<String>) -> Result<Html<Stri
         url_path(&run.file.display().to_string()),
         esc(&shown_path(&st, &run.file)),
         esc(&run.executor),
-        esc(&crate::pages::rfc3339(run.started))
+        esc(&rfc3339(run.started))
     );
     b.push_str(&format!(
         "<div class=\"card status\"><div><div class=\"label\">status</div><div class=\"big\" id=\"status\">{status}</div></div>"
@@ -914,8 +923,8 @@ impl crate::live::Live for Msg {
 
 /// `POST /pipeline-run/{id}/cancel`: stop the run (its containers and cluster jobs too);
 /// finished steps stay cached.
-pub async fn run_cancel(State(st): St, Path(id): Path<String>, body: String) -> Result<Response, PageError> {
-    check_csrf(&st, &body)?;
+pub async fn run_cancel(State(st): St, Path(id): Path<String>, Form(f): Form<CsrfForm>) -> Result<Response, PageError> {
+    check_csrf(&st, f.csrf.as_deref())?;
     let run = get_run(&st, &id)?;
     run.cancel.cancel();
     Ok(Redirect::to(&format!("/pipeline-run/{}", url_path(&id))).into_response())
