@@ -141,19 +141,48 @@ impl Store {
         if files.is_empty() {
             return Ok(());
         }
+        let mut adopted = Vec::with_capacity(files.len());
         for (tmp, d) in files {
             fs::set_permissions(&tmp, fs::Permissions::from_mode(0o444)).at(&tmp)?;
             let dest = self.object_path(ObjectKind::Blob, &d);
             let parent = dest.parent().expect("object paths have a parent");
             fs_err::create_dir_all(parent).at(parent)?;
             tmp.persist(&dest).map_err(|e| StoreError::Io { path: dest.clone(), source: e.error })?;
+            adopted.push(d);
         }
-        crate::ingest::syncfs(self.root())
+        crate::ingest::syncfs(self.root())?;
+        // Each was hashed as it arrived: its mark, so that placing it (a link, or a copy) need
+        // not hash it again. A mark not written only costs that hash.
+        let marks = self.marks_of(&adopted);
+        if let Ok(db) = self.db_nowait() {
+            for (d, m) in &marks {
+                let _ = db.put_or_defer(crate::db::CF_MARKS, d.as_bytes(), &m.encode());
+            }
+        }
+        Ok(())
     }
 
     pub fn get_tree(&self, d: &Digest) -> Result<Tree> {
         let bytes = self.get_bytes(ObjectKind::Tree, d)?;
         Tree::decode(&bytes).map_err(|source| StoreError::BadTree { digest: *d, source })
+    }
+
+    /// Copy a blob already known to hold its content (its mark unchanged since it was last
+    /// verified) to `dest` (created with `mode`, must not exist): a reflink where the
+    /// filesystem can share the blocks, else a copy in the kernel (`copy_file_range`),
+    /// without hashing it again.
+    pub(crate) fn copy_blob_trusted(&self, d: &Digest, dest: &Path, mode: u32) -> Result<()> {
+        let src = self.object_path(ObjectKind::Blob, d);
+        let mut input = match File::open(&src) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(StoreError::Missing { digest: *d }),
+            Err(e) => return Err(e).at(&src),
+        };
+        let mut out = fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(dest).at(dest)?;
+        if !clone_file(&input, &out) {
+            io::copy(&mut input, &mut out).at(dest)?;
+        }
+        out.set_permissions(fs::Permissions::from_mode(mode)).at(dest)
     }
 
     /// Copy a blob to `dest` (created with `mode`, must not exist), verified: a reflink where

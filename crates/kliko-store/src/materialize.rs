@@ -60,7 +60,7 @@ impl BlobMark {
         }
     }
 
-    fn encode(&self) -> [u8; MARK_LEN] {
+    pub(crate) fn encode(&self) -> [u8; MARK_LEN] {
         let mut b = [0u8; MARK_LEN];
         b[..8].copy_from_slice(&self.ino.to_le_bytes());
         b[8..16].copy_from_slice(&self.size.to_le_bytes());
@@ -103,14 +103,12 @@ struct Verifier<'a> {
 
 impl Store {
     /// Recreate tree `tree` at `dest`, which must not exist or be an empty folder. A blob is
-    /// linked only once it is known unchanged since it was last verified (its mark, in the
-    /// index); a blob found corrupt is quarantined and the call fails with
-    /// [`StoreError::Corrupt`]: nothing wrong is ever placed.
+    /// linked, or copied without hashing, only once it is known unchanged since it was last
+    /// verified (its mark, in the index); otherwise it is hashed (a copy as it is written). A
+    /// blob found corrupt is quarantined and the call fails with [`StoreError::Corrupt`]:
+    /// nothing wrong is ever placed.
     pub fn materialize(&self, tree: &Digest, dest: &Path, mode: MaterializeMode) -> Result<()> {
         let mode = self.prepare_dest(dest, mode)?;
-        if mode == MaterializeMode::Copy {
-            return self.materialize_dir(tree, dest, mode, None);
-        }
         let v = Verifier { trust: Trust::Index(self.db_nowait()?), done: Default::default() };
         self.materialize_dir(tree, dest, mode, Some(&v))?;
         self.remember_marks(&v)
@@ -227,8 +225,25 @@ impl Store {
     /// file is unchanged since it was last verified, else by hashing it (and remembering the
     /// new mark). A blob that does not match goes to `quarantine/`.
     fn verify_blob(&self, d: &Digest, v: &Verifier) -> Result<()> {
-        if v.done.lock().expect("verified set").contains_key(d) {
+        if self.is_trusted(d, v)? {
             return Ok(());
+        }
+        let path = self.object_path(ObjectKind::Blob, d);
+        let meta = fs::symlink_metadata(&path).at(&path)?;
+        let (actual, _) = kliko_core::hash::hash_file_stable(&path, &meta)?;
+        if actual != *d {
+            self.quarantine(ObjectKind::Blob, d);
+            return Err(StoreError::Corrupt { expected: *d, actual });
+        }
+        v.done.lock().expect("verified set").insert(*d, BlobMark::of(&meta));
+        Ok(())
+    }
+
+    /// Whether blob `d` is known to hold its content without reading it: verified earlier in
+    /// this call, or unchanged (its mark) since it was last verified, and not writable.
+    fn is_trusted(&self, d: &Digest, v: &Verifier) -> Result<bool> {
+        if v.done.lock().expect("verified set").contains_key(d) {
+            return Ok(true);
         }
         let path = self.object_path(ObjectKind::Blob, d);
         let meta = match fs::symlink_metadata(&path) {
@@ -243,15 +258,10 @@ impl Store {
             Trust::Known(m) => m.get(d).copied(),
         };
         let unchanged = trusted == Some(BlobMark::of(&meta)) && meta.permissions().mode() & 0o222 == 0;
-        if !unchanged {
-            let (actual, _) = kliko_core::hash::hash_file_stable(&path, &meta)?;
-            if actual != *d {
-                self.quarantine(ObjectKind::Blob, d);
-                return Err(StoreError::Corrupt { expected: *d, actual });
-            }
+        if unchanged {
+            v.done.lock().expect("verified set").insert(*d, BlobMark::of(&meta));
         }
-        v.done.lock().expect("verified set").insert(*d, BlobMark::of(&meta));
-        Ok(())
+        Ok(unchanged)
     }
 
     fn place_file(
@@ -272,6 +282,19 @@ impl Store {
                 // Cross-device or too many links: fall back to a verified copy.
                 Err(_) => self.copy_blob_verified(d, dest, perm),
             };
+        }
+        // A copy of a blob known unchanged since it was verified needs no hashing (the same
+        // guarantee as a link); any other copy is hashed as it is written, and then the blob
+        // counts as verified.
+        if let Some(trust) = trust {
+            if self.is_trusted(d, trust)? {
+                return self.copy_blob_trusted(d, dest, perm);
+            }
+            self.copy_blob_verified(d, dest, perm)?;
+            if let Ok(meta) = fs::symlink_metadata(&src) {
+                trust.done.lock().expect("verified set").insert(*d, BlobMark::of(&meta));
+            }
+            return Ok(());
         }
         self.copy_blob_verified(d, dest, perm)
     }

@@ -336,3 +336,30 @@ fn marks_known_from_ingest_catch_an_edit_too() {
     let bad = store.materialize_known(&ing.digest, &t.path().join("bad"), MaterializeMode::ReadOnlyMount, &known);
     assert!(matches!(bad, Err(StoreError::Corrupt { .. })), "{bad:?}");
 }
+
+#[test]
+fn a_copy_of_a_blob_known_unchanged_is_not_hashed_again() {
+    let (t, store) = setup();
+    let src = t.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("a.txt"), b"visibilities\n").unwrap();
+    let ing = store.ingest(&src, IngestMode::Copy).unwrap();
+    let d = ing.new_blobs[0];
+    // Copies verify a blob whose mark is not known, and then know it: the next copy is a
+    // plain (kernel) copy, as a link would be.
+    store.materialize(&ing.digest, &t.path().join("one"), MaterializeMode::Copy).unwrap();
+    store.materialize(&ing.digest, &t.path().join("two"), MaterializeMode::Copy).unwrap();
+    assert_eq!(fs::read(t.path().join("two/a.txt")).unwrap(), b"visibilities\n");
+    assert_private_copies(&store, &t.path().join("two"));
+    // Which is what a trusted mark means: given marks taken after an edit (as if the edit had
+    // been verified), the copy is not hashed and carries the edit. The index never holds
+    // such a mark: an edit changes the blob's ctime, which no user can set back.
+    corrupt_in_place(&store.object_path(ObjectKind::Blob, &d));
+    let forged = store.marks_of(&[d]);
+    store.materialize_known(&ing.digest, &t.path().join("forged"), MaterializeMode::Copy, &forged).unwrap();
+    assert_ne!(fs::read(t.path().join("forged/a.txt")).unwrap(), b"visibilities\n");
+    // With the index's marks the edit is caught, and nothing is placed.
+    let out = t.path().join("three");
+    assert!(matches!(store.materialize(&ing.digest, &out, MaterializeMode::Copy), Err(StoreError::Corrupt { .. })));
+    assert!(!store.has_blob(&d, 13));
+}
