@@ -12,15 +12,15 @@ if ! "$KLIKO_ROC_VENV/bin/python" -c 'import rocrate, rocrate_validator' 2>/dev/
 fi
 cargo test --release --workspace "$@"
 # The shared tier against a real S3 server (SeaweedFS on loopback, in its own network namespace).
-bash scripts/with-s3.sh cargo test --release --offline -p kliko-engine -p kliko-cli --test fake_runtime --test remote_cli -- tier bucket s3
+bash scripts/with-s3.sh cargo test --release --offline -p kliko-engine -p kliko-cli --test fake_runtime --test cli -- tier bucket s3
 # Pipelines through a real Slurm (a private single-node cluster on loopback, a shared-folder tier).
-bash scripts/with-slurm.sh cargo test --release --offline -p kliko-cli --test slurm_cli
+bash scripts/with-slurm.sh cargo test --release --offline -p kliko-cli --test cli -- slurm_cli::
 # Rootless Podman, as an unprivileged user (made by scripts/with-podman.sh): the test binary
 # is built here and run as that user, one test at a time (each starts its own Podman service).
-podman_tests=$(cargo test --release --offline -p kliko-cli --test podman_cli --no-run --message-format=json 2>/dev/null \
+podman_tests=$(cargo test --release --offline -p kliko-cli --test cli --no-run --message-format=json 2>/dev/null \
   | python3 -c 'import json, sys
 for line in sys.stdin:
     m = json.loads(line)
-    if m.get("executable") and m.get("target", {}).get("name") == "podman_cli":
+    if m.get("executable") and m.get("target", {}).get("name") == "cli":
         print(m["executable"])')
-bash scripts/with-podman.sh "$podman_tests" --test-threads=1
+bash scripts/with-podman.sh "$podman_tests" podman_cli:: --test-threads=1

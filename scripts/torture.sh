@@ -11,4 +11,4 @@ export KLIKO_TORTURE_KILLS=${KILLS:-1000}
 export KLIKO_TORTURE_SECONDS=${SECONDS_MAX:-3600}
 # Most runs are killed (a run takes about half a second here); some still finish.
 export KLIKO_TORTURE_MAX_DELAY_MS=${MAX_DELAY_MS:-900}
-cargo test --release -p kliko-cli --test torture -- --nocapture
+cargo test --release -p kliko-cli --test cli -- torture:: --nocapture

@@ -4,7 +4,7 @@
 # in a fresh temporary folder (a Slurm or munge already running on the machine is left
 # alone). The daemons are stopped by pid, and the folder removed, when the command ends.
 #
-#   bash scripts/with-slurm.sh cargo test --release -p kliko-cli --test slurm_cli
+#   bash scripts/with-slurm.sh cargo test --release -p kliko-cli --test cli -- slurm_cli::
 #
 # The command sees SLURM_CONF (sbatch, squeue, srun, ... read it; it names the private munge
 # socket) and KLIKO_TEST_SLURM=1. PID 1 need not be systemd: nothing is started as a service.

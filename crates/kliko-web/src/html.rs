@@ -177,6 +177,15 @@ button.small{padding:2px 10px;font-size:13px}
 .pipeline-graph .st-failed rect,.pipeline-graph .st-cancelled rect{fill:#fdecea;stroke:#b42318;stroke-width:2}
 .pipeline-graph .st-skipped rect,.pipeline-graph .st-not-run rect{fill:#fff4d6;stroke:#8a5a00}
 .pipeline-graph .st-unknown rect{fill:#fff;stroke-dasharray:3 3}
+.legend{display:flex;gap:14px;flex-wrap:wrap;font-size:12px;color:var(--muted);margin:-10px 0 16px}
+.legend span::before{content:"";display:inline-block;width:12px;height:12px;border:1px solid #8a94a6;border-radius:3px;margin-right:5px;vertical-align:-2px;background:#fff}
+.legend .st-would-hit::before,.legend .st-cached::before{background:#e3f4ea;border-color:#1d7a46}
+.legend .st-done::before{background:#d1f0dc;border-color:#1d7a46}
+.legend .st-would-run::before,.legend .st-waiting::before{background:#eef1f5}
+.legend .st-running::before{background:#e6eefc;border-color:#2458c6}
+.legend .st-failed::before{background:#fdecea;border-color:#b42318}
+.legend .st-skipped::before{background:#fff4d6;border-color:#8a5a00}
+.legend .st-unknown::before{border-style:dashed}
 .picker{border:1px solid var(--line);border-radius:8px;background:#fbfcfd;padding:8px 12px;margin-top:6px;max-width:460px;max-height:320px;overflow:auto}
 .picker-head{display:flex;gap:10px;align-items:center;justify-content:space-between;margin-bottom:4px}
 .picker ul{list-style:none;margin:0;padding:0}

@@ -537,6 +537,15 @@ async fn pipelines_are_listed_drawn_run_live_and_kept_in_their_history() {
     let r = f.send(urlencoded(&page_path, format!("csrf={}&executor=slurm", f.state.csrf))).await;
     assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
     assert!(r.body.contains("needs a cache shared by its machines") && !r.body.contains("--remote"), "{}", r.body);
+    // Raw Slurm options are not taken from the browser (they could write anywhere).
+    let raw = data.join("pipes/raw.yml");
+    std::fs::write(&raw, yml.replace("version: 1\n", "version: 1\nresources: {sbatch: [--output=/tmp/x]}\n")).unwrap();
+    let r = f
+        .send(urlencoded(&format!("/pipeline{}", raw.display()), format!("csrf={}&executor=slurm", f.state.csrf)))
+        .await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(r.body.contains("give their own Slurm options") && r.body.contains("--output=/tmp/x"), "{}", r.body);
+    std::fs::remove_file(&raw).unwrap();
     let r = f.send(urlencoded(&page_path, format!("csrf={}&jobs=0", f.state.csrf))).await;
     assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
     assert!(f.state.pipelines.all().is_empty());
@@ -552,6 +561,8 @@ async fn pipelines_are_listed_drawn_run_live_and_kept_in_their_history() {
     assert!(run.body.contains(&format!("<a href=\"/provenance/{second_key}\">")), "the step links to its run");
     assert!(run.body.contains(&format!("/result/{second_key}/log/stdout")), "and to its logs");
     assert!(run.body.contains("[first] step says a") && run.body.contains("[second] step says b"), "{}", run.body);
+    assert!(run.body.contains("written to <code>out/final</code>"), "the step's output folder: {}", run.body);
+    assert!(run.body.contains("<span class=\"st-done\">done</span>"), "a legend");
     // The live stream of a finished run: every step's last state, then the end.
     let events = f.get(&format!("/pipeline-run/{id}/events")).await;
     assert!(events.body.contains("event: step") && events.body.contains("\"state\":\"done\""), "{}", events.body);

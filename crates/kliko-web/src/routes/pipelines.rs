@@ -295,7 +295,13 @@ async fn load(st: &AppState, file: &FsPath) -> Loaded {
 
 /// The graph of `p`: a box per step with its state (`states`: by step name, a state word and
 /// the text shown), an arrow from each step to the steps that read it.
-fn graph(p: &Pipeline, states: &HashMap<String, (String, String)>, links: &HashMap<String, String>) -> String {
+/// The graph of `p`, and a legend of the states in `legend`.
+fn graph(
+    p: &Pipeline,
+    states: &HashMap<String, (String, String)>,
+    links: &HashMap<String, String>,
+    legend: &[&str],
+) -> String {
     use kliko_core::svg::Node;
     let index: HashMap<&str, usize> = p.steps.iter().enumerate().map(|(i, s)| (s.name.as_str(), i)).collect();
     let nodes: Vec<Node> = p
@@ -322,8 +328,10 @@ fn graph(p: &Pipeline, states: &HashMap<String, (String, String)>, links: &HashM
             }
         }
     }
+    let legend: String =
+        legend.iter().map(|l| format!("<span class=\"{}\">{}</span>", state_class(l), esc(l))).collect();
     format!(
-        "<div class=\"lineage-wrap\">{}</div>",
+        "<div class=\"lineage-wrap\">{}</div><div class=\"legend\">{legend}</div>",
         kliko_core::svg::layered(&nodes, &edges, "pipeline-graph", "pipeline graph")
     )
 }
@@ -403,7 +411,7 @@ async fn pipeline_body(st: &AppState, file: &FsPath, error: Option<&str>) -> Res
             }
         }
     }
-    b.push_str(&graph(p, &states, &links));
+    b.push_str(&graph(p, &states, &links, &["would hit", "would run", "unknown"]));
     b.push_str("<table id=\"steps\"><tr><th>step</th><th>image</th><th>input</th><th>a run would</th></tr>");
     for step in &p.steps {
         let plan = plans.iter().find(|x| x.name == step.name);
@@ -513,6 +521,22 @@ pub async fn submit(State(st): St, Path(path): Path<String>, Form(f): Form<RunFo
         "local" => Arc::new(kliko_pipeline::InProcess::new(engine.clone())),
         "slurm" | "srun" => {
             use kliko_pipeline::slurm;
+            // Raw scheduler options could make a job read or write anywhere the server's user
+            // may (`--output`, `--chdir`, …): from the browser, only the resources kliko knows.
+            let raw: Vec<String> = p
+                .steps
+                .iter()
+                .map(|s| (s, s.resources.over(&p.resources)))
+                .filter(|(_, r)| !r.extra.is_empty())
+                .map(|(s, r)| format!("`{}` ({})", s.name, r.extra.join(" ")))
+                .collect();
+            if !raw.is_empty() {
+                return refuse(&st, &file, format!(
+                    "Steps {} give their own Slurm options (`sbatch:`). From the browser a pipeline goes to the cluster only with the resources kliko knows (cpus, memory, time, gpus, partition, account, qos): raw options could make a job read or write outside the data folders. Nothing was run.",
+                    raw.join(", ")
+                ))
+                .await;
+            }
             if engine.remote().is_none() {
                 return refuse(&st, &file, "Running on the cluster needs a cache shared by its machines, and this server has none: whoever runs it must give it one. Nothing was run.".into()).await;
             }
@@ -801,7 +825,7 @@ pub async fn run_page(State(st): St, Path(id): Path<String>) -> Result<Html<Stri
         }
     }
     let states: HashMap<String, (String, String)> = steps.clone().into_iter().collect();
-    b.push_str(&graph(p, &states, &links));
+    b.push_str(&graph(p, &states, &links, &["waiting", "running", "cached", "done", "failed", "skipped"]));
     b.push_str("<table id=\"steps\"><tr><th>step</th><th>image</th><th>state</th><th>runs</th></tr>");
     for step in &p.steps {
         let (state, text) = steps.get(&step.name).cloned().unwrap_or_default();
@@ -831,6 +855,12 @@ pub async fn run_page(State(st): St, Path(id): Path<String>) -> Result<Html<Stri
             }
             if let Some(reason) = &sr.reason {
                 runs.push_str(&format!("<div class=\"meta\">{}</div>", esc(reason)));
+            }
+            if let Some(out) = &sr.output_path {
+                runs.push_str(&format!(
+                    "<div class=\"meta\">written to <code>{}</code></div>",
+                    esc(&shown_path(&st, out))
+                ));
             }
         }
         b.push_str(&format!(

@@ -3,11 +3,9 @@
 //! against the container contract: split and join mounts, the user, no network, the
 //! environment, file parameters, images without a shell and images with an ENTRYPOINT.
 
-mod common;
-
 use std::fs;
 
-use common::*;
+use crate::common::*;
 use serde_json::json;
 
 /// A split image that writes what it saw into /output.

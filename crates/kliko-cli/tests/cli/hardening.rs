@@ -2,14 +2,12 @@
 //! and output folders, an output folder inside its input, and a store that someone else could
 //! change (or no place for one at all).
 
-mod common;
-
 use std::fs;
 use std::os::unix::fs::{symlink, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 
-use common::*;
+use crate::common::*;
 
 /// Runs `c` with stdout a pipe whose reading end is already closed: its first write fails.
 fn with_closed_stdout(c: &mut Command) -> Out {

@@ -1,14 +1,12 @@
 //! Ingest then materialize: the tree comes back bit for bit (by digest), the store holds each
 //! content once, read-only, and placement never hands out a writable path to a stored blob.
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
-use common::*;
+use crate::common::*;
 use kliko_core::hash::is_executable;
 use kliko_core::Digest;
 use kliko_store::{IngestMode, MaterializeMode, ObjectKind, Store, StoreError};

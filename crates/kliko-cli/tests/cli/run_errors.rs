@@ -1,9 +1,7 @@
 //! What `kliko run` says when it cannot run: a missing image, an unreachable daemon, a bad
 //! kliko.yml inside an image, a missing input folder, the wrong io flags; and `kliko validate`.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 
 #[test]
 fn a_missing_image_is_named_with_a_hint() {

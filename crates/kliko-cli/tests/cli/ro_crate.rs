@@ -9,12 +9,10 @@
 //! `rocrate` package ships, and the validator runs with `--offline --cache-path`, so no
 //! check is skipped and nothing is fetched.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 
 fn venv() -> Option<PathBuf> {

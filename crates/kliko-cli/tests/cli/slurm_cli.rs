@@ -6,13 +6,11 @@
 //! Without `KLIKO_TEST_SLURM` (set by `scripts/with-slurm.sh`) every test says it is skipped:
 //! `scripts/test.sh`, the README's test command, runs them under it.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 fn slurm_here() -> bool {
     if std::env::var_os("KLIKO_TEST_SLURM").is_none() {

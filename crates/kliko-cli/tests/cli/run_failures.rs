@@ -1,12 +1,10 @@
 //! Runs that do not succeed: a non-zero exit, a timeout, and SIGINT/SIGTERM to `kliko run`
 //! while its container runs. Each must leave no container and cache nothing.
 
-mod common;
-
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 #[test]
 fn a_failing_image_reports_its_exit_code_and_logs_and_caches_nothing() {

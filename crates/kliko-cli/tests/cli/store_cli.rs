@@ -2,8 +2,6 @@
 //! as `kliko hash --json` reports it, and crash safety: ingests killed with SIGKILL at random
 //! moments never leave a partial or writable object behind.
 
-mod common;
-
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -462,9 +460,9 @@ fn staging_folders(dir: &Path) -> Vec<PathBuf> {
 
 #[test]
 fn a_placement_killed_mid_copy_leaves_a_staging_folder_that_the_next_placement_removes() {
-    let w = common::World::new();
+    let w = crate::common::World::new();
     // 48 files of 2 MiB: copying them out of the store takes a while.
-    let img = common::split_image(
+    let img = crate::common::split_image(
         "placement-kill",
         "",
         "i=0; while [ $i -lt 48 ]; do dd if=/dev/urandom of=/output/f$i bs=1048576 count=2 2>/dev/null; i=$((i+1)); done",
@@ -498,5 +496,5 @@ fn a_placement_killed_mid_copy_leaves_a_staging_folder_that_the_next_placement_r
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(staging_folders(w.dir.path()), Vec::<PathBuf>::new());
     assert_eq!(fs::read_dir(w.path("out3")).unwrap().count(), 48);
-    common::assert_no_containers(&img);
+    crate::common::assert_no_containers(&img);
 }

@@ -1,12 +1,10 @@
 //! Nothing the user owns is lost: an output that names the input, a work folder edited while
 //! its join run goes on; and an input edited while its split run goes on is not cached.
 
-mod common;
-
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 #[test]
 fn an_output_folder_that_is_the_input_is_refused_and_the_input_kept() {

@@ -7,15 +7,13 @@
 //! `KLIKO_TORTURE_SECONDS` (default 150), each at a random moment in the first
 //! `KLIKO_TORTURE_MAX_DELAY_MS` (default 2500) of a run. `scripts/torture.sh` runs it with 1,000.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 /// The outputs for parameter `n`: what a correct run of the image below writes.
 fn expected(n: u64) -> BTreeMap<String, Vec<u8>> {

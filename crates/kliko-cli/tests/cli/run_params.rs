@@ -2,11 +2,9 @@
 //! v3 image with `char`) through `--FIELD VALUE`, `--param NAME=VALUE`, `--params FILE.yml`
 //! and `--params FILE.json`; bad values (exit 2, naming the field, nothing run); `--help`.
 
-mod common;
-
 use std::ffi::OsStr;
 
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 
 const EVERY_TYPE_V4: &str = "      - name: mode

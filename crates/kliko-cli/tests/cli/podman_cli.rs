@@ -8,13 +8,11 @@
 //! their image ID. Without `KLIKO_TEST_PODMAN` (set by `scripts/with-podman.sh`) every test
 //! says it is skipped.
 
-mod common;
-
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 fn podman_here() -> bool {
     if std::env::var_os("KLIKO_TEST_PODMAN").is_none() {

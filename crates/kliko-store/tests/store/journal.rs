@@ -3,11 +3,9 @@
 //! result is a hit at once, is in the history, is protected from gc, and a damaged journal
 //! file never stops the store from opening.
 
-mod common;
-
 use std::fs;
 
-use common::*;
+use crate::common::*;
 use kliko_store::records::HistoryEntry;
 use kliko_store::{GcOptions, IngestMode, Store, StoreError, DB_DIR, JOURNAL_DIR, QUARANTINE_DIR};
 

@@ -2,13 +2,11 @@
 //! fsck of the cached image files, `--repair` of stray files, and the litter of processes
 //! that died (their `tmp/` folders).
 
-mod common;
-
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use common::*;
+use crate::common::*;
 use kliko_core::Digest;
 use kliko_store::{
     FsckOptions, GcOptions, IngestMode, ObjectKind, Store, BLOBS_DIR, IMAGES_DIR, QUARANTINE_DIR, TMP_DIR,

@@ -1,11 +1,9 @@
 //! `kliko remote ...` and signed records, through the real binary, real Docker and a shared
 //! folder tier (and the real S3 server when `KLIKO_TEST_S3` names one).
 
-mod common;
-
 use std::path::Path;
 
-use common::*;
+use crate::common::*;
 
 fn image(name: &str) -> TestImage {
     split_image(name, "", "cp -r /input/. /output/\necho copied\n")

@@ -1,15 +1,13 @@
 //! Identical runs in flight execute once; a dead leader's lease expires; gc is safe while
 //! runs and hits happen; provenance by every kind of argument, with lineage.
 
-mod common;
-
 use std::io::{BufRead, BufReader};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 
 /// Containers created between `since` and `until` from `image` that carry kliko's key label.

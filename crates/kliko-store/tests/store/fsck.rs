@@ -1,13 +1,11 @@
 //! Damage in the store is found, quarantined and never served: corrupt blobs, truncated or
 //! undecodable trees, garbage in the object folders, and results whose objects are gone.
 
-mod common;
-
 use std::fs;
 use std::os::unix::fs::symlink;
 use std::path::Path;
 
-use common::*;
+use crate::common::*;
 use kliko_core::Digest;
 use kliko_store::{
     FsckOptions, IngestMode, MaterializeMode, ObjectKind, Store, StoreError, BLOBS_DIR, QUARANTINE_DIR, TREES_DIR,

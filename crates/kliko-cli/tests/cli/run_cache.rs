@@ -2,14 +2,12 @@
 //! placed identically, `--output` safety, `--overwrite`, `--no-cache`; for every input of the
 //! key a change that makes a miss, and changes outside the key that stay a hit; `--explain`.
 
-mod common;
-
 use std::ffi::OsStr;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::*;
+use crate::common::*;
 
 const FIELDS: &str = "      - name: level
         type: int

@@ -6,15 +6,13 @@
 //! records as if they had been made later: exactly what a hash run two seconds later would
 //! have stored.
 
-mod common;
-
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
-use common::hash_dir;
+use crate::common::hash_dir;
 use kliko_core::hash::{DirRecord, Hasher, NoProgress, RACY_WINDOW_NS};
 use kliko_core::Digest;
 use kliko_store::db::CF_STAT;
