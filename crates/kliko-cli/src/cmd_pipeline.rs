@@ -42,10 +42,13 @@ fn history(store_root: &Path, file: Option<&Path>, limit: usize, json: bool) -> 
         ),
         None => None,
     };
+    // Only the store's index is read: no container runtime, no shared tier.
+    let store = Arc::new(
+        kliko_store::Store::open(store_root)
+            .with_context(|| format!("cannot open the store at `{}`", store_root.display()))?,
+    );
     let rt = crate::runtime()?;
-    let runs = rt.block_on(async {
-        kliko_pipeline::history::runs(&open(store_root)?, file, limit).await.map_err(anyhow::Error::from)
-    })?;
+    let runs = rt.block_on(kliko_pipeline::history::runs(&store, file, limit))?;
     let mut out = std::io::stdout().lock();
     if json {
         for r in &runs {
@@ -130,7 +133,7 @@ fn run_pipeline(
         summary(&report);
         // The history of pipeline runs (the web lists it too); losing it loses no result.
         let entry = kliko_pipeline::history::entry(&pipeline, &report, &executor_name, "cli", at.clone());
-        if let Err(e) = kliko_pipeline::history::record(&engine, entry).await {
+        if let Err(e) = kliko_pipeline::history::record(engine.store(), entry).await {
             eprintln!("kliko: warning: the pipeline run was not added to the history: {:#}", anyhow::Error::from(e));
         }
         // Uploads left in the background (`--remote-async`) end before the command does.
@@ -154,30 +157,18 @@ fn run_pipeline(
 /// The RO-Crate of a pipeline run: every run that made a result (hits included: they are the
 /// runs that made what the pipeline now holds), with the pipeline file.
 fn write_crate(engine: &Engine, p: &Pipeline, report: &PipelineReport, out: &Path, at: String) -> anyhow::Result<()> {
-    let keys: Vec<kliko_core::Digest> = report
-        .steps
-        .iter()
-        .flat_map(|s| &s.runs)
-        .filter(|r| r.status == kliko_pipeline::RunStatus::Succeeded)
-        .filter_map(|r| r.key)
-        .collect();
+    use kliko_engine::rocrate::{CrateOptions, WorkflowRun, WorkflowStep};
+    let steps: Vec<WorkflowStep> =
+        report.steps.iter().map(|s| WorkflowStep { name: s.name.clone(), runs: s.result_keys() }).collect();
+    let keys: Vec<kliko_core::Digest> = steps.iter().flat_map(|s| s.runs.iter().copied()).collect();
     let query = p.file.display().to_string();
     let prov = kliko_engine::provenance::of_runs(engine.store(), &query, p.digest, "pipeline", &keys)?;
-    use kliko_engine::rocrate::{CrateOptions, WorkflowRun, WorkflowStep};
-    let succeeded = |r: &&kliko_pipeline::RunOutcome| r.status == kliko_pipeline::RunStatus::Succeeded;
     let workflow = WorkflowRun {
         file: p.file.clone(),
         started_at: at,
         finished_at: kliko_engine::now_rfc3339(),
         ok: report.ok,
-        steps: report
-            .steps
-            .iter()
-            .map(|s| WorkflowStep {
-                name: s.name.clone(),
-                runs: s.runs.iter().filter(succeeded).filter_map(|r| r.key).collect(),
-            })
-            .collect(),
+        steps,
     };
     let opts = CrateOptions { workflow: Some(workflow), ..Default::default() };
     let written = crate::cmd_cache::write_crate(engine.store(), &prov, out, &opts)?;

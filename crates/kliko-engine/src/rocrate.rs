@@ -230,16 +230,8 @@ pub fn write_ro_crate(store: &Store, prov: &Provenance, out: &Path, opts: &Crate
         g.add(action);
     }
     for src in &opts.attach {
-        let name = src.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "attached".into());
-        let bytes = std::fs::read(src).map_err(|e| io(src, e))?;
-        let dest = out.join(&name);
-        std::fs::write(&dest, &bytes).map_err(|e| io(&dest, e))?;
-        let id = encode_path(&name);
-        g.add(json!({
-            "@id": id, "@type": "File", "name": name, "contentSize": bytes.len().to_string(),
-            "identifier": format!("blake3:{}", Digest::of_bytes(&bytes)),
-            "description": format!("copied from `{}`", src.display()),
-        }));
+        let (id, file) = copy_in(src, out, "attached")?;
+        g.add(file);
         has_part.push(json!({"@id": id}));
         files += 1;
     }
@@ -331,13 +323,9 @@ fn describe_workflow(
     out: &Path,
     files: &mut usize,
 ) -> Result<String> {
-    let io = |path: &Path, e: std::io::Error| EngineError::Io { path: path.to_path_buf(), source: e };
-    let name = wf.file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "pipeline.yml".into());
-    let bytes = std::fs::read(&wf.file).map_err(|e| io(&wf.file, e))?;
-    let dest = out.join(&name);
-    std::fs::write(&dest, &bytes).map_err(|e| io(&dest, e))?;
+    let (main, mut workflow) = copy_in(&wf.file, out, "pipeline.yml")?;
     *files += 1;
-    let main = encode_path(&name);
+    let name = workflow["name"].as_str().unwrap_or("pipeline.yml").to_string();
     let lang = "#kliko-pipeline-language";
     g.add(json!({
         "@id": lang, "@type": "ComputerLanguage", "name": "kliko pipeline", "alternateName": "kliko-pipeline",
@@ -368,14 +356,12 @@ fn describe_workflow(
         }));
         controls.push(json!({"@id": control}));
     }
-    g.add(json!({
-        "@id": main, "@type": ["File", "SoftwareSourceCode", "ComputationalWorkflow", "HowTo"],
-        "name": name, "contentSize": bytes.len().to_string(),
-        "identifier": format!("blake3:{}", Digest::of_bytes(&bytes)),
-        "description": format!("the kliko pipeline, copied from `{}`", wf.file.display()),
-        "programmingLanguage": {"@id": lang},
-        "hasPart": one_or_many(tools), "step": one_or_many(steps),
-    }));
+    workflow["@type"] = json!(["File", "SoftwareSourceCode", "ComputationalWorkflow", "HowTo"]);
+    workflow["description"] = json!(format!("the kliko pipeline, copied from `{}`", wf.file.display()));
+    workflow["programmingLanguage"] = json!({"@id": lang});
+    workflow["hasPart"] = one_or_many(tools);
+    workflow["step"] = one_or_many(steps);
+    g.add(workflow);
     // What the pipeline read from outside (inputs no run of it made) and everything it made.
     let outputs: Vec<Digest> = runs.iter().map(|r| r.output).collect();
     let mut object: Vec<Value> = Vec::new();
@@ -420,6 +406,23 @@ fn describe_workflow(
         "startTime": wf.started_at, "endTime": wf.finished_at, "agent": {"@id": person},
     }));
     Ok(main)
+}
+
+/// Copy file `src` into the crate's top folder (named as it is, else `fallback`): its id and
+/// its `File` entity, with its size and BLAKE3 digest.
+fn copy_in(src: &Path, out: &Path, fallback: &str) -> Result<(String, Value)> {
+    let io = |path: &Path, e: std::io::Error| EngineError::Io { path: path.to_path_buf(), source: e };
+    let name = src.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| fallback.into());
+    let bytes = std::fs::read(src).map_err(|e| io(src, e))?;
+    let dest = out.join(&name);
+    std::fs::write(&dest, &bytes).map_err(|e| io(&dest, e))?;
+    let id = encode_path(&name);
+    let file = json!({
+        "@id": id, "@type": "File", "name": name, "contentSize": bytes.len().to_string(),
+        "identifier": format!("blake3:{}", Digest::of_bytes(&bytes)),
+        "description": format!("copied from `{}`", src.display()),
+    });
+    Ok((id, file))
 }
 
 /// Entities by id, each once (a later addition of the same id is the same entity).

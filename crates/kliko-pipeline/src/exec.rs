@@ -235,6 +235,11 @@ pub struct PipelineReport {
 }
 
 impl StepReport {
+    /// The keys of the step's runs that made (or reused) a result.
+    pub fn result_keys(&self) -> Vec<Digest> {
+        self.runs.iter().filter(|r| r.succeeded()).filter_map(|r| r.key).collect()
+    }
+
     fn unstarted(step: &Step, state: StepState, reason: Option<String>) -> StepReport {
         StepReport {
             name: step.name.clone(),

@@ -4,10 +4,10 @@
 
 use std::sync::Arc;
 
-use kliko_engine::Engine;
 use kliko_store::records::{PipelineRun, PipelineRunStep};
+use kliko_store::Store;
 
-use crate::exec::{PipelineReport, RunStatus};
+use crate::exec::PipelineReport;
 use crate::file::Pipeline;
 use crate::{blocking, Result};
 
@@ -35,7 +35,7 @@ pub fn entry(p: &Pipeline, report: &PipelineReport, executor: &str, via: &str, a
                 name: s.name.clone(),
                 image: s.image.clone(),
                 state: s.state.as_str().to_string(),
-                keys: s.runs.iter().filter(|r| r.status == RunStatus::Succeeded).filter_map(|r| r.key).collect(),
+                keys: s.result_keys(),
                 output: s.output,
                 reason: s.reason.clone(),
             })
@@ -44,8 +44,8 @@ pub fn entry(p: &Pipeline, report: &PipelineReport, executor: &str, via: &str, a
 }
 
 /// Add `run` to the store's history of pipeline runs.
-pub async fn record(engine: &Arc<Engine>, run: PipelineRun) -> Result<()> {
-    let store = engine.store().clone();
+pub async fn record(store: &Arc<Store>, run: PipelineRun) -> Result<()> {
+    let store = store.clone();
     blocking(move || {
         let db = store.db()?;
         Ok(store.append_pipeline_run(&db, &run)?)
@@ -54,8 +54,8 @@ pub async fn record(engine: &Arc<Engine>, run: PipelineRun) -> Result<()> {
 }
 
 /// Pipeline runs, newest first (only those of `file` when given).
-pub async fn runs(engine: &Arc<Engine>, file: Option<String>, limit: usize) -> Result<Vec<PipelineRun>> {
-    let store = engine.store().clone();
+pub async fn runs(store: &Arc<Store>, file: Option<String>, limit: usize) -> Result<Vec<PipelineRun>> {
+    let store = store.clone();
     blocking(move || {
         if !store.has_index() {
             return Ok(Vec::new());

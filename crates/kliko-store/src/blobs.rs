@@ -167,17 +167,22 @@ impl Store {
         Tree::decode(&bytes).map_err(|source| StoreError::BadTree { digest: *d, source })
     }
 
+    /// Blob `d`'s file, open for reading (a missing one is [`StoreError::Missing`]).
+    fn open_blob(&self, d: &Digest) -> Result<(PathBuf, File)> {
+        let src = self.object_path(ObjectKind::Blob, d);
+        match File::open(&src) {
+            Ok(f) => Ok((src, f)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(StoreError::Missing { digest: *d }),
+            Err(e) => Err(e).at(&src),
+        }
+    }
+
     /// Copy a blob already known to hold its content (its mark unchanged since it was last
     /// verified) to `dest` (created with `mode`, must not exist): a reflink where the
     /// filesystem can share the blocks, else a copy in the kernel (`copy_file_range`),
     /// without hashing it again.
     pub(crate) fn copy_blob_trusted(&self, d: &Digest, dest: &Path, mode: u32) -> Result<()> {
-        let src = self.object_path(ObjectKind::Blob, d);
-        let mut input = match File::open(&src) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(StoreError::Missing { digest: *d }),
-            Err(e) => return Err(e).at(&src),
-        };
+        let (_, mut input) = self.open_blob(d)?;
         let mut out = fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(dest).at(dest)?;
         if !clone_file(&input, &out) {
             io::copy(&mut input, &mut out).at(dest)?;
@@ -191,12 +196,7 @@ impl Store {
     /// reported corrupt. `dest` is created exactly once: file creation is the dearest part of
     /// copying small files on some filesystems.
     pub fn copy_blob_verified(&self, d: &Digest, dest: &Path, mode: u32) -> Result<()> {
-        let src = self.object_path(ObjectKind::Blob, d);
-        let mut input = match File::open(&src) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(StoreError::Missing { digest: *d }),
-            Err(e) => return Err(e).at(&src),
-        };
+        let (src, mut input) = self.open_blob(d)?;
         let size = input.metadata().at(&src)?.len();
         let mut out = fs::OpenOptions::new().read(true).write(true).create_new(true).mode(mode).open(dest).at(dest)?;
         let mut h = blake3::Hasher::new();

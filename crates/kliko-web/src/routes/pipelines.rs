@@ -24,11 +24,9 @@ use kliko_store::records::PipelineRun;
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::{check_csrf, explain, rfc3339, CsrfForm, PageError};
+use super::{check_csrf, explain, internal, rfc3339, CsrfForm, PageError, St};
 use crate::html::{self, badge, esc, page, url_path, Nav};
 use crate::{auth, AppState};
-
-type St = State<Arc<AppState>>;
 
 /// Bounds of the search for pipeline files: folders deep, entries looked at, file size.
 const WALK_DEPTH: usize = 6;
@@ -90,6 +88,8 @@ pub async fn list(State(st): St) -> Result<Html<String>, PageError> {
     let (files, truncated) = tokio::task::spawn_blocking(move || find_pipelines(&roots))
         .await
         .map_err(|e| PageError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    // Newest first: the recent runs, and each file's last run among them.
+    let recent = kliko_pipeline::history::runs(st.engine.store(), None, 1000).await.map_err(internal)?;
     let mut b = String::from(
         "<h1>Pipelines</h1><p class=\"sub\">Pipeline files in the data folders. Each step is a memoized run: an unchanged step is never computed again.</p>",
     );
@@ -99,7 +99,6 @@ pub async fn list(State(st): St) -> Result<Html<String>, PageError> {
         b.push_str("<div class=\"card\">No pipeline file (a YAML file with <code>version:</code> and <code>steps:</code>) in the data folders.</div>");
     } else {
         b.push_str("<table id=\"pipelines\"><tr><th>file</th><th>steps</th><th>last run</th></tr>");
-        let recent = kliko_pipeline::history::runs(&st.engine, None, 1000).await.map_err(|e| internal(&e))?;
         for f in &files {
             let summary = match Pipeline::load(f) {
                 Ok(p) => {
@@ -127,10 +126,9 @@ pub async fn list(State(st): St) -> Result<Html<String>, PageError> {
             ));
         }
     }
-    let runs = kliko_pipeline::history::runs(&st.engine, None, 50).await.map_err(|e| internal(&e))?;
-    if !runs.is_empty() {
+    if !recent.is_empty() {
         b.push_str("<h2>Recent pipeline runs</h2>");
-        b.push_str(&history_table(&st, &runs, true));
+        b.push_str(&history_table(&st, &recent[..recent.len().min(50)], true));
     }
     Ok(Html(page("Pipelines", Nav::Pipelines, &b)))
 }
@@ -143,19 +141,19 @@ fn shown_path(st: &AppState, p: &FsPath) -> String {
     }
 }
 
-fn internal(e: &dyn std::error::Error) -> PageError {
-    PageError::new(StatusCode::INTERNAL_SERVER_ERROR, kliko_core::error_chain(e))
-}
-
-fn run_summary(r: &PipelineRun) -> String {
-    let state = if r.cancelled {
+/// How a pipeline run ended, as a badge.
+fn outcome_badge(r: &PipelineRun) -> String {
+    if r.cancelled {
         badge("warn", "cancelled")
     } else if r.ok {
         badge("ok", "succeeded")
     } else {
         badge("failed", "failed")
-    };
-    format!("{state} <span class=\"meta\">{}</span>", esc(&r.at))
+    }
+}
+
+fn run_summary(r: &PipelineRun) -> String {
+    format!("{} <span class=\"meta\">{}</span>", outcome_badge(r), esc(&r.at))
 }
 
 fn history_table(st: &AppState, runs: &[PipelineRun], with_file: bool) -> String {
@@ -187,7 +185,7 @@ fn history_table(st: &AppState, runs: &[PipelineRun], with_file: bool) -> String
             .collect();
         b.push_str(&format!(
             "<td>{}</td><td>{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td>{}</td><td>{}</td></tr>",
-            run_summary(r).split(" <span").next().unwrap_or_default(),
+            outcome_badge(r),
             steps.join("<br>"),
             r.containers,
             esc(&html::duration_ms(r.wall_ms)),
@@ -452,9 +450,9 @@ async fn pipeline_body(st: &AppState, file: &FsPath, error: Option<&str>) -> Res
     if l.problems.is_empty() && l.outside.is_empty() {
         b.push_str(&run_form(st, file));
     }
-    let runs = kliko_pipeline::history::runs(&st.engine, Some(file.display().to_string()), 100)
+    let runs = kliko_pipeline::history::runs(st.engine.store(), Some(file.display().to_string()), 100)
         .await
-        .map_err(|e| internal(&e))?;
+        .map_err(internal)?;
     b.push_str("<h2>History</h2>");
     if runs.is_empty() {
         b.push_str("<div class=\"card\">This pipeline has not run yet.</div>");
@@ -570,7 +568,7 @@ pub async fn submit(State(st): St, Path(path): Path<String>, Form(f): Form<RunFo
         let result = match result {
             Ok(report) => {
                 let record = kliko_pipeline::history::entry(&p, &report, exec.name(), "web", at);
-                if let Err(e) = kliko_pipeline::history::record(&engine, record).await {
+                if let Err(e) = kliko_pipeline::history::record(engine.store(), record).await {
                     entry.warn(format!("The run was not added to the history: {}", kliko_core::error_chain(&e)));
                 }
                 Ok(report)
