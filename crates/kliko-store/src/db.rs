@@ -153,6 +153,13 @@ pub(crate) fn open_nowait(store: &Store) -> Result<DbInner> {
     open(store)
 }
 
+/// A read-only view of an existing index (under gc.lock, shared); `None` if RocksDB cannot
+/// open one at the moment (the caller then opens the index as usual).
+pub(crate) fn open_view_now(store: &Store) -> Result<Option<DbInner>> {
+    let gc = store.gc_shared()?;
+    Ok(open_view(store, gc).ok())
+}
+
 /// A read-only RocksDB instance of the index, whose writes are deferred; on failure the
 /// error, and gc.lock given back.
 fn open_view(store: &Store, gc: crate::GcGuard) -> std::result::Result<DbInner, (rocksdb::Error, crate::GcGuard)> {

@@ -177,6 +177,41 @@ impl Store {
         self.just_opened(inner)
     }
 
+    /// [`Store::db_nowait`] for a process that mostly reads (a run that may be a hit): a
+    /// read-only view even when nobody else has the index open, unless a writer would have
+    /// something worth applying (journaled results, notes that carry stat-cache records or
+    /// blob marks, which a view cannot see, or many notes files). A read-only view opens in
+    /// about a millisecond; opening for writing replays the log and writes a new manifest and
+    /// options file, several milliseconds. Its records of use are left as notes and applied
+    /// by the next writer, as when another process has the index.
+    pub fn db_for_lookup(&self) -> Result<Db> {
+        {
+            let slot = self.db.lock().expect("db slot lock");
+            if let Some(inner) = slot.upgrade() {
+                return Ok(Db(inner));
+            }
+        }
+        if self.read_only || !db::exists(&self.root) || self.worth_applying() {
+            return self.db_nowait();
+        }
+        let mut slot = self.db.lock().expect("db slot lock");
+        if let Some(inner) = slot.upgrade() {
+            return Ok(Db(inner));
+        }
+        match db::open_view_now(self)? {
+            Some(inner) => {
+                let inner = Arc::new(inner);
+                *slot = Arc::downgrade(&inner);
+                kliko_core::trace::mark("index opened read-only (nothing to apply)");
+                Ok(Db(inner))
+            }
+            None => {
+                drop(slot);
+                self.db_nowait()
+            }
+        }
+    }
+
     /// The index opened under a gc.lock the caller holds exclusively (for gc).
     fn db_under(&self, gc: GcGuard) -> Result<Db> {
         let mut slot = self.db.lock().expect("db slot lock");

@@ -124,6 +124,12 @@ impl Store {
             // Only links since: a write meanwhile would have changed the modification time
             // (and then the next use hashes it again).
             if (now.ino, now.size, now.mtime_ns) == (then.ino, then.size, then.mtime_ns) {
+                // The index has it already (a copy changes nothing): no write, and no notes
+                // for a read-only view (which would make the next lookup open a writer).
+                let stored = db.get_cf(db.cf(CF_MARKS), d.as_bytes()).ok().flatten().and_then(|b| BlobMark::decode(&b));
+                if stored == Some(now) {
+                    continue;
+                }
                 if db.is_read_only() {
                     db.put_or_defer(CF_MARKS, d.as_bytes(), &now.encode()).map_err(db.err(self))?;
                 } else {

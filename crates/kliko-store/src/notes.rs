@@ -122,6 +122,38 @@ impl Store {
     }
 }
 
+/// Notes files past this many make the next lookup open the index for writing and apply them.
+const MANY_NOTES: usize = 16;
+
+impl Store {
+    /// Whether opening the index for writing would apply something a read-only view misses:
+    /// a journaled result (lookups read the journal, but the index stays behind), stat-cache
+    /// records or blob marks left as notes (a view would hash or verify again what they
+    /// vouch for), or [`MANY_NOTES`] notes files.
+    pub(crate) fn worth_applying(&self) -> bool {
+        let Ok(entries) = fs::read_dir(self.root().join(JOURNAL_DIR)) else { return false };
+        let mut notes = 0;
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().is_some_and(|e| e == "json") {
+                return true;
+            }
+            if !is_notes(&path) {
+                continue;
+            }
+            notes += 1;
+            if notes >= MANY_NOTES {
+                return true;
+            }
+            let Ok(bytes) = fs::read(&path) else { return true };
+            if decode(&bytes).is_some_and(|w| w.iter().any(|(cf, _, _)| *cf == CF_STAT || *cf == CF_MARKS)) {
+                return true;
+            }
+        }
+        false
+    }
+}
+
 fn is_notes(path: &Path) -> bool {
     path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("notes-") && n.ends_with(".kv"))
 }

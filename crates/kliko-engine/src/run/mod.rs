@@ -41,8 +41,9 @@ use crate::{Engine, Event, Input, Observer, Prepared, RunReport, RunRequest, KEY
 
 /// The index kept open across the steps of a run that each use it (image, hashing, lookup,
 /// history): opening RocksDB replays its log and writes a new manifest, milliseconds each
-/// time. It is opened with `store.db_nowait()`: for writing if no other process has it,
-/// else read-only at once (a run never queues behind another process's use of the index).
+/// time. It is opened with `store.db_for_lookup()`: a read-only view (about a millisecond)
+/// unless a writer has something to apply, then for writing if no other process has it, else
+/// read-only at once (a run never queues behind another process's use of the index).
 /// A writer excludes other writers, so a hold is dropped before a container runs and before
 /// waiting on another process's lease. An open index holds gc.lock (shared) itself, so gc
 /// cannot start meanwhile.
@@ -89,7 +90,7 @@ impl Engine {
     /// `store.db_nowait()` in this process shares one handle instead of opening RocksDB again.
     pub async fn hold_index(&self) -> Result<IndexHold> {
         let store = self.store.clone();
-        let hold = blocking(move || Ok(IndexHold { _db: store.db_nowait()? })).await;
+        let hold = blocking(move || Ok(IndexHold { _db: store.db_for_lookup()? })).await;
         mark("index open");
         hold
     }

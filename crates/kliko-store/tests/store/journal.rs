@@ -13,6 +13,15 @@ fn journal_files(store: &Store) -> usize {
     fs::read_dir(store.root().join(JOURNAL_DIR)).unwrap().count()
 }
 
+/// Notes files waiting in the journal folder for the next writer.
+fn notes_files(root: &std::path::Path) -> usize {
+    fs::read_dir(root.join(JOURNAL_DIR))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("notes-"))
+        .count()
+}
+
 fn history_entry(r: &kliko_store::records::ActionResult) -> HistoryEntry {
     HistoryEntry {
         key: r.key,
@@ -255,13 +264,7 @@ fn a_lookup_never_waits_for_another_process_that_has_the_index_open() {
     assert!(read_only, "it cannot have had the index for writing");
     assert_eq!(found, Some(r.key));
     // Its history entry waits in a notes file for the next writer, which applies it.
-    let notes = || {
-        fs::read_dir(root.join(JOURNAL_DIR))
-            .unwrap()
-            .flatten()
-            .filter(|e| e.file_name().to_string_lossy().starts_with("notes-"))
-            .count()
-    };
+    let notes = || notes_files(&root);
     assert_eq!(notes(), 1);
     drop(writer);
     let db = store.db().unwrap();
@@ -285,4 +288,65 @@ fn a_read_only_view_finds_a_result_moved_into_the_index_after_it_opened() {
     drop(next.db().unwrap());
     assert_eq!(journal_files(&store), 0);
     assert_eq!(reader.lookup(&view, &r.key).unwrap().map(|x| x.key), Some(r.key), "a recorded result was a miss");
+}
+
+#[test]
+fn a_lookup_opens_a_read_only_view_unless_a_writer_has_something_to_apply() {
+    let (t, root, store, out) = fresh();
+    let r = result_for(&store, out, "lookup-view");
+    store.journal_result(&r, Some(&history_entry(&r))).unwrap();
+    drop(store);
+    let notes = || notes_files(&root);
+    // A journaled result: the index is opened for writing and the result moved in.
+    let s = Store::open(&root).unwrap();
+    let db = s.db_for_lookup().unwrap();
+    assert!(!db.is_read_only(), "a journaled result is applied first");
+    drop(db);
+    assert_eq!(journal_files(&s) - notes(), 0);
+
+    // Nothing to apply: a read-only view, which serves the hit and defers its records of use.
+    let db = s.db_for_lookup().unwrap();
+    assert!(db.is_read_only());
+    assert_eq!(s.lookup(&db, &r.key).unwrap().map(|x| x.key), Some(r.key));
+    let mut hit = history_entry(&r);
+    hit.cache = "hit".into();
+    s.append_history(&db, &hit).unwrap();
+    drop(db);
+    assert_eq!(notes(), 1);
+    // Notes of history and access times alone do not need a writer yet.
+    let db = s.db_for_lookup().unwrap();
+    assert!(db.is_read_only());
+    // Stat-cache records taken through the view (of files old enough to be remembered) do:
+    // a view cannot see them, and would hash those files again.
+    let input = t.path().join("input");
+    fs::create_dir(&input).unwrap();
+    let old = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+    for i in 0..3 {
+        let f = input.join(format!("f{i}"));
+        fs::write(&f, format!("file {i}")).unwrap();
+        fs::File::options().write(true).open(&f).unwrap().set_modified(old).unwrap();
+    }
+    let mem = kliko_core::hash::MemoryCache::default();
+    s.hash_path_remembering(&input, &kliko_core::hash::NoProgress, &mem).unwrap();
+    drop(db);
+    assert_eq!(notes(), 2);
+    let db = s.db_for_lookup().unwrap();
+    assert!(!db.is_read_only(), "stat-cache records are applied before the next lookup");
+    assert_eq!(notes(), 0);
+    let kinds: Vec<String> = s.history(&db, 10).unwrap().into_iter().map(|h| h.cache).collect();
+    assert_eq!(kinds, vec!["hit".to_string(), "miss".to_string()]);
+    drop(db);
+
+    // Many notes files make a writer too, so they never pile up.
+    let mut views = 0;
+    for _ in 0..40 {
+        let db = s.db_for_lookup().unwrap();
+        if !db.is_read_only() {
+            break;
+        }
+        views += 1;
+        s.append_history(&db, &hit).unwrap();
+    }
+    assert_eq!(notes(), 0);
+    assert!((8..40).contains(&views), "{views} read-only views before a writer applied their notes");
 }
