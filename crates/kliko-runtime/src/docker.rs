@@ -248,7 +248,31 @@ impl Docker {
     /// fetched through the archive API, and the container is removed whatever
     /// happens. Symlinks are resolved inside the image, one archive request per
     /// hop. Works on images without a shell and with an `ENTRYPOINT`.
+    ///
+    /// When the daemon is local and keeps the image's layers in overlay folders this process
+    /// may read (Docker as root, rootless Podman), a plain regular file is read from them
+    /// directly and no container is created (see `layers.rs` for when that is certain).
     pub async fn read_file(&self, image_id: &str, path: &str) -> Result<Vec<u8>, RuntimeError> {
+        if let Some(bytes) = self.read_file_from_layers(image_id, path).await {
+            return Ok(bytes);
+        }
+        self.read_file_through_container(image_id, path).await
+    }
+
+    /// The shortcut of [`Docker::read_file`]: `None` whenever it is not certain.
+    async fn read_file_from_layers(&self, image_id: &str, path: &str) -> Option<Vec<u8>> {
+        // A daemon reached over TCP or SSH names folders on another machine.
+        if !self.endpoint.starts_with("unix://") || std::env::var_os("KLIKO_NO_LAYER_READS").is_some() {
+            return None;
+        }
+        let driver = self.inner.inspect_image(image_id).await.ok()?.graph_driver?;
+        let dirs = crate::layers::layer_dirs(&driver.name, &driver.data)?;
+        let path = archive::normalize("/", path);
+        tokio::task::spawn_blocking(move || crate::layers::read(&dirs, &path)).await.ok()?
+    }
+
+    /// [`Docker::read_file`] through a created (never started) container and the archive API.
+    pub async fn read_file_through_container(&self, image_id: &str, path: &str) -> Result<Vec<u8>, RuntimeError> {
         let body = ContainerCreateBody {
             image: Some(image_id.to_string()),
             // Never started, but the daemon refuses to create a container

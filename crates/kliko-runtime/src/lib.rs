@@ -48,6 +48,7 @@ mod error;
 #[cfg(feature = "fake")]
 pub mod fake;
 pub mod gpu;
+mod layers;
 pub mod podman;
 mod run;
 mod runtime;

@@ -138,3 +138,58 @@ async fn read_file_follows_symlinks_inside_the_image() {
     assert_eq!(bytes, KLIKO_YML.as_bytes());
     assert!(managed_from_image(&docker, &image.id).await.is_empty());
 }
+
+/// Containers created from `image` between `since` and now, as the daemon's event log has
+/// them (any label, already removed or not).
+fn creates_since(since: f64, image: &str) -> usize {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    let out = std::process::Command::new("docker")
+        .args(["events", "--since", &format!("{since:.3}"), "--until", &format!("{:.3}", now + 0.5)])
+        .args(["--filter", "type=container", "--filter", "event=create", "--filter"])
+        .arg(format!("image={image}"))
+        .args(["--format", "{{.ID}}"])
+        .output()
+        .expect("docker events");
+    String::from_utf8_lossy(&out.stdout).lines().count()
+}
+
+#[tokio::test]
+async fn read_file_sees_the_merged_layers_and_needs_no_container_when_it_may_read_them() {
+    let docker = docker().await;
+    let base = ImageBuilder::new("rt-layers-base").kliko_yml("old: 1\n").build().expect("build image");
+    // Of another size: the daemon's naive layer diff (fuse-overlayfs) misses a file replaced
+    // by one of the same size within the same second.
+    let over =
+        ImageBuilder::new("rt-layers-over").on(&base.tag).no_shell().kliko_yml("newer: 2\n").build().expect("build");
+    let gone = ImageBuilder::new("rt-layers-gone")
+        .on(&base.tag)
+        .no_shell()
+        .run_in_build(&["/bin/busybox", "rm", "/kliko.yml"])
+        .build()
+        .expect("build image");
+
+    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64() - 0.5;
+    assert_eq!(docker.read_file(&base.id, "/kliko.yml").await.unwrap(), b"old: 1\n");
+    assert_eq!(docker.read_file(&over.id, "/kliko.yml").await.unwrap(), b"newer: 2\n");
+    // Deleted in the top layer: a whiteout hides the base's file.
+    let err = docker.read_file(&gone.id, "/kliko.yml").await.unwrap_err();
+    assert!(matches!(err, RuntimeError::FileNotInImage { .. }), "{err:?}");
+
+    // The container path gives the same answers.
+    assert_eq!(docker.read_file_through_container(&over.id, "/kliko.yml").await.unwrap(), b"newer: 2\n");
+    assert!(matches!(
+        docker.read_file_through_container(&gone.id, "/kliko.yml").await,
+        Err(RuntimeError::FileNotInImage { .. })
+    ));
+    // The event log sees the container that read (so a zero below is not for want of seeing).
+    let over_creates = creates_since(since, &over.id);
+    assert!(over_creates >= 1);
+    // SAFETY: getuid has no preconditions.
+    if unsafe { libc::getuid() } == 0 && docker.endpoint().starts_with("unix://") {
+        // Root may read the daemon's layer folders: the found files needed no container.
+        assert_eq!(over_creates, 1, "only the explicit container read created one");
+        assert_eq!(creates_since(since, &base.id), 0, "the base image's file was read from its layers");
+    }
+    assert!(managed_from_image(&docker, &over.id).await.is_empty());
+    assert!(managed_from_image(&docker, &gone.id).await.is_empty());
+}

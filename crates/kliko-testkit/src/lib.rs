@@ -96,6 +96,8 @@ pub struct ImageBuilder {
     labels: Vec<(String, String)>,
     workdir: Option<String>,
     shell: bool,
+    base: Option<String>,
+    build_steps: Vec<Vec<String>>,
 }
 
 impl ImageBuilder {
@@ -111,6 +113,8 @@ impl ImageBuilder {
             labels: Vec::new(),
             workdir: None,
             shell: true,
+            base: None,
+            build_steps: Vec::new(),
         }
     }
 
@@ -179,6 +183,20 @@ impl ImageBuilder {
         self
     }
 
+    /// Build on top of another image (a tag or id) instead of `scratch`: the files given
+    /// here become a layer above the base's.
+    pub fn on(mut self, base: &str) -> Self {
+        self.base = Some(base.to_string());
+        self
+    }
+
+    /// A `RUN` step (exec form, run with no network) after the files are copied in, for
+    /// layers that delete or change what a base image holds: `["/bin/busybox", "rm", "/x"]`.
+    pub fn run_in_build(mut self, argv: &[&str]) -> Self {
+        self.build_steps.push(argv.iter().map(|a| a.to_string()).collect());
+        self
+    }
+
     /// Build and tag the image with the `docker` CLI.
     pub fn build(self) -> io::Result<TestImage> {
         let context = tempfile::Builder::new().prefix("kliko-testkit-").tempdir()?;
@@ -205,11 +223,14 @@ impl ImageBuilder {
             symlink(target, &dest).map_err(|e| at(&dest, e))?;
         }
 
-        let mut dockerfile = String::from("FROM scratch\nCOPY rootfs/ /\n");
+        let mut dockerfile = format!("FROM {}\nCOPY rootfs/ /\n", self.base.as_deref().unwrap_or("scratch"));
         let json = |v: &[String]| {
             let quoted: Vec<String> = v.iter().map(|s| json_string(s)).collect();
             format!("[{}]", quoted.join(", "))
         };
+        for step in &self.build_steps {
+            dockerfile.push_str(&format!("RUN {}\n", json(step)));
+        }
         if let Some(e) = &self.entrypoint {
             dockerfile.push_str(&format!("ENTRYPOINT {}\n", json(e)));
         }
@@ -232,7 +253,9 @@ impl ImageBuilder {
         // --no-cache: parallel tests never share (and so never race to delete)
         // intermediate images.
         let mut build = Command::new("docker");
-        build.args(["build", "--quiet", "--no-cache", "--force-rm", "--tag", &tag]).arg(context.path());
+        build
+            .args(["build", "--quiet", "--no-cache", "--force-rm", "--network", "none", "--tag", &tag])
+            .arg(context.path());
         run_ok(&mut build, "docker build")?;
         // From here the tag exists: own it, so a failure below still removes it.
         let mut image = TestImage { tag, id: String::new() };
