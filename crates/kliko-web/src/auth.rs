@@ -7,6 +7,7 @@ use axum::extract::{Request, State};
 use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use axum_extra::extract::cookie::{Cookie, CookieJar, SameSite};
 use kliko_core::Digest;
 
 use crate::html;
@@ -35,43 +36,22 @@ pub fn cookie_value(token: &str) -> String {
     Digest::derive("kliko web 2026 auth cookie", token.as_bytes()).to_hex()
 }
 
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < b.len() => {
-                match std::str::from_utf8(&b[i + 1..i + 3]).ok().and_then(|h| u8::from_str_radix(h, 16).ok()).ok_or(())
-                {
-                    Ok(v) => {
-                        out.push(v);
-                        i += 2;
-                    }
-                    Err(_) => out.push(b'%'),
-                }
-            }
-            c => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+/// The value of `name` in a query string (`+` and `%XX` decoded as forms encode them).
+pub fn query_param(query: Option<&str>, name: &str) -> Option<String> {
+    form_urlencoded::parse(query?.as_bytes()).find(|(k, _)| k == name).map(|(_, v)| v.into_owned())
 }
 
-/// The value of `name` in a query string.
-pub fn query_param(query: Option<&str>, name: &str) -> Option<String> {
-    query?.split('&').filter_map(|kv| kv.split_once('=')).find(|(k, _)| *k == name).map(|(_, v)| percent_decode(v))
+/// The query string without its `token` pairs (the others as they were sent).
+fn query_without_token(query: &str) -> String {
+    let keep = |kv: &&str| {
+        let key = kv.split_once('=').map_or(*kv, |(k, _)| k);
+        !kv.is_empty() && form_urlencoded::parse(key.as_bytes()).next().is_none_or(|(k, _)| k != "token")
+    };
+    query.split('&').filter(keep).collect::<Vec<_>>().join("&")
 }
 
 fn has_cookie(req: &Request, value: &str) -> bool {
-    req.headers()
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|s| s.split(';'))
-        .filter_map(|kv| kv.trim().split_once('='))
-        .any(|(k, v)| k == COOKIE && ct_eq(v, value))
+    CookieJar::from_headers(req.headers()).iter().any(|c| c.name() == COOKIE && ct_eq(c.value(), value))
 }
 
 /// Refuses every request without the token when the server has one; accepts `?token=`
@@ -85,17 +65,12 @@ pub async fn require_token(State(st): State<Arc<AppState>>, req: Request, next: 
     }
     let given = query_param(req.uri().query(), "token");
     if given.is_some_and(|g| ct_eq(&g, token)) {
-        let set = format!("{COOKIE}={cookie}; HttpOnly; SameSite=Strict; Path=/");
+        let set =
+            Cookie::build((COOKIE, cookie)).http_only(true).same_site(SameSite::Strict).path("/").build().to_string();
         let mut resp = if req.method() == Method::GET {
             let path = req.uri().path().to_string();
-            let rest: Vec<&str> = req
-                .uri()
-                .query()
-                .unwrap_or("")
-                .split('&')
-                .filter(|kv| !kv.starts_with("token=") && !kv.is_empty())
-                .collect();
-            let target = if rest.is_empty() { path } else { format!("{path}?{}", rest.join("&")) };
+            let rest = query_without_token(req.uri().query().unwrap_or(""));
+            let target = if rest.is_empty() { path } else { format!("{path}?{rest}") };
             let mut r = StatusCode::SEE_OTHER.into_response();
             if let Ok(v) = HeaderValue::from_str(&target) {
                 r.headers_mut().insert(header::LOCATION, v);
@@ -146,6 +121,26 @@ mod tests {
         assert_eq!(query_param(Some("a=1"), "token"), None);
         assert_eq!(query_param(Some("token=%"), "token").as_deref(), Some("%"));
         assert_eq!(query_param(Some("token=%4"), "token").as_deref(), Some("%4"));
+        assert_eq!(query_param(Some("to%6Ben=abc"), "token").as_deref(), Some("abc"));
+    }
+
+    #[test]
+    fn the_redirect_keeps_every_pair_but_the_token() {
+        assert_eq!(query_without_token("token=abc"), "");
+        assert_eq!(query_without_token("a=1&token=abc&b=x%20y"), "a=1&b=x%20y");
+        assert_eq!(query_without_token("to%6Ben=abc&tokens=2&&c"), "tokens=2&c");
+    }
+
+    #[test]
+    fn the_cookie_is_found_among_others_and_compared_exactly() {
+        let req = |cookies: &str| {
+            Request::builder().header(header::COOKIE, cookies).body(axum::body::Body::empty()).expect("request")
+        };
+        assert!(has_cookie(&req("a=1; kliko_auth=abc; b=2"), "abc"));
+        assert!(has_cookie(&req("kliko_auth=abc"), "abc"));
+        assert!(!has_cookie(&req("kliko_auth=abd"), "abc"));
+        assert!(!has_cookie(&req("xkliko_auth=abc"), "abc"));
+        assert!(!has_cookie(&req("a=1"), "abc"));
     }
 
     #[test]
