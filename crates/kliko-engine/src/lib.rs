@@ -513,15 +513,17 @@ impl Engine {
             let spec = parse(&yml)?;
             return Ok(ImageMeta { reference: reference.to_string(), info, spec, kliko_yml: yml });
         }
-        // A machine that has never used the image: the copy another machine left on the
-        // shared tier spares a container (one that does not parse is ignored).
-        // (A misconfigured tier is reported by the run that needs it, not here.)
+        // A machine that has never used the image: a read that needs no container first
+        // (the runtime's own layer folders: no round trip to the tier, nothing to trust); then
+        // the copy another machine left on the shared tier spares a container (one that does
+        // not parse is ignored). (A misconfigured tier is reported by the run that needs it.)
+        let local = runtime.read_file_cheaply(&info.id, "/kliko.yml").await;
         let remote = match self.checked_remote().await {
             Ok(Some((r, true, _))) => Some(r),
             _ => None,
         };
         let mut from_tier = None;
-        if let Some(r) = remote {
+        if let (None, Some(r)) = (&local, remote) {
             if let Ok(Some(yml)) = r.image_kliko_yml(&info.id).await {
                 match parse(&yml) {
                     Ok(spec) => from_tier = Some((yml, spec)),
@@ -535,10 +537,17 @@ impl Engine {
                 found
             }
             None => {
-                let yml = runtime.read_file(&info.id, "/kliko.yml").await?;
+                let yml = match local {
+                    Some(yml) => {
+                        kliko_core::trace::mark("kliko.yml read without a container");
+                        yml
+                    }
+                    None => runtime.read_file(&info.id, "/kliko.yml").await?,
+                };
                 let spec = parse(&yml)?;
                 if let Some(r) = remote {
-                    // For the next machine; losing it costs that machine one container.
+                    // For the next machine (which may not read layers); losing it costs that
+                    // machine one container.
                     let _ = r.publish_image_kliko_yml(&info.id, &yml).await;
                 }
                 (yml, spec)

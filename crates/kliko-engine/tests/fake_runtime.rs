@@ -345,13 +345,44 @@ fn machine_on(
     options: &[(&str, &str)],
     configure: impl FnOnce(kliko_remote::Remote) -> kliko_remote::Remote,
 ) -> Setup {
+    machine_with(remote, options, configure, FakeRuntime::new())
+}
+
+/// [`machine_on`] with this runtime.
+fn machine_with(
+    remote: &str,
+    options: &[(&str, &str)],
+    configure: impl FnOnce(kliko_remote::Remote) -> kliko_remote::Remote,
+    fake: FakeRuntime,
+) -> Setup {
     let mut s = setup();
+    s.fake = Arc::new(fake);
     let tier = Arc::new(configure(kliko_remote::Remote::open_with(remote, false, options).unwrap()));
     let engine = Engine::with_runtime(s.store.clone(), s.fake.clone() as Arc<dyn ContainerRuntime>);
     s.engine = Arc::new(engine.with_remote(tier));
     // The same image on every machine (the same content ID).
     add_copy_image(&s, "tool:1", || FakeExit::code(0));
     s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_machine_that_reads_the_image_itself_asks_neither_the_tier_nor_a_container_for_kliko_yml() {
+    let tier = tempfile::tempdir().unwrap();
+    let remote = tier.path().to_str().unwrap();
+    let a = machine_on(remote, &[], |r| r);
+    let made = a.run(a.request("tool:1", "out")).await.unwrap();
+    assert_eq!(made.cache, Cache::Miss);
+    assert_eq!(a.fake.files_read(), 1, "the first machine read kliko.yml through a container");
+    // A machine whose runtime reads the image's files without a container (Docker's layer
+    // folders): that comes before the tier's copy, which it then never needs to trust.
+    let c = machine_with(remote, &[], |r| r, FakeRuntime::new().with_cheap_reads());
+    let reused = c.run(c.request("tool:1", "out")).await.unwrap();
+    assert_eq!((reused.cache, reused.hit_from), (Cache::Hit, Some(kliko_engine::Tier::Remote)));
+    assert_eq!((c.fake.cheap_reads(), c.fake.files_read(), c.fake.runs()), (1, 0, 0));
+    // Remembered in the store: the next run reads nothing at all.
+    let again = c.run(c.request("tool:1", "out2")).await.unwrap();
+    assert_eq!(again.cache, Cache::Hit);
+    assert_eq!((c.fake.cheap_reads(), c.fake.files_read()), (1, 0));
 }
 
 async fn a_result_made_on_one_machine_is_a_hit_on_another(remote: &str) {

@@ -432,6 +432,13 @@ impl ContainerRuntime for Apptainer {
         }
     }
 
+    async fn read_file_cheaply(&self, image_id: &str, path: &str) -> Option<Vec<u8>> {
+        if let Some(bytes) = self.cached_info(image_id).and_then(|c| c.files.get(path).cloned()) {
+            return Some(bytes);
+        }
+        self.source().await?.read_file_cheaply(image_id, path).await
+    }
+
     async fn run_until_exit(
         &self,
         spec: &ContainerSpec,

@@ -253,14 +253,15 @@ impl Docker {
     /// may read (Docker as root, rootless Podman), a plain regular file is read from them
     /// directly and no container is created (see `layers.rs` for when that is certain).
     pub async fn read_file(&self, image_id: &str, path: &str) -> Result<Vec<u8>, RuntimeError> {
-        if let Some(bytes) = self.read_file_from_layers(image_id, path).await {
+        if let Some(bytes) = self.read_file_cheaply(image_id, path).await {
             return Ok(bytes);
         }
         self.read_file_through_container(image_id, path).await
     }
 
-    /// The shortcut of [`Docker::read_file`]: `None` whenever it is not certain.
-    async fn read_file_from_layers(&self, image_id: &str, path: &str) -> Option<Vec<u8>> {
+    /// The shortcut of [`Docker::read_file`], from the image's layer folders: `None` whenever
+    /// it is not certain (then only a container can tell).
+    pub async fn read_file_cheaply(&self, image_id: &str, path: &str) -> Option<Vec<u8>> {
         // A daemon reached over TCP or SSH names folders on another machine.
         if !self.endpoint.starts_with("unix://") || std::env::var_os("KLIKO_NO_LAYER_READS").is_some() {
             return None;

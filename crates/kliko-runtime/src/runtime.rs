@@ -37,6 +37,14 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     /// The bytes of a regular file in an image, symlinks followed, without running it.
     async fn read_file(&self, image_id: &str, path: &str) -> Result<Vec<u8>, RuntimeError>;
 
+    /// [`ContainerRuntime::read_file`] when it needs no container (the image's layers are
+    /// unpacked where this process may read them, or the runtime has the file already);
+    /// `None` when it would, or when the answer is not certain. Callers try this before a
+    /// slower source, such as a copy on the shared tier.
+    async fn read_file_cheaply(&self, _image_id: &str, _path: &str) -> Option<Vec<u8>> {
+        None
+    }
+
     /// Run one container until it has stopped and all its output has been sent to `logs`;
     /// its removal goes on in the background ([`Removal::finish`] waits for it). On an error
     /// part-way the container is already removed when this returns, and a dropped future
@@ -100,6 +108,10 @@ impl ContainerRuntime for crate::Docker {
 
     async fn read_file(&self, image_id: &str, path: &str) -> Result<Vec<u8>, RuntimeError> {
         crate::Docker::read_file(self, image_id, path).await
+    }
+
+    async fn read_file_cheaply(&self, image_id: &str, path: &str) -> Option<Vec<u8>> {
+        crate::Docker::read_file_cheaply(self, image_id, path).await
     }
 
     async fn run_until_exit(
