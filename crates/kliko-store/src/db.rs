@@ -69,6 +69,12 @@ impl Db {
         self.0.db.cf_handle(name).expect("column family created at open")
     }
 
+    /// A column family a read-only view may lack: one this kliko version added, in an index
+    /// no process of it has opened for writing yet (a writer creates every one).
+    pub fn cf_if(&self, name: &str) -> Option<&ColumnFamily> {
+        self.0.db.cf_handle(name)
+    }
+
     pub fn err(&self, store: &Store) -> impl Fn(rocksdb::Error) -> StoreError {
         let path = store.db_path();
         move |source| StoreError::Db { path: path.clone(), source }
@@ -164,7 +170,9 @@ pub(crate) fn open_view_now(store: &Store) -> Result<Option<DbInner>> {
 /// error, and gc.lock given back.
 fn open_view(store: &Store, gc: crate::GcGuard) -> std::result::Result<DbInner, (rocksdb::Error, crate::GcGuard)> {
     let (opts, path) = (options(), store.db_path());
-    let cfs = column_families(&opts, &path);
+    // Only the column families the index has: a view cannot create the ones a newer kliko
+    // added (readers of those find them empty; see `Db::cf_if`).
+    let cfs = DB::list_cf(&opts, &path).unwrap_or_else(|_| column_families(&opts, &path));
     match DB::open_cf_for_read_only(&opts, &path, &cfs, false) {
         Ok(db) => Ok(DbInner { db, _lock: None, _gc: Some(gc), deferred: Some(crate::notes::Deferred::new(store)) }),
         Err(e) => Err((e, gc)),

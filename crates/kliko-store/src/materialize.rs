@@ -126,7 +126,10 @@ impl Store {
             if (now.ino, now.size, now.mtime_ns) == (then.ino, then.size, then.mtime_ns) {
                 // The index has it already (a copy changes nothing): no write, and no notes
                 // for a read-only view (which would make the next lookup open a writer).
-                let stored = db.get_cf(db.cf(CF_MARKS), d.as_bytes()).ok().flatten().and_then(|b| BlobMark::decode(&b));
+                let stored = db
+                    .cf_if(CF_MARKS)
+                    .and_then(|cf| db.get_cf(cf, d.as_bytes()).ok().flatten())
+                    .and_then(|b| BlobMark::decode(&b));
                 if stored == Some(now) {
                     continue;
                 }
@@ -259,7 +262,11 @@ impl Store {
         };
         let trusted = match &v.trust {
             Trust::Index(db) => {
-                db.get_cf(db.cf(CF_MARKS), d.as_bytes()).map_err(db.err(self))?.and_then(|b| BlobMark::decode(&b))
+                // An index older than marks has none: every blob is hashed.
+                match db.cf_if(CF_MARKS) {
+                    Some(cf) => db.get_cf(cf, d.as_bytes()).map_err(db.err(self))?.and_then(|b| BlobMark::decode(&b)),
+                    None => None,
+                }
             }
             Trust::Known(m) => m.get(d).copied(),
         };

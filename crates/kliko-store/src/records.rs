@@ -349,7 +349,9 @@ impl Store {
     /// Pipeline runs, newest first; only those of the pipeline file `file` when given.
     pub fn pipeline_runs(&self, db: &Db, file: Option<&str>, limit: usize) -> Result<Vec<PipelineRun>> {
         let mut out = Vec::new();
-        for item in db.iterator_cf(db.cf(CF_PIPELINE_RUNS), IteratorMode::End) {
+        // A view of an index older than pipeline runs has none.
+        let Some(cf) = db.cf_if(CF_PIPELINE_RUNS) else { return Ok(out) };
+        for item in db.iterator_cf(cf, IteratorMode::End) {
             if out.len() >= limit {
                 break;
             }

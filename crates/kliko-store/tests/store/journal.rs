@@ -350,3 +350,35 @@ fn a_lookup_opens_a_read_only_view_unless_a_writer_has_something_to_apply() {
     assert_eq!(notes(), 0);
     assert!((8..40).contains(&views), "{views} read-only views before a writer applied their notes");
 }
+
+#[test]
+fn a_read_only_view_opens_an_index_that_lacks_the_newer_column_families() {
+    let (t, root, store, out) = fresh();
+    let r = result_for(&store, out, "older-index");
+    store.journal_result(&r, Some(&history_entry(&r))).unwrap();
+    drop(store.db().unwrap());
+    drop(store);
+    // As an older kliko left it: no blob marks, no pipeline runs.
+    {
+        let path = root.join(DB_DIR);
+        let opts = rocksdb::Options::default();
+        let cfs = rocksdb::DB::list_cf(&opts, &path).unwrap();
+        let mut db = rocksdb::DB::open_cf(&opts, &path, &cfs).unwrap();
+        db.drop_cf("blob-marks").unwrap();
+        db.drop_cf("pipeline-runs").unwrap();
+    }
+    let s = Store::open(&root).unwrap();
+    let db = s.db_for_lookup().unwrap();
+    assert!(db.is_read_only(), "a view, though the index lacks column families this version has");
+    assert_eq!(s.lookup(&db, &r.key).unwrap().map(|x| x.key), Some(r.key));
+    assert!(s.pipeline_runs(&db, None, 10).unwrap().is_empty());
+    // Without marks every blob is hashed as it is placed: the output is still exact.
+    let dest = t.path().join("placed");
+    s.materialize(&r.output, &dest, kliko_store::MaterializeMode::Copy).unwrap();
+    assert_eq!(s.hash_path(&dest, &kliko_core::hash::NoProgress).unwrap().digest, r.output);
+    drop(db);
+    // The next writer creates them and applies what the view deferred.
+    let db = s.db().unwrap();
+    assert!(db.cf_if("blob-marks").is_some() && db.cf_if("pipeline-runs").is_some());
+    assert!(!s.history(&db, 10).unwrap().is_empty());
+}
