@@ -188,6 +188,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/history", get(routes::history))
         .route("/provenance", get(routes::provenance_query))
         .route("/provenance/{q}", get(routes::provenance))
+        .route("/provenance-crate/{digest}", get(routes::provenance_crate))
         .route("/result/{key}/files", get(routes::result_files))
         .route("/result/{key}/file/{*path}", get(routes::result_file))
         .route("/result/{key}/log/{stream}", get(routes::result_log))

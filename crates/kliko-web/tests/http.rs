@@ -289,6 +289,31 @@ async fn a_run_shows_logs_and_outputs_and_the_same_run_is_a_cache_hit() {
     assert!(prov.body.contains(&format!("<a href=\"/provenance/{key}\">")), "the run links to its page");
     assert!(prov.body.contains(&format!("<a href=\"/provenance/{out_tree}\"><title>tree {out_tree}</title><rect")));
     assert_eq!(prov.body.matches("stroke=\"#c2410c\"").count(), 1, "only the tree asked about is outlined");
+    // The lineage as an RO-Crate, to download: the crate folder as a tar.
+    assert!(prov.body.contains(&format!("href=\"/provenance-crate/{out_tree}\" download")));
+    let c = f.get(&format!("/provenance-crate/{out_tree}")).await;
+    assert_eq!(c.status, StatusCode::OK);
+    assert_eq!(c.headers[header::CONTENT_TYPE], "application/x-tar");
+    let folder = format!("kliko-provenance-{}", &out_tree[..16]);
+    assert_eq!(c.headers[header::CONTENT_DISPOSITION], format!("attachment; filename=\"{folder}.tar\"").as_str());
+    let mut archive = tar::Archive::new(&c.bytes[..]);
+    let mut metadata = None;
+    for entry in archive.entries().unwrap() {
+        let mut entry = entry.unwrap();
+        let path = entry.path().unwrap().into_owned();
+        assert!(path.starts_with(&folder), "{}", path.display());
+        if path.ends_with("ro-crate-metadata.json") {
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut entry, &mut text).unwrap();
+            metadata = Some(text);
+        }
+    }
+    let metadata: serde_json::Value =
+        serde_json::from_str(&metadata.expect("ro-crate-metadata.json in the tar")).unwrap();
+    let text = metadata.to_string();
+    assert!(text.contains(&key) && text.contains(&out_tree) && text.contains(&image.id), "{text}");
+    assert_eq!(f.get("/provenance-crate/abc").await.status, StatusCode::BAD_REQUEST);
+    assert_eq!(f.get(&format!("/provenance-crate/{}", "0".repeat(64))).await.status, StatusCode::NOT_FOUND);
     let q = f.get(&format!("/provenance?q={}", &key[..8])).await;
     assert_eq!(q.status, StatusCode::SEE_OTHER);
     let log = f.get(&format!("/result/{key}/log/stdout")).await;

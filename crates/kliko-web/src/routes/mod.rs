@@ -115,7 +115,7 @@ mod run;
 
 pub use history::history;
 pub use images::{image_form, index, submit, KeptUploads};
-pub use provenance::{provenance, provenance_query};
+pub use provenance::{provenance, provenance_crate, provenance_query};
 pub use results::{result_file, result_files, result_log};
 pub use run::{run_cancel, run_events, run_file, run_page};
 

@@ -81,6 +81,13 @@ async fn provenance_body(st: &AppState, typed: &str, q: Option<&str>) -> Result<
         _ => "file",
     };
     b.push_str(&format!("<h2>{what} <code>{}</code></h2>", prov.digest.to_hex()));
+    if !prov.runs.is_empty() {
+        b.push_str(&format!(
+            "<p class=\"meta\"><a href=\"/provenance-crate/{0}\" download>Download this lineage as an RO-Crate</a> \
+(a Provenance Run Crate: every run, image, parameter, input and output by digest; a tar of the crate folder).</p>",
+            prov.digest.to_hex()
+        ));
+    }
     let direct = prov.runs.iter().filter(|r| r.depth == 0).count();
     if prov.kind != "key" {
         b.push_str(&format!(
@@ -119,6 +126,50 @@ async fn provenance_body(st: &AppState, typed: &str, q: Option<&str>) -> Result<
         b.push_str("</ul>");
     }
     Ok(b)
+}
+
+/// `/provenance-crate/{digest}`: the lineage of a whole digest (a run key, a tree or a file) as
+/// an RO-Crate, the folder `kliko provenance DIGEST --ro-crate DIR` writes, as a tar. The
+/// crate names outputs and logs by digest; putting the files themselves in (they may be
+/// large) is the command line's `--with-data`.
+pub async fn provenance_crate(State(st): St, Path(d): Path<String>) -> Result<Response, PageError> {
+    if d.len() != 64 || !d.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(PageError::new(
+            StatusCode::BAD_REQUEST,
+            "A crate is made for a whole digest: 64 hexadecimal characters.",
+        ));
+    }
+    let d = d.to_ascii_lowercase();
+    let store = st.engine.store().clone();
+    let name = format!("kliko-provenance-{}", &d[..16]);
+    let folder = name.clone();
+    let made = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, PageError> {
+        let prov = match kliko_engine::provenance::provenance(&store, &d, 8) {
+            Ok(p) if !p.runs.is_empty() => p,
+            Ok(_) | Err(EngineError::UnknownRef { .. }) => {
+                return Err(PageError::new(StatusCode::NOT_FOUND, "No stored run made or used this digest."))
+            }
+            Err(e) => return Err(internal(e)),
+        };
+        let tmp = tempfile::Builder::new().prefix("kliko-web-crate-").tempdir().map_err(internal)?;
+        let dir = tmp.path().join(&folder);
+        kliko_engine::rocrate::write_ro_crate(&store, &prov, &dir, &Default::default()).map_err(internal)?;
+        let mut tar = tar::Builder::new(Vec::new());
+        tar.follow_symlinks(false);
+        tar.append_dir_all(&folder, &dir).map_err(internal)?;
+        tar.into_inner().map_err(internal)
+    })
+    .await
+    .map_err(internal)??;
+    let disposition = format!("attachment; filename=\"{name}.tar\"");
+    Ok((
+        [
+            (header::CONTENT_TYPE, HeaderValue::from_static("application/x-tar")),
+            (header::CONTENT_DISPOSITION, HeaderValue::from_str(&disposition).map_err(internal)?),
+        ],
+        made,
+    )
+        .into_response())
 }
 
 fn result_card(r: &ActionResult, role: &str) -> String {
