@@ -242,38 +242,11 @@ pub fn write_crate(
     out: &Path,
     opts: &kliko_engine::rocrate::CrateOptions,
 ) -> anyhow::Result<kliko_engine::rocrate::CrateSummary> {
-    if out.extension().is_none_or(|e| e != "zip") {
-        return Ok(kliko_engine::rocrate::write_ro_crate(store, p, out, opts)?);
-    }
-    if out.exists() {
-        bail!("`{}` exists already: kliko does not replace it", out.display());
-    }
-    let parent = out.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let tmp = tempfile::Builder::new().prefix(".kliko-crate-").tempdir_in(parent)?;
-    let mut summary = kliko_engine::rocrate::write_ro_crate(store, p, &tmp.path().join("crate"), opts)?;
-    let zip_tmp = tmp.path().join("crate.zip");
-    let file = std::fs::File::create(&zip_tmp).with_context(|| format!("cannot write `{}`", zip_tmp.display()))?;
-    let mut zip = zip::ZipWriter::new(file);
-    let options = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
-    let root = tmp.path().join("crate");
-    for entry in walkdir::WalkDir::new(&root).sort_by_file_name() {
-        let entry = entry?;
-        let rel = entry.path().strip_prefix(&root).expect("under the root");
-        if rel.as_os_str().is_empty() {
-            continue;
-        }
-        let name = rel.to_string_lossy().replace('\\', "/");
-        if entry.file_type().is_dir() {
-            zip.add_directory(format!("{name}/"), options)?;
-        } else if entry.file_type().is_file() {
-            zip.start_file(name, options)?;
-            std::io::copy(&mut std::fs::File::open(entry.path())?, &mut zip)?;
-        }
-    }
-    zip.finish()?;
-    std::fs::rename(&zip_tmp, out).with_context(|| format!("cannot write `{}`", out.display()))?;
-    summary.path = out.to_path_buf();
-    Ok(summary)
+    Ok(if out.extension().is_some_and(|e| e == "zip") {
+        kliko_engine::rocrate::write_ro_crate_zip(store, p, out, opts)?
+    } else {
+        kliko_engine::rocrate::write_ro_crate(store, p, out, opts)?
+    })
 }
 
 fn print_provenance(store: &Store, p: &Provenance) {

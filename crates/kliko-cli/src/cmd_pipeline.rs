@@ -154,25 +154,10 @@ fn run_pipeline(
     })
 }
 
-/// The RO-Crate of a pipeline run: every run that made a result (hits included: they are the
-/// runs that made what the pipeline now holds), with the pipeline file.
+/// The RO-Crate of a pipeline run (see `kliko_pipeline::history::ro_crate`).
 fn write_crate(engine: &Engine, p: &Pipeline, report: &PipelineReport, out: &Path, at: String) -> anyhow::Result<()> {
-    use kliko_engine::rocrate::{CrateOptions, WorkflowRun, WorkflowStep};
-    let steps: Vec<WorkflowStep> =
-        report.steps.iter().map(|s| WorkflowStep { name: s.name.clone(), runs: s.result_keys() }).collect();
-    let keys: Vec<kliko_core::Digest> = steps.iter().flat_map(|s| s.runs.iter().copied()).collect();
-    let query = p.file.display().to_string();
-    let prov = kliko_engine::provenance::of_runs(engine.store(), &query, p.digest, "pipeline", &keys)?;
-    let workflow = WorkflowRun {
-        file: p.file.clone(),
-        started_at: at,
-        finished_at: kliko_engine::now_rfc3339(),
-        ok: report.ok,
-        steps,
-    };
-    let opts = CrateOptions { workflow: Some(workflow), ..Default::default() };
+    let (prov, opts, failed) = kliko_pipeline::history::ro_crate(engine.store(), p, report, at)?;
     let written = crate::cmd_cache::write_crate(engine.store(), &prov, out, &opts)?;
-    let failed = report.steps.iter().flat_map(|s| &s.runs).count() - keys.len();
     let left = if failed > 0 { format!("; {failed} run(s) that did not succeed are not in it") } else { String::new() };
     eprintln!(
         "kliko: wrote the RO-Crate `{}`: {} run(s), {} file(s){left}",

@@ -83,6 +83,48 @@ pub struct CrateSummary {
     pub files: usize,
 }
 
+/// [`write_ro_crate`] packed as one zip file at `out` (the usual packaging of an RO-Crate: the
+/// crate folder's contents at the top of the zip, stored uncompressed), written beside it and
+/// renamed into place; an `out` that exists is refused, never replaced.
+pub fn write_ro_crate_zip(store: &Store, prov: &Provenance, out: &Path, opts: &CrateOptions) -> Result<CrateSummary> {
+    let io = |path: &Path, e: std::io::Error| EngineError::Io { path: path.to_path_buf(), source: e };
+    if out.symlink_metadata().is_ok() {
+        return Err(io(
+            out,
+            std::io::Error::new(std::io::ErrorKind::AlreadyExists, "exists already: kliko does not replace it"),
+        ));
+    }
+    let parent = out.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let tmp = tempfile::Builder::new().prefix(".kliko-crate-").tempdir_in(parent).map_err(|e| io(parent, e))?;
+    let root = tmp.path().join("crate");
+    let mut summary = write_ro_crate(store, prov, &root, opts)?;
+    let zip_tmp = tmp.path().join("crate.zip");
+    let zipped = (|| -> zip::result::ZipResult<()> {
+        let mut zip = zip::ZipWriter::new(std::fs::File::create(&zip_tmp)?);
+        let options = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+        for entry in walkdir::WalkDir::new(&root).sort_by_file_name() {
+            let entry = entry.map_err(std::io::Error::from)?;
+            let rel = entry.path().strip_prefix(&root).expect("under the root");
+            if rel.as_os_str().is_empty() {
+                continue;
+            }
+            let name = rel.to_string_lossy().replace('\\', "/");
+            if entry.file_type().is_dir() {
+                zip.add_directory(format!("{name}/"), options)?;
+            } else if entry.file_type().is_file() {
+                zip.start_file(name, options)?;
+                std::io::copy(&mut std::fs::File::open(entry.path())?, &mut zip)?;
+            }
+        }
+        zip.finish()?;
+        Ok(())
+    })();
+    zipped.map_err(|e| io(&zip_tmp, std::io::Error::other(e)))?;
+    std::fs::rename(&zip_tmp, out).map_err(|e| io(out, e))?;
+    summary.path = out.to_path_buf();
+    Ok(summary)
+}
+
 /// Write `prov` as an RO-Crate folder at `out` (which must not exist, or be an empty folder).
 pub fn write_ro_crate(store: &Store, prov: &Provenance, out: &Path, opts: &CrateOptions) -> Result<CrateSummary> {
     let io = |path: &Path, e: std::io::Error| EngineError::Io { path: path.to_path_buf(), source: e };

@@ -11,6 +11,33 @@ use crate::exec::PipelineReport;
 use crate::file::Pipeline;
 use crate::{blocking, Result};
 
+/// What the RO-Crate of `report` (a run of `p` started at `started_at`, RFC 3339) describes:
+/// every run that made a result (hits included: they made what the pipeline now holds), and
+/// the pipeline as the workflow with its steps (a Provenance Run Crate). Also how many runs
+/// are left out because they did not succeed. Write it with `kliko_engine::rocrate`.
+pub fn ro_crate(
+    store: &Store,
+    p: &Pipeline,
+    report: &PipelineReport,
+    started_at: String,
+) -> Result<(kliko_engine::provenance::Provenance, kliko_engine::rocrate::CrateOptions, usize)> {
+    use kliko_engine::rocrate::{CrateOptions, WorkflowRun, WorkflowStep};
+    let steps: Vec<WorkflowStep> =
+        report.steps.iter().map(|s| WorkflowStep { name: s.name.clone(), runs: s.result_keys() }).collect();
+    let keys: Vec<kliko_core::Digest> = steps.iter().flat_map(|s| s.runs.iter().copied()).collect();
+    let query = p.file.display().to_string();
+    let prov = kliko_engine::provenance::of_runs(store, &query, p.digest, "pipeline", &keys)?;
+    let workflow = WorkflowRun {
+        file: p.file.clone(),
+        started_at,
+        finished_at: kliko_engine::now_rfc3339(),
+        ok: report.ok,
+        steps,
+    };
+    let failed = report.steps.iter().flat_map(|s| &s.runs).count() - keys.len();
+    Ok((prov, CrateOptions { workflow: Some(workflow), ..Default::default() }, failed))
+}
+
 /// The record of `report`, a run of `p` through the executor named `executor`, started by
 /// `via` (`cli`, `web`) at `at` (RFC 3339).
 pub fn entry(p: &Pipeline, report: &PipelineReport, executor: &str, via: &str, at: String) -> PipelineRun {

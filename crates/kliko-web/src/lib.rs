@@ -184,6 +184,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/pipeline/{*path}", get(pipelines::pipeline_page).post(pipelines::submit))
         .route("/pipeline-run/{id}", get(pipelines::run_page))
         .route("/pipeline-run/{id}/events", get(pipelines::run_events))
+        .route("/pipeline-run/{id}/ro-crate", get(pipelines::run_crate))
         .route("/pipeline-run/{id}/cancel", post(pipelines::run_cancel))
         .route("/history", get(routes::history))
         .route("/provenance", get(routes::provenance_query))

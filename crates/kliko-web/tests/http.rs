@@ -289,28 +289,12 @@ async fn a_run_shows_logs_and_outputs_and_the_same_run_is_a_cache_hit() {
     assert!(prov.body.contains(&format!("<a href=\"/provenance/{key}\">")), "the run links to its page");
     assert!(prov.body.contains(&format!("<a href=\"/provenance/{out_tree}\"><title>tree {out_tree}</title><rect")));
     assert_eq!(prov.body.matches("stroke=\"#c2410c\"").count(), 1, "only the tree asked about is outlined");
-    // The lineage as an RO-Crate, to download: the crate folder as a tar.
+    // The lineage as an RO-Crate, to download, zipped.
     assert!(prov.body.contains(&format!("href=\"/provenance-crate/{out_tree}\" download")));
     let c = f.get(&format!("/provenance-crate/{out_tree}")).await;
     assert_eq!(c.status, StatusCode::OK);
-    assert_eq!(c.headers[header::CONTENT_TYPE], "application/x-tar");
-    let folder = format!("kliko-provenance-{}", &out_tree[..16]);
-    assert_eq!(c.headers[header::CONTENT_DISPOSITION], format!("attachment; filename=\"{folder}.tar\"").as_str());
-    let mut archive = tar::Archive::new(&c.bytes[..]);
-    let mut metadata = None;
-    for entry in archive.entries().unwrap() {
-        let mut entry = entry.unwrap();
-        let path = entry.path().unwrap().into_owned();
-        assert!(path.starts_with(&folder), "{}", path.display());
-        if path.ends_with("ro-crate-metadata.json") {
-            let mut text = String::new();
-            std::io::Read::read_to_string(&mut entry, &mut text).unwrap();
-            metadata = Some(text);
-        }
-    }
-    let metadata: serde_json::Value =
-        serde_json::from_str(&metadata.expect("ro-crate-metadata.json in the tar")).unwrap();
-    let text = metadata.to_string();
+    let name = format!("kliko-provenance-{}.zip", &out_tree[..16]);
+    let text = crate_metadata(&c, &name);
     assert!(text.contains(&key) && text.contains(&out_tree) && text.contains(&image.id), "{text}");
     assert_eq!(f.get("/provenance-crate/abc").await.status, StatusCode::BAD_REQUEST);
     assert_eq!(f.get(&format!("/provenance-crate/{}", "0".repeat(64))).await.status, StatusCode::NOT_FOUND);
@@ -588,6 +572,14 @@ async fn pipelines_are_listed_drawn_run_live_and_kept_in_their_history() {
     assert!(run.body.contains("[first] step says a") && run.body.contains("[second] step says b"), "{}", run.body);
     assert!(run.body.contains("written to <code>out/final</code>"), "the step's output folder: {}", run.body);
     assert!(run.body.contains("<span class=\"st-done\">done</span>"), "a legend");
+    // The finished run as an RO-Crate: the pipeline as the workflow, with both steps' runs.
+    assert!(run.body.contains(&format!("href=\"/pipeline-run/{id}/ro-crate\" download")), "{}", run.body);
+    let c = f.get(&format!("/pipeline-run/{id}/ro-crate")).await;
+    assert_eq!(c.status, StatusCode::OK, "{}", c.body);
+    let text = crate_metadata(&c, &format!("kliko-pipeline-run-{id}.zip"));
+    let first_key = report.steps[0].runs[0].key.unwrap();
+    assert!(text.contains(&first_key.to_hex()) && text.contains(&second_key.to_hex()), "{text}");
+    assert!(text.contains("ComputationalWorkflow") && text.contains("pipeline.yml"), "{text}");
     // The live stream of a finished run: every step's last state, then the end.
     let events = f.get(&format!("/pipeline-run/{id}/events")).await;
     assert!(events.body.contains("event: step") && events.body.contains("\"state\":\"done\""), "{}", events.body);
@@ -697,4 +689,17 @@ async fn the_folder_picker_browses_the_data_folders_and_nothing_else() {
     let form = f.get(&format!("/image/{}", image.tag)).await;
     assert!(form.body.contains("data-for=\"folder-input\"") && form.body.contains("data-for=\"folder-output\""));
     assert!(form.body.contains("fetch('/folders?under='"));
+}
+
+/// The `ro-crate-metadata.json` of a zipped crate download named `name`, as text (checked to
+/// be JSON).
+fn crate_metadata(c: &Resp, name: &str) -> String {
+    assert_eq!(c.headers[header::CONTENT_TYPE], "application/zip");
+    assert_eq!(c.headers[header::CONTENT_DISPOSITION], format!("attachment; filename=\"{name}\"").as_str());
+    let mut zip = zip::ZipArchive::new(std::io::Cursor::new(c.bytes.clone())).expect("a zip");
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut zip.by_name("ro-crate-metadata.json").expect("metadata at the top"), &mut text)
+        .unwrap();
+    serde_json::from_str::<serde_json::Value>(&text).expect("JSON");
+    text
 }

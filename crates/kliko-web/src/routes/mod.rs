@@ -73,7 +73,7 @@ pub(crate) fn explain(e: &EngineError) -> String {
     }
 }
 
-fn internal(e: impl std::error::Error) -> PageError {
+pub(crate) fn internal(e: impl std::error::Error) -> PageError {
     PageError::new(StatusCode::INTERNAL_SERVER_ERROR, chain(&e))
 }
 
@@ -115,6 +115,7 @@ mod run;
 
 pub use history::history;
 pub use images::{image_form, index, submit, KeptUploads};
+pub(crate) use provenance::crate_zip;
 pub use provenance::{provenance, provenance_crate, provenance_query};
 pub use results::{result_file, result_files, result_log};
 pub use run::{run_cancel, run_events, run_file, run_page};

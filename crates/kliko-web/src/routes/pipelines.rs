@@ -24,7 +24,7 @@ use kliko_store::records::PipelineRun;
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::{check_csrf, explain, internal, rfc3339, CsrfForm, PageError, St};
+use super::{check_csrf, crate_zip, explain, internal, rfc3339, CsrfForm, PageError, St};
 use crate::html::{self, badge, esc, page, url_path, Nav};
 use crate::{auth, AppState};
 
@@ -805,6 +805,13 @@ pub async fn run_page(State(st): St, Path(id): Path<String>) -> Result<Html<Stri
         ));
     }
     b.push_str("</div>");
+    if report.is_some() {
+        b.push_str(&format!(
+            "<p class=\"meta\" id=\"crate\"><a href=\"/pipeline-run/{}/ro-crate\" download>Download this run as an RO-Crate</a> \
+(the pipeline, its steps and every run that made a result, by digest).</p>",
+            url_path(&run.id)
+        ));
+    }
     if let Some(e) = &error {
         b.push_str(&format!("<div class=\"alert bad\" id=\"run-error\">{}</div>", esc(e).replace('\n', "<br>")));
     }
@@ -905,6 +912,27 @@ pub async fn run_page(State(st): St, Path(id): Path<String>) -> Result<Html<Stri
         )));
     }
     Ok(Html(page("Pipeline run", Nav::Pipelines, &b)))
+}
+
+/// `/pipeline-run/{id}/ro-crate`: a finished run as an RO-Crate (a Provenance Run Crate: the
+/// pipeline file as the workflow, its steps, and every run that made a result), zipped: the
+/// crate `kliko pipeline run FILE --ro-crate FILE.zip` writes.
+pub async fn run_crate(State(st): St, Path(id): Path<String>) -> Result<Response, PageError> {
+    let run = get_run(&st, &id)?;
+    let Some(report) = run.view.lock().expect("view lock").report.clone() else {
+        return Err(PageError::new(
+            StatusCode::CONFLICT,
+            "This pipeline run has not finished: its crate is made when it has.",
+        ));
+    };
+    let started = rfc3339(run.started);
+    let name = format!("kliko-pipeline-run-{}", run.id);
+    crate_zip(st.engine.store().clone(), name, move |store| {
+        let (prov, opts, _) =
+            kliko_pipeline::history::ro_crate(store, &run.pipeline, &report, started).map_err(internal)?;
+        Ok((prov, opts))
+    })
+    .await
 }
 
 /// `/pipeline-run/{id}/events`: each step's state as it changes, the logs, then `done`.

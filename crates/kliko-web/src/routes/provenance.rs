@@ -84,7 +84,7 @@ async fn provenance_body(st: &AppState, typed: &str, q: Option<&str>) -> Result<
     if !prov.runs.is_empty() {
         b.push_str(&format!(
             "<p class=\"meta\"><a href=\"/provenance-crate/{0}\" download>Download this lineage as an RO-Crate</a> \
-(a Provenance Run Crate: every run, image, parameter, input and output by digest; a tar of the crate folder).</p>",
+(a Provenance Run Crate, zipped: every run, image, parameter, input and output by digest).</p>",
             prov.digest.to_hex()
         ));
     }
@@ -129,9 +129,9 @@ async fn provenance_body(st: &AppState, typed: &str, q: Option<&str>) -> Result<
 }
 
 /// `/provenance-crate/{digest}`: the lineage of a whole digest (a run key, a tree or a file) as
-/// an RO-Crate, the folder `kliko provenance DIGEST --ro-crate DIR` writes, as a tar. The
-/// crate names outputs and logs by digest; putting the files themselves in (they may be
-/// large) is the command line's `--with-data`.
+/// an RO-Crate, the one `kliko provenance DIGEST --ro-crate FILE.zip` writes. The crate names
+/// outputs and logs by digest; putting the files themselves in (they may be large) is the
+/// command line's `--with-data`.
 pub async fn provenance_crate(State(st): St, Path(d): Path<String>) -> Result<Response, PageError> {
     if d.len() != 64 || !d.chars().all(|c| c.is_ascii_hexdigit()) {
         return Err(PageError::new(
@@ -140,31 +140,39 @@ pub async fn provenance_crate(State(st): St, Path(d): Path<String>) -> Result<Re
         ));
     }
     let d = d.to_ascii_lowercase();
-    let store = st.engine.store().clone();
     let name = format!("kliko-provenance-{}", &d[..16]);
-    let folder = name.clone();
+    crate_zip(st.engine.store().clone(), name, move |store| match kliko_engine::provenance::provenance(store, &d, 8) {
+        Ok(p) if !p.runs.is_empty() => Ok((p, Default::default())),
+        Ok(_) | Err(EngineError::UnknownRef { .. }) => {
+            Err(PageError::new(StatusCode::NOT_FOUND, "No stored run made or used this digest."))
+        }
+        Err(e) => Err(internal(e)),
+    })
+    .await
+}
+
+/// An RO-Crate as a zip download named `name.zip`: `describe` says what goes in it (off the
+/// async threads; the crate is written to a private temporary folder and read back).
+pub(crate) async fn crate_zip(
+    store: Arc<Store>,
+    name: String,
+    describe: impl FnOnce(&Store) -> Result<(kliko_engine::provenance::Provenance, kliko_engine::rocrate::CrateOptions), PageError>
+        + Send
+        + 'static,
+) -> Result<Response, PageError> {
     let made = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, PageError> {
-        let prov = match kliko_engine::provenance::provenance(&store, &d, 8) {
-            Ok(p) if !p.runs.is_empty() => p,
-            Ok(_) | Err(EngineError::UnknownRef { .. }) => {
-                return Err(PageError::new(StatusCode::NOT_FOUND, "No stored run made or used this digest."))
-            }
-            Err(e) => return Err(internal(e)),
-        };
+        let (prov, opts) = describe(&store)?;
         let tmp = tempfile::Builder::new().prefix("kliko-web-crate-").tempdir().map_err(internal)?;
-        let dir = tmp.path().join(&folder);
-        kliko_engine::rocrate::write_ro_crate(&store, &prov, &dir, &Default::default()).map_err(internal)?;
-        let mut tar = tar::Builder::new(Vec::new());
-        tar.follow_symlinks(false);
-        tar.append_dir_all(&folder, &dir).map_err(internal)?;
-        tar.into_inner().map_err(internal)
+        let zip = tmp.path().join("crate.zip");
+        kliko_engine::rocrate::write_ro_crate_zip(&store, &prov, &zip, &opts).map_err(internal)?;
+        std::fs::read(&zip).map_err(internal)
     })
     .await
     .map_err(internal)??;
-    let disposition = format!("attachment; filename=\"{name}.tar\"");
+    let disposition = format!("attachment; filename=\"{name}.zip\"");
     Ok((
         [
-            (header::CONTENT_TYPE, HeaderValue::from_static("application/x-tar")),
+            (header::CONTENT_TYPE, HeaderValue::from_static("application/zip")),
             (header::CONTENT_DISPOSITION, HeaderValue::from_str(&disposition).map_err(internal)?),
         ],
         made,
