@@ -21,8 +21,24 @@ pub struct Checked {
 }
 
 /// The parameter layer of a step: values as written, file paths relative to the pipeline.
-pub(crate) fn param_layer(p: &Pipeline, step: &crate::Step) -> ParamLayer {
-    ParamLayer::json(&step.params).with_origin(format!("step `{}`", step.name)).with_base_dir(&p.dir)
+pub(crate) fn param_layer(dir: &std::path::Path, step: &crate::Step) -> ParamLayer {
+    ParamLayer::json(&step.params).with_origin(format!("step `{}`", step.name)).with_base_dir(dir)
+}
+
+/// The request of one run of `step` (of the pipeline in folder `dir`) on `input`: the one
+/// place that says what a step's run is, so a plan's keys are the keys a run will have.
+pub(crate) fn step_request(
+    dir: &std::path::Path,
+    step: &crate::Step,
+    input: kliko_engine::Input,
+) -> kliko_engine::RunRequest {
+    let mut req = kliko_engine::RunRequest::new(step.image.clone(), input, None);
+    req.store_only = true;
+    req.params = vec![param_layer(dir, step)];
+    req.timeout = step.timeout;
+    req.gpus = step.resources.gpus.map(kliko_engine::Gpus::Count);
+    req.runtime = step.runtime;
+    req
 }
 
 pub async fn check(engine: &Engine, p: &Pipeline) -> Result<Checked> {
@@ -142,7 +158,7 @@ pub async fn check(engine: &Engine, p: &Pipeline) -> Result<Checked> {
                 format!("image `{}` changes `/work` in place (io `join`): give the step an `input`", s.image),
             );
         }
-        match meta.spec.resolve(&[param_layer(p, s)]) {
+        match meta.spec.resolve(&[param_layer(&p.dir, s)]) {
             Err(errors) => {
                 for e in errors.iter() {
                     let line = e.field().and_then(|f| s.param_lines.get(f)).copied().unwrap_or(s.line);

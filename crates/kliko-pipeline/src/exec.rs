@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use kliko_core::Digest;
-use kliko_engine::{Cache, Event, Observer, RunRequest, Status};
+use kliko_engine::{Cache, Event, Observer, Status};
 pub use kliko_runtime::Stream;
 use kliko_store::{MaterializeMode, Store};
 use serde::Serialize;
@@ -16,7 +16,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::check::{param_layer, Checked};
+use crate::check::Checked;
 use crate::executor::{StepExecutor, StepRun};
 use crate::file::{Pipeline, Step};
 use crate::inputs::{EntryRef, Resolver, Stage};
@@ -663,12 +663,7 @@ async fn run_one_inner(
         let (r, s, outs) = (ctx.resolver.clone(), step.clone(), ctx.outputs.clone());
         blocking(move || r.run_input(&s, entry.as_ref(), &outs)).await?
     };
-    let mut req = RunRequest::new(step.image.clone(), input, None);
-    req.store_only = true;
-    req.params = vec![param_layer_for(&ctx.pipeline_dir, &step)];
-    req.timeout = step.timeout;
-    req.gpus = step.resources.gpus.map(kliko_engine::Gpus::Count);
-    req.runtime = step.runtime;
+    let mut req = crate::check::step_request(&ctx.pipeline_dir, &step, input);
     req.labels.insert(PIPELINE_LABEL.into(), ctx.pipeline_file.display().to_string());
     req.labels.insert(STEP_LABEL.into(), step.name.clone());
     let obs = Arc::new(RunObs {
@@ -710,18 +705,6 @@ async fn run_one_inner(
         log_tail: report.log_tail,
         error: report.reason,
     })
-}
-
-fn param_layer_for(dir: &Path, step: &Step) -> kliko_spec::ParamLayer {
-    let p = Pipeline {
-        file: PathBuf::new(),
-        dir: dir.to_path_buf(),
-        steps: Vec::new(),
-        resources: Default::default(),
-        runtime: None,
-        digest: kliko_core::Digest::of_bytes(b""),
-    };
-    param_layer(&p, step)
 }
 
 /// Put stored tree `tree` at `target`, replacing what is there only once the new copy is

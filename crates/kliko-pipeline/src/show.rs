@@ -7,10 +7,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use kliko_core::Digest;
-use kliko_engine::{Engine, RunRequest};
+use kliko_engine::Engine;
 use serde::Serialize;
 
-use crate::check::{param_layer, Checked};
+use crate::check::Checked;
 use crate::file::{InputSpec, Item, Pipeline, Source};
 use crate::inputs::{Resolver, Stage};
 use crate::{blocking, Result};
@@ -118,10 +118,7 @@ pub async fn show(engine: &Arc<Engine>, p: &Pipeline, checked: &Checked) -> Resu
             let name = entry.as_ref().map(|(n, _)| n.clone());
             let (r, s, o) = (resolver.clone(), Arc::new(step.clone()), outs.clone());
             let input = blocking(move || r.run_input(&s, entry.as_ref(), &o)).await?;
-            let mut req = RunRequest::new(step.image.clone(), input, None);
-            req.store_only = true;
-            req.params = vec![param_layer(p, step)];
-            req.runtime = step.runtime;
+            let req = crate::check::step_request(&p.dir, step, input);
             let prep = engine.prepare(&req).await?;
             let stored = engine.store().get_result(&db, &prep.key)?.filter(|r| engine.store().is_complete(r));
             if let Some(r) = &stored {
