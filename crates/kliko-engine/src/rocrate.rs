@@ -5,7 +5,9 @@
 //! Every run of the answer is a `CreateAction`: its image as the `instrument` (a
 //! `SoftwareApplication` named by its tag and identified by its image ID) and its
 //! `containerImage` (a `ContainerImage` with that ID's sha256), its parameters (as given, one
-//! `PropertyValue` each; file parameters also as `File`s with their BLAKE3 digest) and its
+//! `PropertyValue` each, an `exampleOfWork` of the `FormalParameter` the image's kliko.yml
+//! declares (its type, default and whether it is required, listed as the application's
+//! `input`); file parameters also as `File`s with their BLAKE3 digest) and its
 //! input tree as `object`, its output tree as `result`, its start and end times, its agent
 //! (the user), host and exit code. Trees are `Dataset`s identified by their kliko tree digest
 //! (`kliko hash FOLDER` prints it, so anyone can check a folder against the crate). With
@@ -154,11 +156,21 @@ pub fn write_ro_crate(store: &Store, prov: &Provenance, out: &Path, opts: &Crate
         let tag = r.repo_tags.first().cloned().unwrap_or_else(|| r.image_ref.clone());
         let (repo, version) = split_tag(&tag);
         let app_id = format!("#app-{image_hex}");
-        g.add(json!({
+        let mut app = json!({
             "@id": app_id, "@type": "SoftwareApplication", "name": tag,
             "identifier": r.image_id, "softwareVersion": version,
             "description": format!("the kliko image {tag}, image ID {}", r.image_id),
-        }));
+        });
+        // The image's parameters, as its kliko.yml declares them (when this store has it).
+        let formal = formal_parameters(store, &r.image_id, &app_id);
+        if !formal.is_empty() {
+            app["input"] = one_or_many(formal.values().map(|(id, _)| json!({"@id": id})).collect());
+            for (_, e) in formal.values() {
+                g.add(e.clone());
+            }
+        }
+        g.add(app);
+        let example_of = |name: &str| formal.get(name).map(|(id, _)| json!({"@id": id}));
         let image_id = format!("#image-{image_hex}");
         g.add(json!({
             "@id": image_id, "@type": "ContainerImage",
@@ -189,7 +201,11 @@ pub fn write_ro_crate(store: &Store, prov: &Provenance, out: &Path, opts: &Crate
                     Value::String(s) => s.clone(),
                     other => other.to_string(),
                 };
-                g.add(json!({"@id": pid, "@type": "PropertyValue", "name": name, "value": text}));
+                let mut pv = json!({"@id": pid, "@type": "PropertyValue", "name": name, "value": text});
+                if let Some(fp) = example_of(name) {
+                    pv["exampleOfWork"] = fp;
+                }
+                g.add(pv);
                 object.push(json!({"@id": pid}));
             }
         }
@@ -198,10 +214,14 @@ pub fn write_ro_crate(store: &Store, prov: &Provenance, out: &Path, opts: &Crate
             for (name, v) in canon {
                 for f in file_params(v) {
                     let fid = format!("#file-{}", f.0);
-                    g.add(json!({
+                    let mut file = json!({
                         "@id": fid, "@type": "File", "name": format!("{name}: {}", f.1),
                         "identifier": format!("blake3:{}", f.0), "encodingFormat": "application/octet-stream",
-                    }));
+                    });
+                    if let Some(fp) = example_of(name) {
+                        file["exampleOfWork"] = fp;
+                    }
+                    g.add(file);
                     object.push(json!({"@id": fid}));
                 }
             }
@@ -336,12 +356,12 @@ pub fn write_ro_crate(store: &Store, prov: &Provenance, out: &Path, opts: &Crate
         "tag": format!("{WFRUN}tag"),
         "exitCode": format!("{WFRUN}exitCode"),
     });
+    // Bioschemas' terms as RO-Crate 1.1's context maps them, said here too: later versions
+    // of that context map them elsewhere (`bioschemas.org/terms/…`), and a reader given one
+    // of those for 1.1 must still see a ComputationalWorkflow and its FormalParameters.
+    terms["FormalParameter"] = json!("https://bioschemas.org/FormalParameter");
     if opts.workflow.is_some() {
-        // Bioschemas' terms as RO-Crate 1.1's context maps them, said here too: later
-        // versions of that context map them elsewhere (`bioschemas.org/terms/…`), and a
-        // reader given one of those for 1.1 must still see a ComputationalWorkflow.
         terms["ComputationalWorkflow"] = json!("https://bioschemas.org/ComputationalWorkflow");
-        terms["FormalParameter"] = json!("https://bioschemas.org/FormalParameter");
     }
     let doc = json!({
         "@context": [format!("{RO_CRATE}/context"), terms],
@@ -478,6 +498,50 @@ impl Graph {
         let id = e["@id"].as_str().expect("every entity has an @id").to_string();
         self.entities.entry(id).or_insert(e);
     }
+}
+
+/// The parameters the kliko.yml of image `image_id` declares (from this store's copy; none
+/// if it has none), as `FormalParameter`s of the application `app_id`: name → (id, entity).
+fn formal_parameters(store: &Store, image_id: &str, app_id: &str) -> BTreeMap<String, (String, Value)> {
+    use kliko_spec::FieldType as T;
+    let Some(spec) = store
+        .image_file(image_id, "/kliko.yml")
+        .ok()
+        .flatten()
+        .and_then(|y| kliko_spec::Spec::parse("kliko.yml", &String::from_utf8_lossy(&y)).ok())
+    else {
+        return BTreeMap::new();
+    };
+    let mut out = BTreeMap::new();
+    for f in spec.fields() {
+        let id = format!("{app_id}-param-{}", f.name);
+        let (kind, many) = match f.ty {
+            T::Int => ("Integer", false),
+            T::ListInt => ("Integer", true),
+            T::Float => ("Float", false),
+            T::ListFloat => ("Float", true),
+            T::Bool => ("Boolean", false),
+            T::ListBool => ("Boolean", true),
+            T::File => ("File", false),
+            T::ListFile => ("File", true),
+            T::Choice | T::Char | T::Str => ("Text", false),
+            T::ListStr => ("Text", true),
+        };
+        let mut e = json!({
+            "@id": id, "@type": "FormalParameter", "name": f.name,
+            "additionalType": kind, "valueRequired": f.required, "multipleValues": many,
+            "conformsTo": {"@id": "https://bioschemas.org/profiles/FormalParameter/1.0-RELEASE"},
+        });
+        if let Some(d) = f.help_text.as_ref().or(f.label.as_ref()) {
+            e["description"] = json!(d);
+        }
+        if let Some(v) = f.initial.as_ref().filter(|v| !matches!(v, kliko_spec::Value::Null)) {
+            // The command-line spelling, as the run's own values are given.
+            e["defaultValue"] = json!(v.to_string());
+        }
+        out.insert(f.name.clone(), (id, e));
+    }
+    out
 }
 
 /// RO-Crate 1.1 prefers a single value to a one-element list.

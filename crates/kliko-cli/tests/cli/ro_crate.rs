@@ -52,6 +52,8 @@ crate = ROCrate(sys.argv[1])
 def ids(v):
     v = v if isinstance(v, list) else [v] if v is not None else []
     return [x.id for x in v]
+def ids_of(v):
+    return v if isinstance(v, list) else [v] if v is not None else []
 main = crate.root_dataset.get("mainEntity")
 out = {"actions": [], "identifiers": [], "conforms": str(crate.root_dataset.get("conformsTo")),
        "main": main.id if main else None, "steps": [], "controls": {}, "organize": None, "workflow_run": None}
@@ -76,6 +78,9 @@ for e in crate.get_entities():
             "image": e.get("instrument").get("identifier"),
             "container_sha256": e.get("containerImage").get("sha256"),
             "params": {o.get("name"): o.get("value") for o in obj if o.type == "PropertyValue"},
+            "formal": {o.get("name"): o.get("exampleOfWork").get("additionalType")
+                       for o in obj if o.type == "PropertyValue" and o.get("exampleOfWork") is not None},
+            "app_inputs": sorted(i.get("name") for i in ids_of(e.get("instrument").get("input"))),
             "inputs": sorted(o.get("identifier") for o in obj if o.type in ("Dataset", "File")),
             "result": e.get("result").get("identifier"),
             "start": e.get("startTime"), "end": e.get("endTime"),
@@ -155,6 +160,22 @@ fn a_lineage_is_a_valid_process_run_crate_holding_every_run_and_digest_and_nothi
     assert_eq!(a1["container_sha256"], step1.id.trim_start_matches("sha256:"));
     assert_eq!(a2["image"], step2.id.as_str());
     assert_eq!(a1["params"]["scale"], "3");
+    // Each value given is an example of the parameter the image's kliko.yml declares.
+    assert_eq!(a1["formal"]["scale"], "Integer", "{a1}");
+    assert_eq!(a1["app_inputs"], serde_json::json!(["mask", "scale"]), "{a1}");
+    assert_eq!(a2["app_inputs"], serde_json::json!([]), "step2 declares no parameters: {a2}");
+    let doc: Value =
+        serde_json::from_str(&std::fs::read_to_string(krate.join("ro-crate-metadata.json")).unwrap()).unwrap();
+    let formal = |name: &str| {
+        doc["@graph"].as_array().unwrap().iter().find(|e| e["@type"] == "FormalParameter" && e["name"] == name).cloned()
+    };
+    let scale = formal("scale").expect("scale is a FormalParameter");
+    assert_eq!((scale["defaultValue"].as_str(), scale["valueRequired"].as_bool()), (Some("2"), Some(true)), "{scale}");
+    let mask_param = formal("mask").expect("mask is a FormalParameter");
+    assert_eq!(
+        (mask_param["additionalType"].as_str(), mask_param["valueRequired"].as_bool()),
+        (Some("File"), Some(false))
+    );
     assert_eq!(a1["exit"], 0);
     assert!(a1["start"].as_str().unwrap().starts_with("20") && a1["end"].as_str().is_some());
     // Inputs and outputs by digest, as `kliko hash` gives them: anyone can check the folders.
