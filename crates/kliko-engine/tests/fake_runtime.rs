@@ -683,6 +683,27 @@ impl kliko_engine::Observer for LogsSeen {
     }
 }
 
+/// `a`'s run of `image` into `out`, started in the background.
+fn lead_in_background(a: Setup, image: &'static str) -> (Arc<Setup>, tokio::task::JoinHandle<kliko_engine::RunReport>) {
+    let a = Arc::new(a);
+    let leader = {
+        let a = a.clone();
+        tokio::spawn(async move { a.run(a.request(image, "out")).await.unwrap() })
+    };
+    (a, leader)
+}
+
+/// Once some machine leads a run on the folder tier at `tier` (or after 5 s).
+async fn leading_on(tier: &Path) {
+    let leases = tier.join("kliko-remote-v1/leases");
+    for _ in 0..100 {
+        if std::fs::read_dir(&leases).is_ok_and(|mut d| d.next().is_some()) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiter_on_another_machine_sees_the_leaders_logs_as_they_grow() {
     let tier = tempfile::tempdir().unwrap();
@@ -690,19 +711,8 @@ async fn a_waiter_on_another_machine_sees_the_leaders_logs_as_they_grow() {
     let slow = |_: &FakeContainer<'_>| FakeExit::code(0).stdout("calibrating 3C286\n").taking(Duration::from_secs(3));
     a.fake.add_image("slow:1", &[("/kliko.yml", SPLIT_YML)], slow);
     b.fake.add_image("slow:1", &[("/kliko.yml", SPLIT_YML)], slow);
-    let a = Arc::new(a);
-    let leader = {
-        let a = a.clone();
-        tokio::spawn(async move { a.run(a.request("slow:1", "out")).await.unwrap() })
-    };
-    // Wait until A leads on the tier.
-    let leases = tier.path().join("kliko-remote-v1/leases");
-    for _ in 0..100 {
-        if std::fs::read_dir(&leases).is_ok_and(|mut d| d.next().is_some()) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let (_a, leader) = lead_in_background(a, "slow:1");
+    leading_on(tier.path()).await;
     let seen = Arc::new(LogsSeen::default());
     let waiting = b.engine.run(b.request("slow:1", "out"), seen.clone(), CancellationToken::new());
     let (waited, led) = tokio::join!(waiting, leader);
@@ -713,6 +723,38 @@ async fn a_waiter_on_another_machine_sees_the_leaders_logs_as_they_grow() {
     assert_eq!(b.fake.runs(), 0);
     let shown = String::from_utf8(seen.0.lock().unwrap().clone()).unwrap();
     assert_eq!(shown, "calibrating 3C286\n", "A's log lines, once, while B waited");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dispatcher_follows_a_run_another_machine_leads_instead_of_starting_one() {
+    let tier = tempfile::tempdir().unwrap();
+    let (a, b) = two_machines(tier.path().to_str().unwrap());
+    let slow = |_: &FakeContainer<'_>| FakeExit::code(0).stdout("imaging\n").taking(Duration::from_secs(2));
+    a.fake.add_image("slow:1", &[("/kliko.yml", SPLIT_YML)], slow);
+    b.fake.add_image("slow:1", &[("/kliko.yml", SPLIT_YML)], slow);
+    let obs: Arc<dyn kliko_engine::Observer> = Arc::new(LogsSeen::default());
+    let cancel = CancellationToken::new();
+    // Nobody leads it: a dispatcher would start it.
+    let req = b.request("slow:1", "out");
+    let (prep, hit) = b.engine.lookup(&req, None, &obs).await.unwrap();
+    assert!(hit.is_none());
+    assert!(b.engine.follow_in_flight(&req, &prep, &obs, &cancel).await.unwrap().is_none());
+
+    let (a, leader) = lead_in_background(a, "slow:1");
+    leading_on(tier.path()).await;
+    // A leads it: B follows A's run to its result and starts nothing.
+    let followed = b.engine.follow_in_flight(&req, &prep, &obs, &cancel).await.unwrap();
+    let led = leader.await.unwrap();
+    match followed {
+        Some(kliko_engine::Followed::Recorded(r)) => {
+            assert_eq!((r.key, r.status), (led.key, Status::Succeeded));
+            assert_eq!(r.output, led.output);
+        }
+        other => panic!("not followed to its result: {other:?}"),
+    }
+    assert_eq!((a.fake.runs(), b.fake.runs()), (1, 0));
+    // Over and recorded: nobody leads it any more, and it is a hit.
+    assert!(b.engine.follow_in_flight(&req, &prep, &obs, &cancel).await.unwrap().is_none());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -501,6 +501,18 @@ impl StepExecutor for Slurm {
         let remote = self.engine.remote().cloned().ok_or_else(|| {
             EngineError::Scheduler("the Slurm executor needs a shared tier (`--remote URL` or `KLIKO_REMOTE`)".into())
         })?;
+        // Someone leads this key now (another dispatcher's job, a colleague's run on another
+        // machine): follow that run rather than queue a job that would only wait for it. If
+        // it ends without a result (its holder died, or was stopped), look again, and submit
+        // once nobody leads it.
+        loop {
+            match self.engine.follow_in_flight(&run.request, &prep, &run.observer, &run.cancel).await? {
+                None => break,
+                Some(Followed::Ended(_)) => continue,
+                Some(Followed::Failed(r)) if r.status == kliko_engine::Status::Cancelled => continue,
+                Some(Followed::Recorded(r) | Followed::Failed(r) | Followed::Cancelled(r)) => return Ok(r),
+            }
+        }
         let input = match &run.request.input {
             Input::Tree(t) => *t,
             Input::None => prep.input_digest,

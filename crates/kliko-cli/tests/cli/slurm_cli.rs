@@ -309,6 +309,18 @@ fn ctrl_c_cancels_the_jobs_in_the_queue_and_records_nothing() {
     assert!(containers_of(&tool).is_empty());
 }
 
+/// Two pipeline files, `one.yml` and `two.yml`, whose first step `shared` (sleeping `sleep`
+/// seconds) is the same run; each has a second step of its own.
+fn sharing_pipelines(c: &Cluster, tool: &TestImage, sleep: u32) -> (PathBuf, PathBuf) {
+    let body = |second: &str| {
+        format!(
+            "version: 1\nsteps:\n  shared:\n    image: {img}\n    input: in/\n    params: {{tag: shared, sleep: {sleep}}}\n  {second}:\n    image: {img}\n    input: shared\n    params: {{tag: {second}}}\n",
+            img = tool.tag
+        )
+    };
+    (c.w.file("one.yml", &body("first")), c.w.file("two.yml", &body("second")))
+}
+
 #[test]
 fn two_pipelines_sharing_a_step_run_it_once() {
     if !slurm_here() {
@@ -317,13 +329,7 @@ fn two_pipelines_sharing_a_step_run_it_once() {
     let c = Cluster::new("slurm-shared");
     let tool = build(ImageBuilder::new("slurm-shared").kliko_yml(TOOL_YML).kliko_script(TOOL_SCRIPT));
     c.w.folder("in", &[("x.txt", "x")]);
-    let body = |second: &str| {
-        format!(
-            "version: 1\nsteps:\n  shared:\n    image: {img}\n    input: in/\n    params: {{tag: shared, sleep: 3}}\n  {second}:\n    image: {img}\n    input: shared\n    params: {{tag: {second}}}\n",
-            img = tool.tag
-        )
-    };
-    let (f1, f2) = (c.w.file("one.yml", &body("first")), c.w.file("two.yml", &body("second")));
+    let (f1, f2) = sharing_pipelines(&c, &tool, 3);
     let since = docker_now();
     let a = c
         .pipeline("slurm", &f1)
@@ -347,6 +353,43 @@ fn two_pipelines_sharing_a_step_run_it_once() {
     // tier, waited, and took its result).
     assert_eq!(containers_started(&tool, &since, &until), 3, "{}\n{}", a.stderr, b.stderr);
     assert_eq!(steps(&a.json())["shared"]["output"], steps(&b.json())["shared"]["output"]);
+}
+
+#[test]
+fn a_dispatcher_follows_a_job_that_already_runs_its_step_instead_of_submitting_another() {
+    if !slurm_here() {
+        return;
+    }
+    let c = Cluster::new("slurm-follow");
+    let tool = build(ImageBuilder::new("slurm-follow").kliko_yml(TOOL_YML).kliko_script(TOOL_SCRIPT));
+    c.w.folder("in", &[("x.txt", "x")]);
+    let (f1, f2) = sharing_pipelines(&c, &tool, 4);
+    let since = docker_now();
+    let a = c.pipeline("slurm", &f1).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn();
+    let a = a.unwrap();
+    // Once the first dispatcher's job leads the shared step on the tier, a second dispatcher
+    // (another user's store) follows that job: it submits only its own second step.
+    let leases = c.tier.join("kliko-remote-v1/leases");
+    for _ in 0..600 {
+        if std::fs::read_dir(&leases).is_ok_and(|mut d| d.next().is_some()) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(std::fs::read_dir(&leases).is_ok_and(|mut d| d.next().is_some()), "the first job never led the step");
+    let b = Out::of(&mut c.pipeline_in(&c.w.path("store-2"), "slurm", &f2));
+    let a = Out::from_output("one".into(), a.wait_with_output().unwrap());
+    a.ok();
+    b.ok();
+    let until = docker_now();
+    let (sa, sb) = (steps(&a.json()), steps(&b.json()));
+    assert!(sa["shared"]["runs"][0]["job"].as_str().is_some_and(|j| !j.is_empty()), "{}", a.stdout);
+    assert!(sb["shared"]["runs"][0]["job"].is_null(), "the second dispatcher submitted the shared step: {}", b.stdout);
+    assert!(sb["second"]["runs"][0]["job"].as_str().is_some_and(|j| !j.is_empty()), "{}", b.stdout);
+    assert_eq!(sa["shared"]["output"], sb["shared"]["output"]);
+    assert_eq!(sb["shared"]["runs"][0]["container"], false, "{}", b.stdout);
+    // Three containers, and only three jobs: the shared step once, each pipeline's second.
+    assert_eq!(containers_started(&tool, &since, &until), 3, "{}\n{}", a.stderr, b.stderr);
 }
 
 #[test]

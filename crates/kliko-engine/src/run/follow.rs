@@ -134,3 +134,48 @@ impl Engine {
         }
     }
 }
+
+impl Engine {
+    /// If another process or machine leads `prep`'s key now (its lease is held: here, or on
+    /// the shared tier, judged alive on this machine's clock), follow that run as
+    /// [`Engine::follow`] does, until its outcome, or until its lease is let go or judged
+    /// dead without one ([`Followed::Ended`]: look again, and lead it if nobody does).
+    /// `None` when nobody leads it: the caller may start the run (a dispatcher submits it).
+    pub async fn follow_in_flight(
+        &self,
+        req: &RunRequest,
+        prep: &Prepared,
+        obs: &Arc<dyn Observer>,
+        cancel: &CancellationToken,
+    ) -> Result<Option<Followed>> {
+        let (leases, key) = (self.leases().clone(), prep.key);
+        let (free, holder) = blocking(move || Ok((leases.is_free(&key), leases.holder(&key)))).await?;
+        if free {
+            return Ok(None);
+        }
+        mark("another run of this key is in flight: following it");
+        if let Some(holder) = holder {
+            obs.event(&Event::Waiting { holder });
+        }
+        // The run is over for us once its lease is free again: asked every second or two (a
+        // lease on the tier is asked at most once a second however often this polls).
+        let ended = CancellationToken::new();
+        let watch = {
+            let (leases, ended) = (self.leases().clone(), ended.clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                    let l = leases.clone();
+                    if tokio::task::spawn_blocking(move || l.is_free(&key)).await.unwrap_or(true) {
+                        ended.cancel();
+                        return;
+                    }
+                }
+            })
+        };
+        let since = kliko_store::records::now_ms();
+        let followed = self.follow(req, prep, since, obs, cancel, &ended).await;
+        watch.abort();
+        followed.map(Some)
+    }
+}
