@@ -87,6 +87,23 @@ pub fn run(plan_json: Option<String>, plan_file: Option<PathBuf>) -> anyhow::Res
         if objects > 0 {
             eprintln!("kliko: fetched the input: {objects} objects, {}", kliko_core::units::human_bytes(bytes));
         }
+        // File parameters this node does not see as the dispatcher did: copies from the tier,
+        // in a private folder that lives as long as the run.
+        let mut plan = plan;
+        let _copies = match plan.param_files.as_ref().map(|p| p.tree) {
+            None => None,
+            Some(tree) => {
+                remote
+                    .fetch_tree(&store, &tree)
+                    .await
+                    .with_context(|| format!("cannot fetch the run's file parameters {tree} from the shared tier"))?;
+                let folder = store.run_folder("param-files")?;
+                let dir = folder.path().join("files");
+                store.materialize(&tree, &dir, kliko_store::MaterializeMode::Copy)?;
+                plan = plan.with_param_copies(&dir);
+                Some(folder)
+            }
+        };
         let mut engine = crate::engine_with(store, Some(remote))?;
         if let Some(rt) = &plan.runtime {
             let kind = kliko_runtime::RuntimeKind::parse(rt).map_err(|e| anyhow::anyhow!("the plan's runtime: {e}"))?;
@@ -99,8 +116,8 @@ pub fn run(plan_json: Option<String>, plan_file: Option<PathBuf>) -> anyhow::Res
         let (prep, hit) = engine.lookup(&req, None, &obs).await?;
         if prep.key != plan.key {
             anyhow::bail!(
-                "this run's key here ({}) is not the dispatcher's ({}): the image or a file parameter differs on this node \
-                 (file parameters must be on a filesystem every node sees, unchanged); nothing was run",
+                "this run's key here ({}) is not the dispatcher's ({}): the image differs on this node (the same image \
+                 ID must be on every node), or a file parameter changed after it was submitted; nothing was run",
                 prep.key,
                 plan.key
             );

@@ -62,9 +62,58 @@ pub struct Plan {
     pub gpus: Option<String>,
     /// The shared tier (credentials come from the job's environment).
     pub remote: String,
+    /// The file parameters by content, for a node that does not see the dispatcher's files:
+    /// a tree on the tier holding each file under its digest (hex), and each file parameter's
+    /// path (as the dispatcher resolved it) with its digest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub param_files: Option<ParamFiles>,
+}
+
+/// See [`Plan::param_files`].
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ParamFiles {
+    pub tree: Digest,
+    pub files: BTreeMap<PathBuf, Digest>,
 }
 
 impl Plan {
+    /// The plan with every file parameter this node cannot read as the dispatcher did (the
+    /// file is missing here, or has other contents) pointed at its copy under `copies` (a
+    /// folder holding the `param_files` tree: each file named by its digest).
+    pub fn with_param_copies(mut self, copies: &Path) -> Plan {
+        let Some(pf) = &self.param_files else { return self };
+        let moved: BTreeMap<PathBuf, PathBuf> = pf
+            .files
+            .iter()
+            .filter(|(path, digest)| {
+                let same = std::fs::metadata(path)
+                    .ok()
+                    .filter(|m| m.is_file())
+                    .and_then(|m| kliko_core::hash::hash_file_stable(path, &m).ok().map(|(d, _)| d == **digest));
+                same != Some(true)
+            })
+            .map(|(path, digest)| (path.clone(), copies.join(digest.to_hex())))
+            .collect();
+        if moved.is_empty() {
+            return self;
+        }
+        let dir = self.params_dir.clone();
+        let swap = |v: &mut serde_json::Value| {
+            if let serde_json::Value::String(s) = v {
+                if let Some(to) = moved.get(&dir.join(&*s)) {
+                    *s = to.display().to_string();
+                }
+            }
+        };
+        for v in self.params.values_mut() {
+            match v {
+                serde_json::Value::Array(items) => items.iter_mut().for_each(swap),
+                other => swap(other),
+            }
+        }
+        self
+    }
+
     /// The request a node makes of its engine.
     pub fn request(&self) -> Result<RunRequest, String> {
         let mut req = RunRequest::new(self.image_id.clone(), Input::Tree(self.input), None);
@@ -542,6 +591,7 @@ impl StepExecutor for Slurm {
         // The node fetches the input from the tier; a failure recorded by an earlier attempt
         // must not be taken for this one's.
         remote.push_tree(self.engine.store(), &input).await?;
+        let param_files = self.push_param_files(&remote, &prep).await?;
         remote.forget_failure(&prep.key).await?;
         let plan = Plan {
             kliko_plan: PLAN_VERSION,
@@ -558,6 +608,7 @@ impl StepExecutor for Slurm {
             gpus: run.request.gpus.as_ref().map(|g| g.to_string()),
             runtime: Some(run.request.runtime.unwrap_or(self.engine.runtime_kind()).name().to_string()),
             remote: remote.url().to_string(),
+            param_files,
         };
         let plan = serde_json::to_string(&plan).map_err(|e| EngineError::Internal(e.to_string()))?;
         let mut args = resource_args(&run.step.resources);
@@ -625,6 +676,46 @@ impl StepExecutor for Slurm {
 }
 
 impl Slurm {
+    /// The run's file parameters onto the tier, as one tree of the files named by their
+    /// digests, so a node that does not see this machine's files still runs the same key.
+    async fn push_param_files(
+        &self,
+        remote: &Arc<kliko_remote::Remote>,
+        prep: &kliko_engine::Prepared,
+    ) -> Result<Option<ParamFiles>, EngineError> {
+        if prep.file_digests.is_empty() {
+            return Ok(None);
+        }
+        let (store, files) = (self.engine.store().clone(), prep.file_digests.clone());
+        let tree = tokio::task::spawn_blocking(move || -> Result<Digest, EngineError> {
+            let stage = store.run_folder("param-files")?;
+            let dir = stage.path().join("files");
+            std::fs::create_dir(&dir).map_err(|e| EngineError::Io { path: dir.clone(), source: e })?;
+            for (path, digest) in &files {
+                let copy = dir.join(digest.to_hex());
+                if !copy.exists() {
+                    std::fs::copy(path, &copy).map_err(|e| EngineError::Io { path: path.clone(), source: e })?;
+                }
+            }
+            let got = store.ingest(&dir, kliko_store::IngestMode::Copy)?;
+            // Changed since the key was computed: the node would run another key.
+            for (path, digest) in &files {
+                let meta = std::fs::metadata(dir.join(digest.to_hex()))
+                    .map_err(|e| EngineError::Io { path: path.clone(), source: e })?;
+                let (d, _) = kliko_core::hash::hash_file_stable(&dir.join(digest.to_hex()), &meta)
+                    .map_err(kliko_store::StoreError::from)?;
+                if d != *digest {
+                    return Err(EngineError::ParamFileChanged { path: path.clone() });
+                }
+            }
+            Ok(got.digest)
+        })
+        .await
+        .map_err(|e| EngineError::Join(e.to_string()))??;
+        remote.push_tree(self.engine.store(), &tree).await?;
+        Ok(Some(ParamFiles { tree, files: prep.file_digests.clone() }))
+    }
+
     /// The state a job ended in, waiting (a few polls at most) for the watcher to see it end.
     async fn final_state(&self, id: &str, ended: &CancellationToken, last: Option<JobState>) -> JobState {
         let wait = self.opts.poll * 2 + Duration::from_secs(10);

@@ -393,6 +393,40 @@ fn a_dispatcher_follows_a_job_that_already_runs_its_step_instead_of_submitting_a
 }
 
 #[test]
+fn a_file_parameter_reaches_a_node_that_does_not_see_the_dispatchers_files() {
+    if !slurm_here() {
+        return;
+    }
+    let c = Cluster::new("slurm-files");
+    let tool = split_image(
+        "slurm-files",
+        "      - {name: cal, type: file}\n",
+        "cat /param_files/cal > /output/cal.txt; echo calibrated",
+    );
+    c.w.folder("in", &[("x.txt", "x")]);
+    let cal = c.w.file("private/cal.txt", "gains 1.5\n");
+    let file = c.w.file(
+        "p.yml",
+        &format!("version: 1\nsteps:\n  calibrate:\n    image: {}\n    input: in/\n    params: {{cal: private/cal.txt}}\n    output: out/cal\n", tool.tag),
+    );
+    // The job is held until the dispatcher's copy of the file is out of every node's sight.
+    let mut cmd = c.pipeline("slurm", &file);
+    cmd.env("KLIKO_SLURM_ARGS", format!("--comment={} --hold", c.tag));
+    let run = cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let jobs = wait_for_jobs(&c, "the held job", |j| !j.is_empty());
+    std::fs::rename(c.w.path("private"), c.w.path("moved-away")).unwrap();
+    assert!(!cal.exists());
+    let released = Command::new("scontrol").args(["release", &jobs[0].0]).status().unwrap();
+    assert!(released.success());
+    let out = Out::from_output("p".into(), run.wait_with_output().unwrap());
+    out.ok();
+    let s = steps(&out.json());
+    assert!(s["calibrate"]["runs"][0]["job"].as_str().is_some_and(|j| !j.is_empty()), "{}", out.stdout);
+    // The node ran the same key on the tier's copy of the file.
+    assert_eq!(read(&c.w.path("out/cal/cal.txt")), "gains 1.5\n");
+}
+
+#[test]
 fn problems_are_said_before_anything_is_submitted() {
     if !slurm_here() {
         return;
