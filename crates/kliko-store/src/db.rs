@@ -31,6 +31,9 @@ pub const CF_MARKS: &str = "blob-marks";
 pub const CF_PIPELINE_RUNS: &str = "pipeline-runs";
 pub const ALL_CFS: &[&str] =
     &[CF_ACTIONS, CF_STAT, CF_PROV, CF_ACCESS, CF_HISTORY, CF_PINS, CF_MARKS, CF_PIPELINE_RUNS];
+/// Column families added after the index's first format: an index written only by an older
+/// kliko lacks them, and readers through a read-only view reach them with `Db::cf_if`.
+const LATER_CFS: &[&str] = &[CF_MARKS, CF_PIPELINE_RUNS];
 
 pub struct DbInner {
     // Field order matters: the database closes, then db.lock is released, then gc.lock.
@@ -170,9 +173,14 @@ pub(crate) fn open_view_now(store: &Store) -> Result<Option<DbInner>> {
 /// error, and gc.lock given back.
 fn open_view(store: &Store, gc: crate::GcGuard) -> std::result::Result<DbInner, (rocksdb::Error, crate::GcGuard)> {
     let (opts, path) = (options(), store.db_path());
-    // Only the column families the index has: a view cannot create the ones a newer kliko
-    // added (readers of those find them empty; see `Db::cf_if`).
-    let cfs = DB::list_cf(&opts, &path).unwrap_or_else(|_| column_families(&opts, &path));
+    // An index written by an older kliko may lack the later column families, and a view
+    // cannot create them: it opens without them (their readers find them empty; see
+    // `Db::cf_if`). One that lacks any other is being created right now: asking for every
+    // column family makes the open fail, and the caller waits for the index instead.
+    let cfs = match DB::list_cf(&opts, &path) {
+        Ok(listed) if ALL_CFS.iter().all(|c| LATER_CFS.contains(c) || listed.iter().any(|l| l == c)) => listed,
+        _ => column_families(&opts, &path),
+    };
     match DB::open_cf_for_read_only(&opts, &path, &cfs, false) {
         Ok(db) => Ok(DbInner { db, _lock: None, _gc: Some(gc), deferred: Some(crate::notes::Deferred::new(store)) }),
         Err(e) => Err((e, gc)),

@@ -382,3 +382,26 @@ fn a_read_only_view_opens_an_index_that_lacks_the_newer_column_families() {
     assert!(db.cf_if("blob-marks").is_some() && db.cf_if("pipeline-runs").is_some());
     assert!(!s.history(&db, 10).unwrap().is_empty());
 }
+
+#[test]
+fn an_index_lacking_an_original_column_family_is_never_opened_as_a_view_without_it() {
+    // As an index looks while another process creates it: some column families made, not all.
+    let (_t, root, store, _out) = fresh();
+    drop(store.db().unwrap());
+    drop(store);
+    {
+        let path = root.join(DB_DIR);
+        let opts = rocksdb::Options::default();
+        let cfs = rocksdb::DB::list_cf(&opts, &path).unwrap();
+        let mut db = rocksdb::DB::open_cf(&opts, &path, &cfs).unwrap();
+        db.drop_cf("history").unwrap();
+        db.drop_cf("pipeline-runs").unwrap();
+    }
+    let s = Store::open(&root).unwrap();
+    let db = s.db_for_lookup().unwrap();
+    // Not a view without `history` (whose readers expect it): the index opened for writing,
+    // which makes every column family.
+    assert!(!db.is_read_only());
+    assert!(s.history(&db, 10).unwrap().is_empty());
+    assert!(db.cf_if("pipeline-runs").is_some());
+}
