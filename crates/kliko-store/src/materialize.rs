@@ -97,8 +97,9 @@ enum Trust<'a> {
 /// share it (each link it gets changes its ctime).
 struct Verifier<'a> {
     trust: Trust<'a>,
-    /// Each verified blob's mark when it was verified.
-    done: std::sync::Mutex<HashMap<Digest, BlobMark>>,
+    /// Each verified blob's mark when it was verified, and whether the index held exactly
+    /// that mark (it was trusted by it, not hashed).
+    done: std::sync::Mutex<HashMap<Digest, (BlobMark, bool)>>,
 }
 
 impl Store {
@@ -118,21 +119,17 @@ impl Store {
     fn remember_marks(&self, v: &Verifier) -> Result<()> {
         let Trust::Index(db) = &v.trust else { return Ok(()) };
         let mut batch = rocksdb::WriteBatch::default();
-        for (d, then) in v.done.lock().expect("verified set").iter() {
+        for (d, (then, recorded)) in v.done.lock().expect("verified set").iter() {
             let Ok(m) = fs::symlink_metadata(self.object_path(ObjectKind::Blob, d)) else { continue };
             let now = BlobMark::of(&m);
+            // The index has it already (a copy changes nothing): no write, and no notes for a
+            // read-only view (which would make the next lookup open a writer).
+            if *recorded && now == *then {
+                continue;
+            }
             // Only links since: a write meanwhile would have changed the modification time
             // (and then the next use hashes it again).
             if (now.ino, now.size, now.mtime_ns) == (then.ino, then.size, then.mtime_ns) {
-                // The index has it already (a copy changes nothing): no write, and no notes
-                // for a read-only view (which would make the next lookup open a writer).
-                let stored = db
-                    .cf_if(CF_MARKS)
-                    .and_then(|cf| db.get_cf(cf, d.as_bytes()).ok().flatten())
-                    .and_then(|b| BlobMark::decode(&b));
-                if stored == Some(now) {
-                    continue;
-                }
                 if db.is_read_only() {
                     db.put_or_defer(CF_MARKS, d.as_bytes(), &now.encode()).map_err(db.err(self))?;
                 } else {
@@ -244,7 +241,7 @@ impl Store {
             self.quarantine(ObjectKind::Blob, d);
             return Err(StoreError::Corrupt { expected: *d, actual });
         }
-        v.done.lock().expect("verified set").insert(*d, BlobMark::of(&meta));
+        v.done.lock().expect("verified set").insert(*d, (BlobMark::of(&meta), false));
         Ok(())
     }
 
@@ -272,7 +269,7 @@ impl Store {
         };
         let unchanged = trusted == Some(BlobMark::of(&meta)) && meta.permissions().mode() & 0o222 == 0;
         if unchanged {
-            v.done.lock().expect("verified set").insert(*d, BlobMark::of(&meta));
+            v.done.lock().expect("verified set").insert(*d, (BlobMark::of(&meta), true));
         }
         Ok(unchanged)
     }
@@ -305,7 +302,7 @@ impl Store {
             }
             self.copy_blob_verified(d, dest, perm)?;
             if let Ok(meta) = fs::symlink_metadata(&src) {
-                trust.done.lock().expect("verified set").insert(*d, BlobMark::of(&meta));
+                trust.done.lock().expect("verified set").insert(*d, (BlobMark::of(&meta), false));
             }
             return Ok(());
         }

@@ -301,6 +301,8 @@ fn a_lookup_opens_a_read_only_view_unless_a_writer_has_something_to_apply() {
     let s = Store::open(&root).unwrap();
     let db = s.db_for_lookup().unwrap();
     assert!(!db.is_read_only(), "a journaled result is applied first");
+    // A copy of the output verifies its blobs and records their marks.
+    s.materialize(&r.output, &t.path().join("first-copy"), kliko_store::MaterializeMode::Copy).unwrap();
     drop(db);
     assert_eq!(journal_files(&s) - notes(), 0);
 
@@ -311,6 +313,8 @@ fn a_lookup_opens_a_read_only_view_unless_a_writer_has_something_to_apply() {
     let mut hit = history_entry(&r);
     hit.cache = "hit".into();
     s.append_history(&db, &hit).unwrap();
+    // A copy of the output through the view changes no blob's mark, so it defers none.
+    s.materialize(&r.output, &t.path().join("copied"), kliko_store::MaterializeMode::Copy).unwrap();
     drop(db);
     assert_eq!(notes(), 1);
     // Notes of history and access times alone do not need a writer yet.
