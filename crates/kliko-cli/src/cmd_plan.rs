@@ -88,9 +88,11 @@ pub fn run(plan_json: Option<String>, plan_file: Option<PathBuf>) -> anyhow::Res
             eprintln!("kliko: fetched the input: {objects} objects, {}", kliko_core::units::human_bytes(bytes));
         }
         // File parameters this node does not see as the dispatcher did: copies from the tier,
-        // in a private folder that lives as long as the run.
+        // in a private folder that lives as long as the run (nothing is fetched when every
+        // one is here unchanged).
         let mut plan = plan;
-        let _copies = match plan.param_files.as_ref().map(|p| p.tree) {
+        let unseen = plan.unseen_param_files();
+        let _copies = match plan.param_files.as_ref().map(|p| p.tree).filter(|_| !unseen.is_empty()) {
             None => None,
             Some(tree) => {
                 remote
@@ -100,7 +102,7 @@ pub fn run(plan_json: Option<String>, plan_file: Option<PathBuf>) -> anyhow::Res
                 let folder = store.run_folder("param-files")?;
                 let dir = folder.path().join("files");
                 store.materialize(&tree, &dir, kliko_store::MaterializeMode::Copy)?;
-                plan = plan.with_param_copies(&dir);
+                plan = plan.with_param_copies(&dir, &unseen);
                 Some(folder)
             }
         };

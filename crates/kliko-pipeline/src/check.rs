@@ -20,9 +20,14 @@ pub struct Checked {
     pub params: BTreeMap<String, Params>,
 }
 
-/// The parameter layer of a step: values as written, file paths relative to the pipeline.
-pub(crate) fn param_layer(dir: &std::path::Path, step: &crate::Step) -> ParamLayer {
-    ParamLayer::json(&step.params).with_origin(format!("step `{}`", step.name)).with_base_dir(dir)
+/// The parameter layer of step `step`: its values as written, file paths relative to the
+/// pipeline's folder `dir`.
+pub(crate) fn param_layer(
+    dir: &std::path::Path,
+    step: &str,
+    params: &serde_json::Map<String, serde_json::Value>,
+) -> ParamLayer {
+    ParamLayer::json(params).with_origin(format!("step `{step}`")).with_base_dir(dir)
 }
 
 /// The request of one run of `step` (of the pipeline in folder `dir`) on `input`: the one
@@ -34,7 +39,7 @@ pub(crate) fn step_request(
 ) -> kliko_engine::RunRequest {
     let mut req = kliko_engine::RunRequest::new(step.image.clone(), input, None);
     req.store_only = true;
-    req.params = vec![param_layer(dir, step)];
+    req.params = vec![param_layer(dir, &step.name, &step.params)];
     req.timeout = step.timeout;
     req.gpus = step.resources.gpus.map(kliko_engine::Gpus::Count);
     req.runtime = step.runtime;
@@ -158,7 +163,7 @@ pub async fn check(engine: &Engine, p: &Pipeline) -> Result<Checked> {
                 format!("image `{}` changes `/work` in place (io `join`): give the step an `input`", s.image),
             );
         }
-        match meta.spec.resolve(&[param_layer(&p.dir, s)]) {
+        match meta.spec.resolve(&[param_layer(&p.dir, &s.name, &s.params)]) {
             Err(errors) => {
                 for e in errors.iter() {
                     let line = e.field().and_then(|f| s.param_lines.get(f)).copied().unwrap_or(s.line);

@@ -77,13 +77,12 @@ pub struct ParamFiles {
 }
 
 impl Plan {
-    /// The plan with every file parameter this node cannot read as the dispatcher did (the
-    /// file is missing here, or has other contents) pointed at its copy under `copies` (a
-    /// folder holding the `param_files` tree: each file named by its digest).
-    pub fn with_param_copies(mut self, copies: &Path) -> Plan {
-        let Some(pf) = &self.param_files else { return self };
-        let moved: BTreeMap<PathBuf, PathBuf> = pf
-            .files
+    /// The file parameters this node cannot read as the dispatcher did (the file is missing
+    /// here, or has other contents): path → digest. Empty when every one is here unchanged
+    /// (a shared filesystem), or the run has none.
+    pub fn unseen_param_files(&self) -> BTreeMap<PathBuf, Digest> {
+        let Some(pf) = &self.param_files else { return BTreeMap::new() };
+        pf.files
             .iter()
             .filter(|(path, digest)| {
                 let same = std::fs::metadata(path)
@@ -92,11 +91,14 @@ impl Plan {
                     .and_then(|m| kliko_core::hash::hash_file_stable(path, &m).ok().map(|(d, _)| d == **digest));
                 same != Some(true)
             })
-            .map(|(path, digest)| (path.clone(), copies.join(digest.to_hex())))
-            .collect();
-        if moved.is_empty() {
-            return self;
-        }
+            .map(|(p, d)| (p.clone(), *d))
+            .collect()
+    }
+
+    /// The plan with each of the `unseen` file parameters pointed at its copy under `copies`
+    /// (a folder holding the `param_files` tree: each file named by its digest).
+    pub fn with_param_copies(mut self, copies: &Path, unseen: &BTreeMap<PathBuf, Digest>) -> Plan {
+        let moved: BTreeMap<&PathBuf, PathBuf> = unseen.iter().map(|(p, d)| (p, copies.join(d.to_hex()))).collect();
         let dir = self.params_dir.clone();
         let swap = |v: &mut serde_json::Value| {
             if let serde_json::Value::String(s) = v {
@@ -118,9 +120,7 @@ impl Plan {
     pub fn request(&self) -> Result<RunRequest, String> {
         let mut req = RunRequest::new(self.image_id.clone(), Input::Tree(self.input), None);
         req.store_only = true;
-        req.params = vec![kliko_spec::ParamLayer::json(&self.params)
-            .with_origin(format!("step `{}`", self.step))
-            .with_base_dir(&self.params_dir)];
+        req.params = vec![crate::check::param_layer(&self.params_dir, &self.step, &self.params)];
         req.timeout = self.timeout_ms.map(Duration::from_millis);
         req.labels = self.labels.clone();
         req.gpus = self.gpus.as_deref().map(kliko_engine::Gpus::parse).transpose()?;
@@ -687,33 +687,33 @@ impl Slurm {
             return Ok(None);
         }
         let (store, files) = (self.engine.store().clone(), prep.file_digests.clone());
-        let tree = tokio::task::spawn_blocking(move || -> Result<Digest, EngineError> {
-            let stage = store.run_folder("param-files")?;
-            let dir = stage.path().join("files");
-            std::fs::create_dir(&dir).map_err(|e| EngineError::Io { path: dir.clone(), source: e })?;
-            for (path, digest) in &files {
-                let copy = dir.join(digest.to_hex());
-                if !copy.exists() {
-                    std::fs::copy(path, &copy).map_err(|e| EngineError::Io { path: path.clone(), source: e })?;
+        let (tree, files) =
+            tokio::task::spawn_blocking(move || -> Result<(Digest, BTreeMap<PathBuf, Digest>), EngineError> {
+                let stage = store.run_folder("param-files")?;
+                let dir = stage.path().join("files");
+                std::fs::create_dir(&dir).map_err(|e| EngineError::Io { path: dir.clone(), source: e })?;
+                for (path, digest) in &files {
+                    let copy = dir.join(digest.to_hex());
+                    if !copy.exists() {
+                        std::fs::copy(path, &copy).map_err(|e| EngineError::Io { path: path.clone(), source: e })?;
+                    }
                 }
-            }
-            let got = store.ingest(&dir, kliko_store::IngestMode::Copy)?;
-            // Changed since the key was computed: the node would run another key.
-            for (path, digest) in &files {
-                let meta = std::fs::metadata(dir.join(digest.to_hex()))
-                    .map_err(|e| EngineError::Io { path: path.clone(), source: e })?;
-                let (d, _) = kliko_core::hash::hash_file_stable(&dir.join(digest.to_hex()), &meta)
-                    .map_err(kliko_store::StoreError::from)?;
-                if d != *digest {
-                    return Err(EngineError::ParamFileChanged { path: path.clone() });
+                let got = store.ingest(&dir, kliko_store::IngestMode::Copy)?;
+                // Each copy was hashed as it was stored: one whose contents are not what its name
+                // says changed since the key was computed (the node would run another key).
+                let stored = store.get_tree(&got.digest)?;
+                for (path, digest) in &files {
+                    match stored.entries.get(digest.to_hex().as_bytes()) {
+                        Some(kliko_core::tree::Entry::File { digest: d, .. }) if d == digest => {}
+                        _ => return Err(EngineError::ParamFileChanged { path: path.clone() }),
+                    }
                 }
-            }
-            Ok(got.digest)
-        })
-        .await
-        .map_err(|e| EngineError::Join(e.to_string()))??;
+                Ok((got.digest, files))
+            })
+            .await
+            .map_err(|e| EngineError::Join(e.to_string()))??;
         remote.push_tree(self.engine.store(), &tree).await?;
-        Ok(Some(ParamFiles { tree, files: prep.file_digests.clone() }))
+        Ok(Some(ParamFiles { tree, files }))
     }
 
     /// The state a job ended in, waiting (a few polls at most) for the watcher to see it end.
@@ -889,6 +889,53 @@ mod tests {
         );
         assert!(resource_args(&Resources::default()).is_empty());
         assert_eq!(slurm_time(Duration::from_secs(2 * 86400 + 5)), "2-00:00:05");
+    }
+
+    #[test]
+    fn only_the_file_parameters_a_node_lacks_are_pointed_at_the_tiers_copies() {
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("pipeline");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("here.txt"), "seen\n").unwrap();
+        let digest = |bytes: &[u8]| Digest::of_bytes(bytes);
+        let (here, gone, changed) = (digest(b"seen\n"), digest(b"gone\n"), digest(b"was\n"));
+        std::fs::write(dir.join("changed.txt"), "is now\n").unwrap();
+        let mut params = serde_json::Map::new();
+        params.insert("a".into(), serde_json::json!("here.txt"));
+        params.insert("b".into(), serde_json::json!(["gone.txt", "here.txt"]));
+        params.insert("c".into(), serde_json::json!("changed.txt"));
+        params.insert("n".into(), serde_json::json!(3));
+        let files = BTreeMap::from([
+            (dir.join("here.txt"), here),
+            (dir.join("gone.txt"), gone),
+            (dir.join("changed.txt"), changed),
+        ]);
+        let plan = Plan {
+            kliko_plan: PLAN_VERSION,
+            key: here,
+            step: "s".into(),
+            entry: None,
+            image: "img".into(),
+            image_id: "sha256:0".into(),
+            input: here,
+            params,
+            params_dir: dir.clone(),
+            timeout_ms: None,
+            labels: BTreeMap::new(),
+            runtime: None,
+            gpus: None,
+            remote: "/tier".into(),
+            param_files: Some(ParamFiles { tree: here, files }),
+        };
+        let unseen = plan.unseen_param_files();
+        assert_eq!(unseen, BTreeMap::from([(dir.join("gone.txt"), gone), (dir.join("changed.txt"), changed)]));
+        let copies = t.path().join("copies");
+        let moved = plan.with_param_copies(&copies, &unseen);
+        let at = |d: Digest| serde_json::json!(copies.join(d.to_hex()).display().to_string());
+        assert_eq!(moved.params["a"], "here.txt", "a file seen here unchanged stays where it is");
+        assert_eq!(moved.params["b"], serde_json::json!([at(gone), "here.txt"]));
+        assert_eq!(moved.params["c"], at(changed));
+        assert_eq!(moved.params["n"], 3);
     }
 
     #[test]
