@@ -13,6 +13,17 @@ fn journal_files(store: &Store) -> usize {
     fs::read_dir(store.root().join(JOURNAL_DIR)).unwrap().count()
 }
 
+/// Remove column families from the index at `root` (closed), with RocksDB itself.
+fn drop_column_families(root: &std::path::Path, names: &[&str]) {
+    let path = root.join(DB_DIR);
+    let opts = rocksdb::Options::default();
+    let cfs = rocksdb::DB::list_cf(&opts, &path).unwrap();
+    let mut db = rocksdb::DB::open_cf(&opts, &path, &cfs).unwrap();
+    for name in names {
+        db.drop_cf(name).unwrap();
+    }
+}
+
 /// Notes files waiting in the journal folder for the next writer.
 fn notes_files(root: &std::path::Path) -> usize {
     fs::read_dir(root.join(JOURNAL_DIR))
@@ -363,14 +374,7 @@ fn a_read_only_view_opens_an_index_that_lacks_the_newer_column_families() {
     drop(store.db().unwrap());
     drop(store);
     // As an older kliko left it: no blob marks, no pipeline runs.
-    {
-        let path = root.join(DB_DIR);
-        let opts = rocksdb::Options::default();
-        let cfs = rocksdb::DB::list_cf(&opts, &path).unwrap();
-        let mut db = rocksdb::DB::open_cf(&opts, &path, &cfs).unwrap();
-        db.drop_cf("blob-marks").unwrap();
-        db.drop_cf("pipeline-runs").unwrap();
-    }
+    drop_column_families(&root, &["blob-marks", "pipeline-runs"]);
     let s = Store::open(&root).unwrap();
     let db = s.db_for_lookup().unwrap();
     assert!(db.is_read_only(), "a view, though the index lacks column families this version has");
@@ -393,14 +397,7 @@ fn an_index_lacking_an_original_column_family_is_never_opened_as_a_view_without_
     let (_t, root, store, _out) = fresh();
     drop(store.db().unwrap());
     drop(store);
-    {
-        let path = root.join(DB_DIR);
-        let opts = rocksdb::Options::default();
-        let cfs = rocksdb::DB::list_cf(&opts, &path).unwrap();
-        let mut db = rocksdb::DB::open_cf(&opts, &path, &cfs).unwrap();
-        db.drop_cf("history").unwrap();
-        db.drop_cf("pipeline-runs").unwrap();
-    }
+    drop_column_families(&root, &["history", "pipeline-runs"]);
     let s = Store::open(&root).unwrap();
     let db = s.db_for_lookup().unwrap();
     // Not a view without `history` (whose readers expect it): the index opened for writing,
